@@ -1,0 +1,62 @@
+"""What every stage's command line shares: settings as JSON, threads, logging, clean errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from cfs.artifacts import DataError
+
+
+class SettingsError(ValueError):
+    """A stage was handed settings it cannot use; the message names the key."""
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--settings",
+        type=parse_settings,
+        default={},
+        help="the stage's settings as a JSON object (the Snakemake rule passes config values)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    return parser
+
+
+def parse_settings(text: str) -> dict:
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--settings is not valid JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise argparse.ArgumentTypeError("--settings must be a JSON object")
+    return settings
+
+
+def require(settings: dict, key: str):
+    if key not in settings:
+        raise SettingsError(f"missing setting '{key}'")
+    return settings[key]
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a stage's main; known input errors print one clear line and exit 1."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        main(argv)
+    except (DataError, SettingsError, FileNotFoundError) as error:
+        logging.getLogger("cfs").error("%s", error)
+        sys.exit(1)

@@ -1,0 +1,14 @@
+rule prepare_model:
+    output:
+        directory("results/models/{model}/base"),
+    log:
+        "results/logs/prepare_model/{model}.log",
+    benchmark:
+        "results/benchmarks/prepare_model/{model}.tsv"
+    conda:
+        "../../envs/cfs.yaml"
+    params:
+        settings=lambda wildcards: as_arg(model_settings(wildcards.model)),
+    shell:
+        "python -m cfs.models --model {wildcards.model} --settings {params.settings}"
+        " --out {output} > {log} 2>&1"
