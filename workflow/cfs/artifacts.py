@@ -30,10 +30,22 @@ class DataError(ValueError):
     """Bad input data; the message names the file (and line) at fault."""
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+class Records(list):
+    """Records read from a JSONL file, remembering the file line each came from."""
+
+    line_numbers: list[int]
+
+
+def line_numbers(records: list[dict]) -> list[int]:
+    """File line of each record (1-based); records not read from a file count from 1."""
+    return getattr(records, "line_numbers", None) or list(range(1, len(records) + 1))
+
+
+def read_jsonl(path: str | Path) -> Records:
     """Read a JSONL file; a malformed line raises DataError naming file and line."""
     path = Path(path)
-    records = []
+    records = Records()
+    records.line_numbers = []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -47,13 +59,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_number}: expected a JSON object, got {record!r:.60}")
             records.append(record)
+            records.line_numbers.append(line_number)
     return records
 
 
 def require_fields(records: Iterable[dict], fields: Iterable[str], path: str | Path) -> None:
-    """Raise DataError naming the first record (1-based line) that lacks one of `fields`."""
+    """Raise DataError naming the file line of the first record lacking one of `fields`."""
     fields = list(fields)
-    for line_number, record in enumerate(records, start=1):
+    for line_number, record in zip(line_numbers(records), records, strict=True):
         missing = [field for field in fields if field not in record]
         if missing:
             raise DataError(f"{path}:{line_number}: missing field(s) {', '.join(missing)}")

@@ -59,7 +59,8 @@ def _groups_plus_extra(rng: random.Random) -> tuple[str, str, int]:
 
 
 def _share_equally(rng: random.Random) -> tuple[str, str, int]:
-    name, other, item = rng.choice(NAMES), rng.choice(NAMES), rng.choice(ITEMS)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    other = rng.choice([friend for friend in NAMES if friend != name])
     people, each, kept = rng.randint(2, 8), rng.randint(2, 15), rng.randint(1, 10)
     shared = people * each
     total = shared + kept

@@ -30,10 +30,10 @@ def run_lm_eval(model_dir: Path, settings: dict) -> dict[str, dict]:
     No request cache: lm-eval's cache is keyed by request, not by model, and would hand
     the first checkpoint's answers to every later one."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     tasks = [require(settings, "target")["task"]]
     tasks += [entry["task"] for entry in require(settings, "forgetting")]
+    task_manager = local_task_manager(require(settings, "include_path"), tasks)
     device = pick_device()
     output = lm_eval.simple_evaluate(
         model="hf",
@@ -42,7 +42,7 @@ def run_lm_eval(model_dir: Path, settings: dict) -> dict[str, dict]:
             "dtype": "bfloat16" if device.type == "cuda" else "float32",
         },
         tasks=tasks,
-        task_manager=TaskManager(include_path=require(settings, "include_path")),
+        task_manager=task_manager,
         batch_size=settings.get("batch_size", 16),
         device=str(device),
         use_cache=None,
@@ -66,6 +66,17 @@ def run_lm_eval(model_dir: Path, settings: dict) -> dict[str, dict]:
         }
         for task in tasks
     }
+
+
+def local_task_manager(include_path: str, tasks: list[str]):
+    """Index only the local task folder when it holds every task: scanning lm-eval's
+    thousands of built-in task files costs seconds in every evaluation job."""
+    from lm_eval.tasks import TaskManager
+
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    if all(task in local.all_tasks for task in tasks):
+        return local
+    return TaskManager(include_path=include_path)
 
 
 def metric(task_scores: dict[str, dict], task: str, name: str) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cfs.artifacts import atomic_path, read_json
+from cfs.artifacts import DataError, atomic_path, read_json
 from cfs.cli import run_stage
 
 log = logging.getLogger("cfs.report")
@@ -108,13 +108,17 @@ def _tradeoff_figure(group: pd.DataFrame, title: str):
     return figure
 
 
-def write_figures(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+def write_figures(summary: pd.DataFrame, out_dir: Path, model: str | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
+    if model is not None:
+        if model not in set(summary["model"]):
+            raise DataError(f"summary has no rows for model '{model}'")
+        summary = summary[summary["model"] == model]
     for model, group in summary.groupby("model"):
         figures = {
             "vs_temperature": _sweep_figure(
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     figures = commands.add_parser("figures", help="write PNG figures from summary.csv")
     figures.add_argument("--summary", required=True, type=Path)
     figures.add_argument("--out-dir", required=True, type=Path)
+    figures.add_argument("--model", help="only this model's figures")
     args = parser.parse_args(argv)
     if args.command == "table":
         summary = build_summary(args.evals)
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             summary.to_csv(tmp, index=False)
         log.info("%d rows -> %s", len(summary), args.out)
     else:
-        written = write_figures(pd.read_csv(args.summary), args.out_dir)
+        written = write_figures(pd.read_csv(args.summary), args.out_dir, args.model)
         log.info("wrote %s", ", ".join(str(path) for path in written))
 
 

@@ -11,13 +11,23 @@ output) and a restarted run resumes from the last one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
 
 import torch
 
-from cfs.artifacts import DataError, atomic_path, provenance, read_jsonl, write_json
+from cfs.artifacts import (
+    DataError,
+    atomic_path,
+    line_numbers,
+    provenance,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 from cfs.cli import SettingsError, require, run_stage, set_threads, stage_parser
 from cfs.modeling import load_model, load_tokenizer, pick_device
 
@@ -45,7 +55,7 @@ def context_free_example(record: dict, max_length: int) -> dict:
 
 def build_examples(records: list[dict], tokenizer, max_length: int, source: str) -> list[dict]:
     examples = []
-    for line_number, record in enumerate(records, start=1):
+    for line_number, record in zip(line_numbers(records), records, strict=True):
         kind = record.get("kind")
         if kind == "task":
             example = task_example(record, tokenizer, max_length)
@@ -96,10 +106,34 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device):
     )
 
 
+def run_fingerprint(model_dir: Path, data: Path, settings: dict) -> str:
+    """What makes one training run: a checkpoint of another run must not be resumed."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(data.read_bytes())
+    for path in sorted(model_dir.glob("*")):
+        if path.is_file():
+            digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def checkpoint_to_resume(checkpoints: Path, fingerprint: str) -> str | None:
+    """The last checkpoint of this same run, if any; checkpoints of another run are removed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp = checkpoints / "cfs_run.json"
+    if checkpoints.exists():
+        same_run = stamp.is_file() and read_json(stamp).get("fingerprint") == fingerprint
+        if not same_run:
+            log.info("discarding checkpoints of a different run in %s", checkpoints)
+            shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"fingerprint": fingerprint})
+    return get_last_checkpoint(str(checkpoints))
+
+
 def fine_tune(model_dir: Path, data: Path, settings: dict, checkpoints: Path, out: Path) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
     device = pick_device()
     tokenizer = load_tokenizer(model_dir)
@@ -119,8 +153,7 @@ def fine_tune(model_dir: Path, data: Path, settings: dict, checkpoints: Path, ou
             tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
         ),
     )
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    resume_from = get_last_checkpoint(str(checkpoints))
+    resume_from = checkpoint_to_resume(checkpoints, run_fingerprint(model_dir, data, settings))
     if resume_from:
         log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)

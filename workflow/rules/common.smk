@@ -19,13 +19,14 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
 shell.prefix(_prefix)
 
 NUMBER = r"\d+(?:\.\d+)?"
+NONZERO = r"(?!0+(?:\.0+)?(?![\d.]))\d+(?:\.\d+)?"  # a number that is not zero
 
 
 wildcard_constraints:
     model=r"[A-Za-z0-9_-]+",
     temperature=NUMBER,
-    ratio=r"(?!0+(?:\.0+)?$)\d+(?:\.\d+)?",
-    cell=rf"ratio0|temp{NUMBER}/ratio(?!0+(?:\.0+)?$){NUMBER}",
+    ratio=rf"{NONZERO}",
+    cell=rf"ratio0|temp{NUMBER}/ratio{NONZERO}",
 
 
 def fmt(value):

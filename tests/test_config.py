@@ -1,0 +1,173 @@
+"""Config validation through Snakemake itself (schema + check_config), `snakemake --lint`,
+and the DAG the embedded default config schedules (dry runs only: seconds)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from conftest import REPO, copy_repo, default_config, job_stats, run_snakemake
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A copy of the workflow (no .venv, no results) shared by this module's dry runs;
+    each test writes its own config file next to it."""
+    return copy_repo(tmp_path_factory.mktemp("config_repo") / "repo")
+
+
+def dry_run_with(repo, name, config):
+    path = repo / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return run_snakemake(repo, "-n", "--configfile", name, timeout=300)
+
+
+def assert_rejected(result, *needles):
+    output = result.stdout
+    assert result.returncode != 0, output[-3000:]
+    for needle in needles:
+        assert needle in output, f"{needle!r} not in:\n{output[-3000:]}"
+
+
+def test_negative_ratio_is_rejected(repo):
+    config = default_config()
+    config["study"]["ratios"] = [0.0, -0.5]
+    assert_rejected(dry_run_with(repo, "neg_ratio.yaml", config), "ratios", "-0.5")
+
+
+def test_string_temperature_is_rejected(repo):
+    config = default_config()
+    config["study"]["temperatures"] = [0.7, "hot"]
+    assert_rejected(dry_run_with(repo, "str_temp.yaml", config), "temperatures", "hot")
+
+
+def test_zero_temperature_is_rejected(repo):
+    config = default_config()
+    config["study"]["temperatures"] = [0, 1.0]
+    assert_rejected(dry_run_with(repo, "zero_temp.yaml", config), "temperatures")
+
+
+def test_unknown_model_key_is_rejected(repo):
+    config = default_config()
+    config["study"]["models"] = [*config["study"]["models"], "nosuchmodel"]
+    assert_rejected(dry_run_with(repo, "bad_model.yaml", config), "study.models", "nosuchmodel")
+
+
+def test_misspelt_section_is_rejected(repo):
+    config = default_config()
+    config["trian"] = {"epochs": 3}
+    assert_rejected(dry_run_with(repo, "typo.yaml", config), "trian")
+
+
+def test_too_few_generated_samples_for_largest_ratio_is_rejected(repo):
+    config = default_config()
+    config["study"]["ratios"] = [0.0, 1.0]
+    config["task"]["num_train"] = 50
+    config["generation"]["num_samples"] = 10
+    assert_rejected(dry_run_with(repo, "few.yaml", config), "generation.num_samples")
+
+
+def test_nonzero_ratio_without_temperatures_is_rejected(repo):
+    config = default_config()
+    config["study"]["temperatures"] = []
+    config["study"]["ratios"] = [0.0, 0.5]
+    assert_rejected(dry_run_with(repo, "no_temps.yaml", config), "study.temperatures")
+
+
+def test_missing_required_section_is_rejected(tmp_path):
+    """--configfile is merged over config/config.yaml, so a deleted key would come back
+    from the default; the default file itself is replaced in this copy."""
+    repo = copy_repo(tmp_path / "repo")
+    config = default_config()
+    del config["task"]
+    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert_rejected(run_snakemake(repo, "-n", timeout=300), "'task' is a required property")
+
+
+def test_missing_required_nested_key_is_rejected(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    config = default_config()
+    del config["evaluation"]["target"]
+    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert_rejected(run_snakemake(repo, "-n", timeout=300), "'target' is a required property")
+
+
+def test_lint_is_clean():
+    result = run_snakemake(REPO, "--lint", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def expected_default_jobs(config):
+    study = config["study"]
+    n_models, n_temps = len(study["models"]), len(study["temperatures"])
+    nonzero = [r for r in study["ratios"] if r > 0]
+    plain = 1 if 0 in study["ratios"] else 0
+    n_cells = n_models * (plain + n_temps * len(nonzero))
+    jobs = {
+        "prepare_model": n_models,
+        "prepare_task_data": 1,
+        "evaluate_base": n_models,
+        "generate_heldout": n_models,
+        "generate_context_free": n_models * n_temps if nonzero else 0,
+        "plain_task_set": n_models * plain,
+        "mix_at_ratio": n_models * n_temps * len(nonzero),
+        "fine_tune": n_cells,
+        "evaluate_finetuned": n_cells,
+        "summary_table": 1,
+        "all": 1,
+    }
+    return {rule: count for rule, count in jobs.items() if count}
+
+
+def test_default_config_dry_run_schedules_the_whole_grid(repo):
+    config = default_config()
+    result = run_snakemake(repo, "-n", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    stats = job_stats(result.stdout)
+    figures = stats.pop("figures")
+    assert 1 <= figures <= len(config["study"]["models"])
+    assert stats == expected_default_jobs(config)
+    # paths read like the study
+    model, temp = config["study"]["models"][0], config["study"]["temperatures"][0]
+    ratio = next(r for r in config["study"]["ratios"] if r > 0)
+    assert f"results/{model}/temp{temp:g}/ratio{ratio:g}/eval.json" in result.stdout
+    assert f"results/{model}/ratio0/eval.json" in result.stdout
+
+
+def test_grid_with_two_models_shares_task_data(repo):
+    config = copy.deepcopy(default_config())
+    config["models"]["second"] = {"hub_id": "org/second-model"}
+    config["study"]["models"] = [*config["study"]["models"], "second"]
+    result = dry_run_with(repo, "two_models.yaml", config)
+    assert result.returncode == 0, result.stdout[-3000:]
+    stats = job_stats(result.stdout)
+    stats.pop("figures")
+    assert stats == expected_default_jobs(config)
+    assert stats["prepare_task_data"] == 1
+
+
+def test_optional_sections_fall_back_to_schema_defaults(tmp_path):
+    """generation, train and evaluation.kl may be left out: the schema's defaults reach
+    the stages' --settings (shown with -p)."""
+    repo = copy_repo(tmp_path / "repo")
+    config = default_config()
+    for section in ("generation", "train"):
+        config.pop(section, None)
+    config["evaluation"].pop("kl", None)
+    config["evaluation"].pop("limit", None)
+    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run_snakemake(repo, "-n", "-p", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    train_line = next(line for line in result.stdout.splitlines() if "cfs.train" in line)
+    assert '"epochs": 2' in train_line and '"max_length": 128' in train_line
+    eval_line = next(line for line in result.stdout.splitlines() if "cfs.evaluate" in line)
+    assert '"limit": null' in eval_line and '"kl_batch_size": 8' in eval_line
+
+
+def test_ratio_zero_cell_cannot_be_requested_under_a_temperature(repo):
+    """Ratio 0 is plain fine-tuning and lives at results/{model}/ratio0; the wildcard
+    constraints mean to forbid a temperature-specific duplicate temp{T}/ratio0."""
+    model = default_config()["study"]["models"][0]
+    result = run_snakemake(repo, "-n", f"results/{model}/temp0.7/ratio0/eval.json", timeout=300)
+    assert result.returncode != 0, job_stats(result.stdout)
