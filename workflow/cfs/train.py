@@ -93,7 +93,9 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device):
         max_grad_norm=settings.get("max_grad_norm", 1.0),
         seed=require(settings, "seed"),
         data_seed=require(settings, "seed"),
-        train_sampling_strategy="group_by_length",
+        # Random batches: grouping by length would put task examples and (shorter)
+        # context-free samples into separate batches and change what is being mixed.
+        train_sampling_strategy="random",
         bf16=use_bf16,
         use_cpu=device.type == "cpu",
         logging_steps=settings.get("logging_steps", 5),
@@ -142,7 +144,6 @@ def fine_tune(model_dir: Path, data: Path, settings: dict, checkpoints: Path, ou
         raise DataError(f"{data}: the training set is empty")
     examples = build_examples(records, tokenizer, require(settings, "max_length"), str(data))
     dataset = Dataset.from_list(examples)
-    dataset = dataset.add_column("length", [len(example["input_ids"]) for example in examples])
     model = load_model(model_dir, "float32", device)
     args = training_arguments(settings, checkpoints, device)
     trainer = Trainer(
