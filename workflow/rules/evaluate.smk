@@ -10,7 +10,7 @@ rule evaluate_base:
         "results/benchmarks/evaluate_base/{model}.tsv"
     conda:
         "../../envs/cfs.yaml"
-    threads: workflow.cores
+    threads: config["threads"]
     params:
         settings=lambda wildcards: as_arg(eval_settings(wildcards.model, "base")),
     shell:
@@ -33,7 +33,7 @@ rule evaluate_finetuned:
         "results/benchmarks/evaluate_finetuned/{model}/{cell}.tsv"
     conda:
         "../../envs/cfs.yaml"
-    threads: workflow.cores
+    threads: config["threads"]
     params:
         settings=lambda wildcards: as_arg(
             eval_settings(wildcards.model, wildcards.cell)

@@ -10,7 +10,7 @@ rule generate_context_free:
         "results/benchmarks/generate_context_free/{model}_temp{temperature}.tsv"
     conda:
         "../../envs/cfs.yaml"
-    threads: workflow.cores
+    threads: config["threads"]
     params:
         settings=lambda wildcards: as_arg(generation_settings(wildcards.model)),
     shell:
@@ -32,7 +32,7 @@ rule generate_heldout:
         "results/benchmarks/generate_heldout/{model}.tsv"
     conda:
         "../../envs/cfs.yaml"
-    threads: workflow.cores
+    threads: config["threads"]
     params:
         settings=lambda wildcards: as_arg(heldout_settings(wildcards.model)),
         temperature=config["evaluation"]["kl"]["temperature"],

@@ -10,7 +10,7 @@ rule fine_tune:
         "results/benchmarks/fine_tune/{model}/{cell}.tsv"
     conda:
         "../../envs/cfs.yaml"
-    threads: workflow.cores
+    threads: config["threads"]
     params:
         settings=lambda wildcards: as_arg(train_settings()),
         checkpoints="results/{model}/{cell}/checkpoints",
