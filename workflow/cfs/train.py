@@ -29,6 +29,7 @@ from cfs.artifacts import (
     write_json,
 )
 from cfs.cli import SettingsError, require, run_stage, set_threads, stage_parser
+from cfs.distributed import distributed_arguments
 from cfs.modeling import load_model, load_tokenizer, pick_device
 
 log = logging.getLogger("cfs.train")
@@ -105,6 +106,7 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device):
         report_to="none",
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        **distributed_arguments(settings),
     )
 
 

@@ -9,6 +9,11 @@ rule prepare_task_data:
         "results/benchmarks/prepare_task_data/{task}.tsv"
     conda:
         "../../envs/cfs.yaml"
+    resources:
+        gpu=gpu_count("data"),
+        cpus_per_task=cpus("data"),
+        mem_mb=mem_mb("data"),
+        runtime=runtime("data"),
     params:
         settings=lambda wildcards: as_arg(task_settings()),
     shell:

@@ -11,6 +11,11 @@ rule evaluate_base:
     conda:
         "../../envs/cfs.yaml"
     threads: config["threads"]
+    resources:
+        gpu=gpu_count("evaluate"),
+        cpus_per_task=cpus("evaluate"),
+        mem_mb=mem_mb("evaluate"),
+        runtime=runtime("evaluate"),
     params:
         settings=lambda wildcards: as_arg(eval_settings(wildcards.model, "base")),
     shell:
@@ -34,6 +39,11 @@ rule evaluate_finetuned:
     conda:
         "../../envs/cfs.yaml"
     threads: config["threads"]
+    resources:
+        gpu=gpu_count("evaluate"),
+        cpus_per_task=cpus("evaluate"),
+        mem_mb=mem_mb("evaluate"),
+        runtime=runtime("evaluate"),
     params:
         settings=lambda wildcards: as_arg(
             eval_settings(wildcards.model, wildcards.cell)

@@ -11,6 +11,11 @@ rule generate_context_free:
     conda:
         "../../envs/cfs.yaml"
     threads: config["threads"]
+    resources:
+        gpu=gpu_count("generate"),
+        cpus_per_task=cpus("generate"),
+        mem_mb=mem_mb("generate"),
+        runtime=runtime("generate"),
     params:
         settings=lambda wildcards: as_arg(generation_settings(wildcards.model)),
     shell:
@@ -33,6 +38,11 @@ rule generate_heldout:
     conda:
         "../../envs/cfs.yaml"
     threads: config["threads"]
+    resources:
+        gpu=gpu_count("generate"),
+        cpus_per_task=cpus("generate"),
+        mem_mb=mem_mb("generate"),
+        runtime=runtime("generate"),
     params:
         settings=lambda wildcards: as_arg(heldout_settings(wildcards.model)),
         temperature=config["evaluation"]["kl"]["temperature"],

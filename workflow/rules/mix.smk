@@ -11,6 +11,11 @@ rule mix_at_ratio:
         "results/benchmarks/mix_at_ratio/{model}_temp{temperature}_ratio{ratio}.tsv"
     conda:
         "../../envs/cfs.yaml"
+    resources:
+        gpu=gpu_count("mix"),
+        cpus_per_task=cpus("mix"),
+        mem_mb=mem_mb("mix"),
+        runtime=runtime("mix"),
     params:
         settings=lambda wildcards: as_arg({"seed": config["study"]["seed"]}),
     shell:
@@ -32,6 +37,11 @@ rule plain_task_set:
         "results/benchmarks/plain_task_set/{model}.tsv"
     conda:
         "../../envs/cfs.yaml"
+    resources:
+        gpu=gpu_count("mix"),
+        cpus_per_task=cpus("mix"),
+        mem_mb=mem_mb("mix"),
+        runtime=runtime("mix"),
     params:
         settings=lambda wildcards: as_arg({"seed": config["study"]["seed"]}),
     shell:

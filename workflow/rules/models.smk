@@ -7,6 +7,11 @@ rule prepare_model:
         "results/benchmarks/prepare_model/{model}.tsv"
     conda:
         "../../envs/cfs.yaml"
+    resources:
+        gpu=gpu_count("prepare"),
+        cpus_per_task=cpus("prepare"),
+        mem_mb=mem_mb("prepare"),
+        runtime=runtime("prepare"),
     params:
         settings=lambda wildcards: as_arg(model_settings(wildcards.model)),
     shell:

@@ -7,6 +7,11 @@ rule summary_table:
         "results/logs/summary_table.log",
     conda:
         "../../envs/cfs.yaml"
+    resources:
+        gpu=gpu_count("report"),
+        cpus_per_task=cpus("report"),
+        mem_mb=mem_mb("report"),
+        runtime=runtime("report"),
     shell:
         "python -m cfs.report table --evals {input} --out {output} > {log} 2>&1"
 
@@ -37,6 +42,11 @@ rule figures:
         "results/logs/figures/{model}.log",
     conda:
         "../../envs/cfs.yaml"
+    resources:
+        gpu=gpu_count("report"),
+        cpus_per_task=cpus("report"),
+        mem_mb=mem_mb("report"),
+        runtime=runtime("report"),
     shell:
         "python -m cfs.report figures --summary {input} --model {wildcards.model}"
         " --out-dir results/figures > {log} 2>&1"

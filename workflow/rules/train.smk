@@ -11,6 +11,11 @@ rule fine_tune:
     conda:
         "../../envs/cfs.yaml"
     threads: config["threads"]
+    resources:
+        gpu=gpu_count("train"),
+        cpus_per_task=cpus("train"),
+        mem_mb=mem_mb("train"),
+        runtime=runtime("train"),
     params:
         settings=lambda wildcards: as_arg(train_settings()),
         checkpoints="results/{model}/{cell}/checkpoints",
