@@ -99,24 +99,58 @@ def test_lint_is_clean():
 
 
 def expected_default_jobs(config):
-    study = config["study"]
-    n_models, n_temps = len(study["models"]), len(study["temperatures"])
-    nonzero = [r for r in study["ratios"] if r > 0]
+    """Per-rule job counts of a config's full grid, from the grid arithmetic: generation
+    once per (model, temperature), base eval once per model, ratio 0 once."""
+    study, knobs = config["study"], config.get("methods", {})
+    methods = study.get("methods", ["context_free"])
+
+    def grid(method):
+        method_knobs = knobs.get(method, {})
+        temperatures = method_knobs.get("temperatures") or study["temperatures"]
+        ratios = [r for r in (method_knobs.get("ratios") or study["ratios"]) if r > 0]
+        return (temperatures if ratios else []), ratios
+
+    def in_study(method):
+        return method in methods
+
+    cf_temps, cf_ratios = grid("context_free") if in_study("context_free") else ([], [])
+    term = {m: grid(m) if in_study(m) else ([], []) for m in ("weighted_synthetic", "kl_to_base")}
+    term_cells = sum(len(t) * len(r) * len(knobs[m]["lambdas"]) for m, (t, r) in term.items() if t)
+    generated_temps = set(cf_temps) | {t for temps, _ in term.values() for t in temps}
+    ctx_temps, ctx_ratios = grid("contextual") if in_study("contextual") else ([], [])
+    replay_ratios = grid("replay")[1] if in_study("replay") else []
+    lora = len(knobs["lora"]["ranks"]) if in_study("lora") else 0
+    l2 = len(knobs["l2"]["lambdas"]) if in_study("l2") else 0
+    wise = len(knobs["wiseft"]["alphas"]) if in_study("wiseft") else 0
     plain = 1 if 0 in study["ratios"] else 0
-    n_cells = n_models * (plain + n_temps * len(nonzero))
-    jobs = {
-        "prepare_model": n_models,
-        "prepare_task_data": 1,
-        "evaluate_base": n_models,
-        "generate_heldout": n_models,
-        "generate_context_free": n_models * n_temps if nonzero else 0,
-        "plain_task_set": n_models * plain,
-        "mix_at_ratio": n_models * n_temps * len(nonzero),
-        "fine_tune": n_cells,
-        "evaluate_finetuned": n_cells,
-        "summary_table": 1,
-        "all": 1,
+    uses_task_set = plain or lora or l2 or term_cells
+    trained = (
+        plain
+        + len(cf_temps) * len(cf_ratios)
+        + len(ctx_temps) * len(ctx_ratios)
+        + len(replay_ratios)
+        + lora
+        + l2
+        + term_cells
+    )
+    per_model = {
+        "prepare_model": 1,
+        "evaluate_base": 1,
+        "generate_heldout": 1,
+        "generate_context_free": len(generated_temps),
+        "generate_contextual": len(ctx_temps),
+        "replay_chunks": 1 if replay_ratios else 0,
+        "plain_task_set": 1 if uses_task_set else 0,
+        "mix_at_ratio": len(cf_temps) * len(cf_ratios),
+        "mix_contextual": len(ctx_temps) * len(ctx_ratios),
+        "mix_replay": len(replay_ratios),
+        "fine_tune": trained,
+        "interpolate_wiseft": wise,
+        "evaluate_finetuned": trained + wise,
     }
+    n_models = len(study["models"])
+    jobs = {rule: count * n_models for rule, count in per_model.items()}
+    jobs.update(prepare_task_data=1, summary_table=1, all=1)
     return {rule: count for rule, count in jobs.items() if count}
 
 
@@ -171,3 +205,70 @@ def test_ratio_zero_cell_cannot_be_requested_under_a_temperature(repo):
     model = default_config()["study"]["models"][0]
     result = run_snakemake(repo, "-n", f"results/{model}/temp0.7/ratio0/eval.json", timeout=300)
     assert result.returncode != 0, job_stats(result.stdout)
+
+
+def every_method_config():
+    config = copy.deepcopy(default_config())
+    config["study"]["temperatures"] = [0.5, 1.0]
+    config["study"]["ratios"] = [0.0, 0.5, 1.0]
+    config["study"]["methods"] = [
+        "context_free",
+        "contextual",
+        "replay",
+        "lora",
+        "l2",
+        "wiseft",
+        "weighted_synthetic",
+        "kl_to_base",
+    ]
+    config["methods"]["contextual"] = {"temperatures": [0.5, 1.0], "ratios": [0.5, 1.0]}
+    config["methods"]["replay"] = {"corpus": {"python_stdlib": "*.py"}}
+    config["methods"]["lora"]["ranks"] = [4, 8]
+    config["methods"]["l2"]["lambdas"] = [0.01, 1000000.0]
+    config["methods"]["wiseft"]["alphas"] = [0.25, 0.5, 0.75]
+    # the synthetic-term methods use a temperature the context-free grid also has (shared
+    # generation) and one it has not (its own generation)
+    config["methods"]["weighted_synthetic"] = {
+        "temperatures": [1.0],
+        "ratios": [1.0],
+        "lambdas": [0.5, 2.0],
+    }
+    config["methods"]["kl_to_base"] = {"temperatures": [1.3], "ratios": [0.5], "lambdas": [1.0]}
+    return config
+
+
+def test_grid_with_every_method_schedules_each_job_once(repo):
+    config = every_method_config()
+    result = dry_run_with(repo, "every_method.yaml", config)
+    assert result.returncode == 0, result.stdout[-3000:]
+    stats = job_stats(result.stdout)
+    assert stats.pop("figures") == 1
+    expected = expected_default_jobs(config)
+    assert stats == expected
+    # 2 context-free temperatures + 1.3 for the KL regulariser; 1.0 is shared
+    assert stats["generate_context_free"] == 3
+    assert stats["fine_tune"] == 1 + 4 + 4 + 2 + 2 + 2 + 2 + 1
+    assert stats["evaluate_finetuned"] == stats["fine_tune"] + 3
+    # each method's path carries its own knobs only
+    for path in (
+        "results/smollm2/contextual/temp0.5/ratio1/eval.json",
+        "results/smollm2/replay/ratio0.5/eval.json",
+        "results/smollm2/lora/rank8/eval.json",
+        "results/smollm2/l2/lambda1000000/eval.json",
+        "results/smollm2/wiseft/alpha0.25/eval.json",
+        "results/smollm2/cf_weighted/temp1/ratio1/lambda0.5/eval.json",
+        "results/smollm2/kl_to_base/temp1.3/ratio0.5/lambda1/eval.json",
+    ):
+        assert path in result.stdout, path
+
+
+def test_unknown_method_is_rejected(repo):
+    config = default_config()
+    config["study"]["methods"] = ["context_free", "dropout"]
+    assert_rejected(dry_run_with(repo, "bad_method.yaml", config), "methods", "dropout")
+
+
+def test_wiseft_without_plain_fine_tuning_is_rejected(repo):
+    config = default_config()
+    config["study"]["ratios"] = [1.0]
+    assert_rejected(dry_run_with(repo, "no_plain.yaml", config), "study.ratios", "WiSE-FT")

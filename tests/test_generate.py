@@ -89,7 +89,7 @@ def test_samples_count_and_finish_reasons(loaded):
     model, tokenizer = loaded
     samples = sample(model, tokenizer, num_samples=6, batch_size=4, max_new_tokens=10)
     assert len(samples) == 6
-    check_invariants(samples, generate.eos_token_ids(model, tokenizer), 1, 10)
+    check_invariants(samples, generate.eos_token_ids(model.generation_config, tokenizer), 1, 10)
     assert samples[0]["text"] == tokenizer.decode(samples[0]["token_ids"])
 
 
@@ -101,7 +101,7 @@ def test_both_finish_reasons_with_a_frequent_stop_set(loaded):
     original = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = stop_ids
     try:
-        eos_ids = generate.eos_token_ids(model, tokenizer)
+        eos_ids = generate.eos_token_ids(model.generation_config, tokenizer)
         assert eos_ids == set(stop_ids)
         samples = sample(model, tokenizer, num_samples=16, batch_size=8, max_new_tokens=12)
     finally:

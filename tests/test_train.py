@@ -214,7 +214,7 @@ def test_fine_tune_writes_model_with_logs_and_provenance(fine_tuned):
     log = json.loads((out / "train_log.json").read_text())
     summary = log["summary"]
     assert summary["num_examples"] == 8
-    assert summary["num_context_free"] == 2
+    assert summary["num_synthetic_in_set"] == 2
     assert summary["global_steps"] == 2  # 8 examples / effective batch 4
     assert math.isfinite(summary["train_loss"]) and summary["train_loss"] > 0
     losses = [entry["loss"] for entry in log["log_history"] if "loss" in entry]

@@ -1,4 +1,8 @@
-"""Mix context-free samples into the fine-tuning set at a ratio.
+"""Mix synthetic or replayed samples into the fine-tuning set at a ratio.
+
+Samples are context-free generations, contextual generations (the base model's responses
+to the task prompts) or pretraining-text chunks; --kind says which, and each keeps the
+fields its training example needs.
 
 The ratio counts synthetic examples per fine-tuning example (0.5 = half as many); ratio 0
 is plain fine-tuning. Samples are taken in generation order, so a smaller ratio's set is a
@@ -20,15 +24,21 @@ from cfs.cli import SettingsError, require, run_stage, stage_parser
 
 log = logging.getLogger("cfs.mix")
 TASK_FIELDS = ("prompt", "response")
-SAMPLE_FIELDS = ("prompt_token_id", "token_ids", "finish_reason")
+SAMPLE_FIELDS = {
+    "context_free": ("prompt_token_id", "token_ids", "finish_reason"),
+    "replay": ("prompt_token_id", "token_ids", "finish_reason"),
+    "contextual": ("prompt", "prompt_token_ids", "token_ids", "finish_reason"),
+}
 
 
 def synthetic_count(num_task: int, ratio: float) -> int:
     return round(num_task * ratio)
 
 
-def mix_at_ratio(task: list[dict], samples: list[dict], ratio: float, seed: int) -> list[dict]:
-    """Task examples (kind "task") plus round(ratio * len(task)) samples (kind "context_free")."""
+def mix_at_ratio(
+    task: list[dict], samples: list[dict], ratio: float, seed: int, kind: str = "context_free"
+) -> list[dict]:
+    """Task examples (kind "task") plus round(ratio * len(task)) samples of `kind`."""
     if ratio < 0:
         raise SettingsError(f"ratio must be >= 0, got {ratio}")
     wanted = synthetic_count(len(task), ratio)
@@ -38,33 +48,29 @@ def mix_at_ratio(task: list[dict], samples: list[dict], ratio: float, seed: int)
             f"but only {len(samples)} were generated: raise generation.num_samples"
         )
     mixed = [{"kind": "task", "prompt": ex["prompt"], "response": ex["response"]} for ex in task]
+    fields = SAMPLE_FIELDS[kind]
     mixed += [
-        {
-            "kind": "context_free",
-            "prompt_token_id": sample["prompt_token_id"],
-            "token_ids": sample["token_ids"],
-            "finish_reason": sample["finish_reason"],
-        }
-        for sample in samples[:wanted]
+        {"kind": kind, **{field: sample[field] for field in fields}} for sample in samples[:wanted]
     ]
     random.Random(seed).shuffle(mixed)
     return mixed
 
 
-def load_generations(path: Path) -> list[dict]:
+def load_generations(path: Path, kind: str = "context_free") -> list[dict]:
     samples = read_jsonl(path)
     if not samples:
         raise DataError(
             f"{path}: the generation set is empty; refusing to fine-tune on task data only"
         )
-    require_fields(samples, SAMPLE_FIELDS, path)
+    require_fields(samples, SAMPLE_FIELDS[kind], path)
     return samples
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, type=Path, help="fine-tuning set JSONL")
-    parser.add_argument("--generations", type=Path, help="context-free samples JSONL")
+    parser.add_argument("--generations", type=Path, help="samples JSONL to mix in")
+    parser.add_argument("--kind", choices=sorted(SAMPLE_FIELDS), default="context_free")
     parser.add_argument("--ratio", required=True, type=float)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -74,11 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     require_fields(task, TASK_FIELDS, args.task)
     if args.ratio > 0 and args.generations is None:
         raise SettingsError(f"ratio {args.ratio} > 0 needs --generations")
-    samples = load_generations(args.generations) if args.ratio > 0 else []
+    samples = load_generations(args.generations, args.kind) if args.ratio > 0 else []
     seed = require(args.settings, "seed")
-    mixed = mix_at_ratio(task, samples, args.ratio, seed)
+    mixed = mix_at_ratio(task, samples, args.ratio, seed, args.kind)
     num_synthetic = len(mixed) - len(task)
-    log.info("%d task examples + %d context-free samples", len(task), num_synthetic)
+    log.info("%d task examples + %d %s samples", len(task), num_synthetic, args.kind)
     write_json(
         args.out.with_suffix(".provenance.json"),
         provenance(
@@ -86,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             args.settings,
             seed=seed,
             ratio=args.ratio,
+            kind=args.kind,
             num_task=len(task),
             num_synthetic=num_synthetic,
             generations=str(args.generations) if args.generations else None,

@@ -1,6 +1,7 @@
 """The study's table and figures: one row per grid cell in summary.csv, and plots of the
-target metric and the forgetting average against temperature, against ratio, and of the
-trade-off (target gain against retained average and against KL to base).
+target metric and the forgetting average against temperature, against ratio, of the
+context-free trade-off (target gain against retained average and against KL to base), and
+the same trade-off for every method side by side.
 
     python -m cfs.report table --evals results/*/...eval.json --out results/summary.csv
     python -m cfs.report figures --summary results/summary.csv --out-dir results/figures
@@ -18,7 +19,31 @@ from cfs.artifacts import DataError, atomic_path, read_json
 from cfs.cli import run_stage
 
 log = logging.getLogger("cfs.report")
-FIGURES = ("vs_temperature", "vs_ratio", "tradeoff")
+FIGURES = ("vs_temperature", "vs_ratio", "tradeoff", "methods")
+METHOD_ORDER = [
+    "base",
+    "plain",
+    "context_free",
+    "contextual",
+    "replay",
+    "lora",
+    "l2",
+    "wiseft",
+    "weighted_synthetic",
+    "kl_to_base",
+]
+KNOBS = ("temperature", "ratio", "rank", "lambda", "alpha")
+KNOB_LABELS = {"temperature": "T", "ratio": "r", "rank": "rank", "lambda": "λ", "alpha": "α"}
+
+
+def cell_label(cell: dict) -> str:
+    """'context_free T1 r0.5', 'l2 λ1e+06', 'base'."""
+    knobs = [
+        f"{KNOB_LABELS[knob]}{cell[knob]:g}"
+        for knob in KNOBS
+        if cell.get(knob) is not None and not (cell["method"] == "plain" and knob == "ratio")
+    ]
+    return " ".join([cell.get("method") or "?"] + knobs)
 
 
 def row_for(eval_path: Path) -> dict:
@@ -27,8 +52,8 @@ def row_for(eval_path: Path) -> dict:
     row = {
         "model": cell.get("model"),
         "method": cell.get("method"),
-        "temperature": cell.get("temperature"),
-        "ratio": cell.get("ratio"),
+        "label": cell_label(cell),
+        **{knob: cell.get(knob) for knob in KNOBS},
         "target": metrics["target"],
         "forgetting_avg": metrics["forgetting_avg"],
         "kl_to_base": metrics.get("kl_to_base"),
@@ -46,9 +71,9 @@ def row_for(eval_path: Path) -> dict:
 
 def build_summary(eval_paths: list[Path]) -> pd.DataFrame:
     table = pd.DataFrame([row_for(path) for path in eval_paths])
-    order = {"base": 0, "plain": 1, "context_free": 2}
-    table["_order"] = table["method"].map(order).fillna(9)
-    table = table.sort_values(["model", "_order", "temperature", "ratio"], na_position="first")
+    order = {method: position for position, method in enumerate(METHOD_ORDER)}
+    table["_order"] = table["method"].map(order).fillna(len(order))
+    table = table.sort_values(["model", "_order", *KNOBS], na_position="first")
     return table.drop(columns="_order").reset_index(drop=True)
 
 
@@ -81,28 +106,34 @@ def _sweep_figure(group: pd.DataFrame, x: str, series: str, title: str):
     return figure
 
 
-def _tradeoff_figure(group: pd.DataFrame, title: str):
+def _tradeoff_figure(group: pd.DataFrame, title: str, methods: list[str] | None = None):
+    """Target gain over base against the forgetting average and against KL to base, one
+    marker per method and a label per knob value."""
     import matplotlib.pyplot as plt
 
     base = group[group["method"] == "base"]
     base_target = base["target"].iloc[0] if not base.empty else 0.0
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    markers = {"base": "*", "plain": "s", "context_free": "o"}
-    for method, rows in group.groupby("method"):
-        labels = [
-            f"T{t:g} r{r:g}" if method == "context_free" else method
-            for t, r in zip(rows["temperature"], rows["ratio"], strict=True)
-        ]
+    if methods is not None:
+        group = group[group["method"].isin(methods)]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    markers = dict(zip(METHOD_ORDER, "*sopDv^<>P", strict=True))
+    for method in [m for m in METHOD_ORDER if m in set(group["method"])]:
+        rows = group[group["method"] == method]
         gain = rows["target"] - base_target
         for axis, x in ((axes[0], rows["forgetting_avg"]), (axes[1], rows["kl_to_base"])):
-            axis.scatter(x, gain, marker=markers.get(method, "x"), s=60, label=method)
-            for xi, yi, text in zip(x, gain, labels, strict=True):
-                axis.annotate(text, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            axis.scatter(x, gain, marker=markers.get(method, "x"), s=70, label=method)
+            for xi, yi, text in zip(x, gain, rows["label"], strict=True):
+                if text != method:
+                    knobs = text.removeprefix(method + " ")
+                    axis.annotate(
+                        knobs, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                    )
     axes[0].set_xlabel("forgetting-task average (higher = less forgetting)")
     axes[1].set_xlabel("KL(base || model) per token (lower = closer to base)")
     for axis in axes:
         axis.set_ylabel("target gain over base")
-        axis.legend(fontsize=8)
+        axis.axhline(0.0, color="grey", linewidth=0.5)
+        axis.legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
     return figure
@@ -127,7 +158,12 @@ def write_figures(summary: pd.DataFrame, out_dir: Path, model: str | None = None
             "vs_ratio": _sweep_figure(
                 group, "ratio", "temperature", f"{model}: against data ratio"
             ),
-            "tradeoff": _tradeoff_figure(group, f"{model}: target gain against forgetting"),
+            "tradeoff": _tradeoff_figure(
+                group,
+                f"{model}: context-free target gain against forgetting",
+                ["base", "plain", "context_free"],
+            ),
+            "methods": _tradeoff_figure(group, f"{model}: every method, gain against forgetting"),
         }
         for name, figure in figures.items():
             path = out_dir / f"{model}_{name}.png"

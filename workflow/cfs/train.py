@@ -1,8 +1,12 @@
-"""Full fine-tuning on a mixed set with the transformers Trainer.
+"""Fine-tuning with the transformers Trainer, in each of the study's methods.
 
 Task examples carry loss on the response only (prompt tokens masked); context-free samples
-carry loss on every generated token. Checkpoints go to --checkpoints (outside the declared
-output) and a restarted run resumes from the last one.
+and replayed pretraining text carry loss on every token; contextual samples (the base
+model's responses to the task prompts) are trained like task examples. The `method`
+setting picks full fine-tuning (plain or on a mixed set), LoRA, L2 toward the original
+weights, a lambda-weighted synthetic loss term, or a KL-to-base regulariser (cfs.objectives).
+Checkpoints go to --checkpoints (outside the declared output) and a restarted run resumes
+from the last one.
 
     python -m cfs.train --model results/models/smollm2/base \
         --data results/smollm2/temp0.7/ratio0.5/train.jsonl \
@@ -21,6 +25,7 @@ import torch
 
 from cfs.artifacts import (
     DataError,
+    Records,
     atomic_path,
     line_numbers,
     provenance,
@@ -31,6 +36,12 @@ from cfs.artifacts import (
 from cfs.cli import SettingsError, require, run_stage, set_threads, stage_parser
 from cfs.distributed import distributed_arguments
 from cfs.modeling import load_model, load_tokenizer, pick_device
+from cfs.objectives import (
+    KLToBase,
+    L2ToInitial,
+    SyntheticBatches,
+    WeightedSyntheticLoss,
+)
 
 log = logging.getLogger("cfs.train")
 IGNORE_INDEX = -100
@@ -54,14 +65,26 @@ def context_free_example(record: dict, max_length: int) -> dict:
     return {"input_ids": input_ids, "labels": labels}
 
 
+def contextual_example(record: dict, max_length: int) -> dict:
+    """The base model's response to a task prompt: prompt masked, response trained on; as
+    for context-free samples, EOS is there only if the model ended with it."""
+    prompt = list(record["prompt_token_ids"])
+    response = list(record["token_ids"])
+    input_ids = (prompt + response)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
 def build_examples(records: list[dict], tokenizer, max_length: int, source: str) -> list[dict]:
     examples = []
     for line_number, record in zip(line_numbers(records), records, strict=True):
         kind = record.get("kind")
         if kind == "task":
             example = task_example(record, tokenizer, max_length)
-        elif kind == "context_free":
+        elif kind in ("context_free", "replay"):
             example = context_free_example(record, max_length)
+        elif kind == "contextual":
+            example = contextual_example(record, max_length)
         else:
             raise DataError(f"{source}:{line_number}: unknown example kind {kind!r}")
         if all(label == IGNORE_INDEX for label in example["labels"]):
@@ -135,44 +158,213 @@ def checkpoint_to_resume(checkpoints: Path, fingerprint: str) -> str | None:
     return get_last_checkpoint(str(checkpoints))
 
 
-def fine_tune(model_dir: Path, data: Path, settings: dict, checkpoints: Path, out: Path) -> dict:
+METHODS = ("full", "lora", "l2", "weighted_synthetic", "kl_to_base")
+
+
+def method_settings(settings: dict) -> dict:
+    method = settings.get("method") or {"name": "full"}
+    if method.get("name") not in METHODS:
+        raise SettingsError(f"train method {method.get('name')!r} is not one of {METHODS}")
+    return method
+
+
+def padding_collator(tokenizer):
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
+    )
+
+
+def training_collator(tokenizer, packing: bool):
+    """Packing concatenates a micro-batch into one row with restarting position ids; the
+    attention mask is then block-diagonal, so samples never attend to each other."""
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
+    return padding_collator(tokenizer)
+
+
+def add_lora(model, method: dict):
+    from peft import LoraConfig, get_peft_model
+
+    rank = require(method, "rank")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=method.get("alpha") or rank,
+        lora_dropout=method.get("dropout", 0.0),
+        target_modules=require(method, "target_modules"),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    class RegularizedTrainer(Trainer):
+        """The Trainer's own loss plus lambda times one regularising term, logged apart."""
+
+        def __init__(self, *args, regularizer=None, weight: float = 0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.regularizer = regularizer
+            self.weight = weight
+            self._position = (-1, 0)
+            self._term_values: list[float] = []
+
+        def _micro_step(self) -> tuple[int, int]:
+            step, micro = self._position
+            current = self.state.global_step
+            micro = micro + 1 if step == current else 0
+            self._position = (current, micro)
+            return current, micro
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.regularizer is None:
+                return result
+            loss, outputs = result if return_outputs else (result, None)
+            term = self.regularizer(model, *self._micro_step())
+            self._term_values.append(term.detach().item())
+            loss = loss + self.weight * term / self._accumulation_divisor(num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+
+        def _accumulation_divisor(self, num_items_in_batch) -> int:
+            # Where the task loss is already normalised over the whole accumulated batch,
+            # training_step does not divide by the accumulation steps: do it for the term.
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = (
+                    self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                ) or self.compute_loss_func is not None
+            return self.current_gradient_accumulation_steps if scaled else 1
+
+        def log(self, logs, start_time=None):
+            if self._term_values and "loss" in logs:
+                logs[self.regularizer.name] = sum(self._term_values) / len(self._term_values)
+                self._term_values = []
+            super().log(logs, start_time)
+
+    return RegularizedTrainer
+
+
+def regularizer_for(method, model, model_dir, synthetic, tokenizer, settings, args, device):
+    name = method["name"]
+    if name == "l2":
+        return L2ToInitial(model)
+    if name in ("weighted_synthetic", "kl_to_base"):
+        if synthetic is None:
+            raise SettingsError(f"train method {name} needs synthetic samples (--synthetic)")
+        batches = SyntheticBatches(
+            synthetic,
+            batch_size=max(1, round(require(method, "ratio") * args.per_device_train_batch_size)),
+            seed=require(settings, "seed"),
+            collator=padding_collator(tokenizer),
+        )
+        if name == "weighted_synthetic":
+            return WeightedSyntheticLoss(batches, args.gradient_accumulation_steps)
+        base = load_model(model_dir, "float32" if device.type == "cpu" else "bfloat16", device)
+        return KLToBase(batches, args.gradient_accumulation_steps, base)
+    return None
+
+
+def load_synthetic(path: Path, ratio: float, num_task: int, tokenizer, max_length: int):
+    """The first round(ratio * num_task) samples, as training examples."""
+    records = read_jsonl(path)
+    wanted = round(ratio * num_task)
+    if wanted > len(records):
+        raise DataError(
+            f"{path}: ratio {ratio} needs {wanted} synthetic samples for {num_task} task "
+            f"examples, but only {len(records)} were generated: raise generation.num_samples"
+        )
+    kind = "contextual" if records and "prompt_token_ids" in records[0] else "context_free"
+    chosen = [{**record, "kind": kind} for record in records[:wanted]]
+    chosen = Records(chosen)
+    chosen.line_numbers = line_numbers(records)[:wanted]
+    return build_examples(chosen, tokenizer, max_length, str(path))
+
+
+def fine_tune(
+    model_dir: Path,
+    data: Path,
+    settings: dict,
+    checkpoints: Path,
+    out: Path,
+    synthetic: Path | None = None,
+) -> dict:
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer
 
     device = pick_device()
+    method = method_settings(settings)
     tokenizer = load_tokenizer(model_dir)
+    max_length = require(settings, "max_length")
     records = read_jsonl(data)
     if not records:
         raise DataError(f"{data}: the training set is empty")
-    examples = build_examples(records, tokenizer, require(settings, "max_length"), str(data))
-    dataset = Dataset.from_list(examples)
+    examples = build_examples(records, tokenizer, max_length, str(data))
+    synthetic_examples = None
+    if method["name"] in ("weighted_synthetic", "kl_to_base"):
+        if synthetic is None:
+            raise SettingsError(f"train method {method['name']} needs --synthetic samples")
+        synthetic_examples = load_synthetic(
+            synthetic, require(method, "ratio"), len(examples), tokenizer, max_length
+        )
     model = load_model(model_dir, "float32", device)
+    # No KV cache in training: with one, a packed row's attention would not be split
+    # per sample (transformers builds the block-diagonal mask only without a cache).
+    model.config.use_cache = False
+    if method["name"] == "lora":
+        model = add_lora(model, method)
     args = training_arguments(settings, checkpoints, device)
-    trainer = Trainer(
+    regularizer = regularizer_for(
+        method, model, model_dir, synthetic_examples, tokenizer, settings, args, device
+    )
+    trainer = make_trainer_class()(
         model=model,
         args=args,
-        train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(
-            tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
-        ),
+        train_dataset=Dataset.from_list(examples),
+        data_collator=training_collator(tokenizer, settings.get("packing", False)),
+        regularizer=regularizer,
+        weight=method.get("lambda", 0.0),
     )
-    resume_from = checkpoint_to_resume(checkpoints, run_fingerprint(model_dir, data, settings))
+    fingerprint = run_fingerprint(model_dir, data, settings)
+    if synthetic is not None:
+        fingerprint += hashlib.sha256(synthetic.read_bytes()).hexdigest()
+    resume_from = checkpoint_to_resume(checkpoints, fingerprint)
     if resume_from:
         log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    num_trained_tokens = sum(
-        sum(label != IGNORE_INDEX for label in example["labels"]) for example in examples
-    )
     summary = {
+        "method": method["name"],
         "train_loss": result.training_loss,
         "global_steps": result.global_step,
         "num_examples": len(examples),
-        "num_context_free": sum(record["kind"] == "context_free" for record in records),
-        "num_trained_tokens_per_epoch": num_trained_tokens,
+        "num_synthetic_in_set": sum(record["kind"] != "task" for record in records),
+        "num_synthetic_term_samples": len(synthetic_examples or []),
+        "num_trained_tokens_per_epoch": count_trained_tokens(examples),
         "resumed_from": resume_from,
     }
+    save_fine_tuned(trainer, tokenizer, settings, data, summary, out)
+    if not settings.get("keep_checkpoints", False):
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return summary
+
+
+def count_trained_tokens(examples: list[dict]) -> int:
+    return sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in examples)
+
+
+def save_fine_tuned(trainer, tokenizer, settings, data, summary, out: Path) -> None:
+    """A plain model folder whatever the method: LoRA adapters are merged into the weights."""
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.config.use_cache = True
     with atomic_path(out, directory=True) as tmp:
-        trainer.save_model(str(tmp))
+        model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_json(
             tmp / "train_log.json", {"summary": summary, "log_history": trainer.state.log_history}
@@ -181,20 +373,22 @@ def fine_tune(model_dir: Path, data: Path, settings: dict, checkpoints: Path, ou
             tmp / "cfs_provenance.json",
             provenance("fine_tune", settings, seed=settings["seed"], data=str(data), **summary),
         )
-    if not settings.get("keep_checkpoints", False):
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="base model folder")
-    parser.add_argument("--data", required=True, type=Path, help="mixed training JSONL")
+    parser.add_argument("--data", required=True, type=Path, help="training set JSONL")
+    parser.add_argument(
+        "--synthetic", type=Path, help="samples for the synthetic loss or KL-to-base term"
+    )
     parser.add_argument("--checkpoints", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="fine-tuned model folder")
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    summary = fine_tune(args.model, args.data, args.settings, args.checkpoints, args.out)
+    summary = fine_tune(
+        args.model, args.data, args.settings, args.checkpoints, args.out, args.synthetic
+    )
     log.info("done: %s", summary)
 
 

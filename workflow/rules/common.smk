@@ -6,6 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from snakemake.exceptions import WorkflowError
 
 from snakemake.settings.types import DeploymentMethod
@@ -20,18 +22,68 @@ shell.prefix(_prefix)
 
 NUMBER = r"\d+(?:\.\d+)?"
 NONZERO = r"(?!0+(?:\.0+)?(?![\d.]))\d+(?:\.\d+)?"  # a number that is not zero
+INTEGER = r"[1-9]\d*"
+
+# Grid cells below results/{model}/, one pattern per method; each path carries only
+# its own method's knobs (plain fine-tuning is ratio0, context-free keeps the
+# brief's temp{T}/ratio{R}).
+CELL_PATTERNS = {
+    "plain": r"ratio0",
+    "context_free": rf"temp(?P<temperature>{NUMBER})/ratio(?P<ratio>{NONZERO})",
+    "contextual": rf"contextual/temp(?P<temperature>{NUMBER})/ratio(?P<ratio>{NONZERO})",
+    "replay": rf"replay/ratio(?P<ratio>{NONZERO})",
+    "lora": rf"lora/rank(?P<rank>{INTEGER})",
+    "l2": rf"l2/lambda(?P<lambda>{NUMBER})",
+    "weighted_synthetic": (
+        rf"cf_weighted/temp(?P<temperature>{NUMBER})/ratio(?P<ratio>{NONZERO})/"
+        rf"lambda(?P<lambda>{NUMBER})"
+    ),
+    "kl_to_base": (
+        rf"kl_to_base/temp(?P<temperature>{NUMBER})/ratio(?P<ratio>{NONZERO})/"
+        rf"lambda(?P<lambda>{NUMBER})"
+    ),
+    "wiseft": rf"wiseft/alpha(?P<alpha>{NUMBER})",
+}
+TRAINED_METHODS = [method for method in CELL_PATTERNS if method != "wiseft"]
+
+
+def _alternatives(methods):
+    return "|".join(re.sub(r"\?P<\w+>", "", CELL_PATTERNS[m]) for m in methods)
+
+
+TRAINED_CELL = _alternatives(TRAINED_METHODS)
+EVAL_CELL = _alternatives(CELL_PATTERNS)
 
 
 wildcard_constraints:
     model=r"[A-Za-z0-9_-]+",
     temperature=NUMBER,
-    ratio=rf"{NONZERO}",
-    cell=rf"ratio0|temp{NUMBER}/ratio{NONZERO}",
+    ratio=NONZERO,
+    alpha=NUMBER,
+    cell=EVAL_CELL,
 
 
 def fmt(value):
-    """A number as it appears in paths: 0.5 -> '0.5', 1.0 -> '1'."""
-    return f"{float(value):g}"
+    """A number as it appears in paths: 0.5 -> '0.5', 1.0 -> '1', 1e6 -> '1000000'."""
+    return np.format_float_positional(float(value), trim="-")
+
+
+def study_methods():
+    return config["study"].get("methods", ["context_free"])
+
+
+def method_config(method):
+    return config.get("methods", {}).get(method, {})
+
+
+def nonzero_ratios(method=None):
+    ratios = method_config(method).get("ratios") if method else None
+    return [r for r in (ratios or config["study"]["ratios"]) if r > 0]
+
+
+def method_temperatures(method=None):
+    temperatures = method_config(method).get("temperatures") if method else None
+    return temperatures or config["study"]["temperatures"]
 
 
 def check_config():
@@ -42,49 +94,88 @@ def check_config():
                 f"config key study.models: unknown model '{model}' "
                 f"(known under `models`: {', '.join(sorted(config['models']))})"
             )
-    nonzero = [ratio for ratio in study["ratios"] if ratio > 0]
-    if nonzero and not study["temperatures"]:
+    for method in study_methods():
+        if method not in CELL_PATTERNS or method == "plain":
+            raise WorkflowError(
+                f"config key study.methods: unknown method '{method}' (known: "
+                f"{', '.join(m for m in CELL_PATTERNS if m != 'plain')})"
+            )
+    sampled = [m for m in ("context_free", "contextual") if m in study_methods()]
+    sampled += [m for m in ("weighted_synthetic", "kl_to_base") if m in study_methods()]
+    for method in sampled:
+        if nonzero_ratios(method) and not method_temperatures(method):
+            raise WorkflowError(
+                "config key study.temperatures: empty, but study.ratios has non-zero ratios "
+                f"that need {method} samples"
+            )
+    if "wiseft" in study_methods() and 0 not in study["ratios"]:
         raise WorkflowError(
-            "config key study.temperatures: empty, but study.ratios has non-zero ratios "
-            "that need context-free samples"
+            "config key study.ratios: WiSE-FT interpolates the plain fine-tune, so the "
+            "ratios need 0"
         )
-    needed = round(max(nonzero, default=0) * config["task"]["num_train"])
-    if needed > config["generation"]["num_samples"]:
-        raise WorkflowError(
-            f"config key generation.num_samples: {config['generation']['num_samples']} is "
-            f"fewer than ratio {max(nonzero)} x task.num_train "
-            f"{config['task']['num_train']} = {needed}"
-        )
+    num_train = config["task"].get("num_train", 0)
+    for method in ("context_free", "contextual", "weighted_synthetic", "kl_to_base"):
+        if method not in study_methods() or not num_train:
+            continue
+        needed = round(max(nonzero_ratios(method), default=0) * num_train)
+        if needed > config["generation"]["num_samples"]:
+            raise WorkflowError(
+                f"config key generation.num_samples: {config['generation']['num_samples']} "
+                f"is fewer than ratio {max(nonzero_ratios(method))} x task.num_train "
+                f"{num_train} = {needed} ({method})"
+            )
 
 
 check_config()
 
 
+def method_cells(method):
+    """The cells of one method for the configured grid, as paths below results/{model}/."""
+    knobs = method_config(method)
+    temperatures = [fmt(t) for t in method_temperatures(method)]
+    ratios = [fmt(r) for r in nonzero_ratios(method)]
+    if method == "context_free":
+        return [f"temp{t}/ratio{r}" for r in ratios for t in temperatures]
+    if method == "contextual":
+        return [f"contextual/temp{t}/ratio{r}" for r in ratios for t in temperatures]
+    if method == "replay":
+        return [f"replay/ratio{r}" for r in ratios]
+    if method == "lora":
+        return [f"lora/rank{rank}" for rank in knobs["ranks"]]
+    if method == "l2":
+        return [f"l2/lambda{fmt(value)}" for value in knobs["lambdas"]]
+    if method == "wiseft":
+        return [f"wiseft/alpha{fmt(alpha)}" for alpha in knobs["alphas"]]
+    prefix = {"weighted_synthetic": "cf_weighted", "kl_to_base": "kl_to_base"}[method]
+    return [
+        f"{prefix}/temp{t}/ratio{r}/lambda{fmt(value)}"
+        for t in temperatures
+        for r in ratios
+        for value in knobs["lambdas"]
+    ]
+
+
 def cells():
-    """Grid cells below results/{model}/: ratio0 (plain fine-tuning, no temperature)
-    and temp{T}/ratio{R} for context-free mixing."""
-    out = []
-    for ratio in config["study"]["ratios"]:
-        if ratio == 0:
-            out.append("ratio0")
-        else:
-            out += [
-                f"temp{fmt(temperature)}/ratio{fmt(ratio)}"
-                for temperature in config["study"]["temperatures"]
-            ]
+    """Every grid cell of the study: plain fine-tuning (ratio 0) and each method's."""
+    out = ["ratio0"] if 0 in config["study"]["ratios"] else []
+    for method in study_methods():
+        out += method_cells(method)
     return out
 
 
 def parse_cell(model, cell):
-    if cell == "ratio0":
-        return {"model": model, "method": "plain", "temperature": None, "ratio": 0.0}
-    match = re.fullmatch(r"temp([\d.]+)/ratio([\d.]+)", cell)
-    return {
-        "model": model,
-        "method": "context_free",
-        "temperature": float(match[1]),
-        "ratio": float(match[2]),
-    }
+    """The method and knobs of a cell path (the inverse of method_cells)."""
+    for method, pattern in CELL_PATTERNS.items():
+        match = re.fullmatch(pattern, cell)
+        if match:
+            knobs = {
+                key: int(value) if key == "rank" else float(value)
+                for key, value in match.groupdict().items()
+            }
+            if method == "plain":
+                knobs["ratio"] = 0.0
+            return {"model": model, "method": method, **knobs}
+    raise WorkflowError(f"not a grid cell: results/{model}/{cell}")
 
 
 def all_evals():
@@ -95,7 +186,7 @@ def all_evals():
     ]
 
 
-FIGURE_NAMES = ["vs_temperature", "vs_ratio", "tradeoff"]
+FIGURE_NAMES = ["vs_temperature", "vs_ratio", "tradeoff", "methods"]
 
 
 def figure_paths():
@@ -108,6 +199,31 @@ def figure_paths():
 
 def final_outputs():
     return ["results/summary.csv"] + figure_paths()
+
+
+def task_train_path():
+    return f"results/data/{config['task']['name']}/train.jsonl"
+
+
+def train_inputs(wildcards):
+    """Base model, training set and (for a separate synthetic loss term) the samples."""
+    cell = parse_cell(wildcards.model, wildcards.cell)
+    method = cell["method"]
+    inputs = {"model": f"results/models/{wildcards.model}/base"}
+    if method in ("plain", "lora", "l2", "weighted_synthetic", "kl_to_base"):
+        inputs["data"] = f"results/{wildcards.model}/ratio0/train.jsonl"
+    else:
+        inputs["data"] = f"results/{wildcards.model}/{wildcards.cell}/train.jsonl"
+    if method in ("weighted_synthetic", "kl_to_base"):
+        temperature = fmt(cell["temperature"])
+        inputs["synthetic"] = (
+            f"results/{wildcards.model}/temp{temperature}/context_free.jsonl"
+        )
+    return inputs
+
+
+def synthetic_flag(wildcards, input):
+    return f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else ""
 
 
 def as_arg(settings):
@@ -142,12 +258,55 @@ def heldout_settings(model):
     }
 
 
+def contextual_settings(model):
+    return {
+        key: value
+        for key, value in generation_settings(model).items()
+        if key != "prompt_token_id"
+    }
+
+
+def replay_settings():
+    replay = method_config("replay")
+    return {
+        "corpus": replay["corpus"],
+        "num_chunks": replay.get("num_chunks") or config["generation"]["num_samples"],
+        "chunk_tokens": replay.get("chunk_tokens")
+        or config["generation"]["max_new_tokens"],
+        "prompt_token_id": config["generation"]["prompt_token_id"],
+        "seed": config["study"]["seed"],
+    }
+
+
 def task_settings():
     return {**config["task"], "seed": config["study"]["seed"]}
 
 
-def train_settings():
-    return {**config["train"], "seed": config["study"]["seed"]}
+def train_settings(model, cell):
+    """Training settings of one cell: config.train plus the cell's method and knobs."""
+    knobs = parse_cell(model, cell)
+    method = knobs["method"]
+    settings = {**config["train"], "seed": config["study"]["seed"]}
+    if method == "lora":
+        lora = method_config("lora")
+        settings["learning_rate"] = (
+            lora.get("learning_rate") or settings["learning_rate"]
+        )
+        settings["method"] = {
+            "name": "lora",
+            "rank": knobs["rank"],
+            "alpha": lora.get("alpha") or knobs["rank"],
+            "dropout": lora.get("dropout", 0.0),
+            "target_modules": lora["target_modules"],
+        }
+    elif method in ("l2", "weighted_synthetic", "kl_to_base"):
+        settings["method"] = {
+            "name": method,
+            **{key: knobs[key] for key in ("lambda", "ratio") if key in knobs},
+        }
+    else:
+        settings["method"] = {"name": "full"}
+    return settings
 
 
 def eval_settings(model, cell):

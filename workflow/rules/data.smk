@@ -19,3 +19,28 @@ rule prepare_task_data:
     shell:
         "python -m cfs.data --settings {params.settings}"
         " --train {output.train} --test {output.test} > {log} 2>&1"
+
+
+# Pretraining-data replay (a baseline): corpus documents cut like context-free samples.
+rule replay_chunks:
+    input:
+        model="results/models/{model}/base",
+    output:
+        chunks="results/{model}/replay/chunks.jsonl",
+        provenance="results/{model}/replay/chunks.provenance.json",
+    log:
+        "results/logs/replay_chunks/{model}.log",
+    benchmark:
+        "results/benchmarks/replay_chunks/{model}.tsv"
+    conda:
+        "../../envs/cfs.yaml"
+    resources:
+        gpu=gpu_count("data"),
+        cpus_per_task=cpus("data"),
+        mem_mb=mem_mb("data"),
+        runtime=runtime("data"),
+    params:
+        settings=lambda wildcards: as_arg(replay_settings()),
+    shell:
+        "python -m cfs.replay --model {input.model} --settings {params.settings}"
+        " --out {output.chunks} > {log} 2>&1"

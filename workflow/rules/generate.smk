@@ -49,3 +49,32 @@ rule generate_heldout:
     shell:
         "python -m cfs.generate --model {input.model} --temperature {params.temperature}"
         " --settings {params.settings} --threads {threads} --out {output.samples} > {log} 2>&1"
+
+
+# Contextual synthetic data (a baseline): the base model's responses to the fine-tuning
+# prompts, once per (model, temperature), shared by every ratio.
+rule generate_contextual:
+    input:
+        model="results/models/{model}/base",
+        prompts=task_train_path(),
+    output:
+        samples="results/{model}/contextual/temp{temperature}/samples.jsonl",
+        provenance="results/{model}/contextual/temp{temperature}/samples.provenance.json",
+    log:
+        "results/logs/generate_contextual/{model}_temp{temperature}.log",
+    benchmark:
+        "results/benchmarks/generate_contextual/{model}_temp{temperature}.tsv"
+    conda:
+        "../../envs/cfs.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=gpu_count("generate"),
+        cpus_per_task=cpus("generate"),
+        mem_mb=mem_mb("generate"),
+        runtime=runtime("generate"),
+    params:
+        settings=lambda wildcards: as_arg(contextual_settings(wildcards.model)),
+    shell:
+        "python -m cfs.generate --model {input.model} --temperature {wildcards.temperature}"
+        " --prompts {input.prompts} --settings {params.settings} --threads {threads}"
+        " --out {output.samples} > {log} 2>&1"

@@ -38,6 +38,12 @@ rule figures:
             category="Figures",
             subcategory="{model}",
         ),
+        methods=report(
+            "results/figures/{model}_methods.png",
+            caption="../report/figures.rst",
+            category="Figures",
+            subcategory="{model}",
+        ),
     log:
         "results/logs/figures/{model}.log",
     conda:

@@ -1,0 +1,136 @@
+"""Pretraining-data replay: real text cut into samples shaped like the context-free ones.
+
+Each document contributes its first `chunk_tokens` tokens after the model's document-start
+token (the same prompt id a context-free sample starts from); a document that ends within
+the limit gets the end-of-sequence token and finish reason "eos", one cut off gets
+"length" and no EOS, exactly as generated samples are recorded.
+
+Corpus sources (config methods.replay.corpus):
+  {python_stdlib: "*.py"}    the CPython standard library's source files (offline)
+  {files: ["docs/*.txt"]}    local text files, globs relative to the working directory
+  {hub_dataset: id, config: name, split: train, field: text}   streamed from the hub
+
+    python -m cfs.replay --model results/models/smollm2/base \
+        --settings '{"corpus": {"python_stdlib": "*.py"}, "num_chunks": 64, ...}' \
+        --out results/smollm2/replay/chunks.jsonl
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import random
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from cfs.artifacts import DataError, provenance, write_json, write_jsonl
+from cfs.cli import SettingsError, require, run_stage, stage_parser
+from cfs.generate import context_free_prompt_id
+from cfs.modeling import load_tokenizer
+
+log = logging.getLogger("cfs.replay")
+
+
+def local_documents(patterns: list[str], root: Path) -> Iterator[tuple[str, str]]:
+    paths = sorted({path for pattern in patterns for path in glob.glob(str(root / pattern))})
+    if not paths:
+        raise DataError(f"no corpus files match {patterns} under {root}")
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield path, text
+
+
+def hub_documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
+    from datasets import load_dataset
+
+    name = require(corpus, "hub_dataset")
+    field = corpus.get("field", "text")
+    stream = load_dataset(
+        name, corpus.get("config"), split=corpus.get("split", "train"), streaming=True
+    ).shuffle(seed=seed, buffer_size=corpus.get("shuffle_buffer", 10_000))
+    for index, row in enumerate(stream):
+        if field not in row:
+            raise DataError(f"corpus {name}: no field {field!r} (fields: {sorted(row)})")
+        yield f"{name}#{index}", row[field]
+
+
+def documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
+    """(source, text) pairs; local corpora in a seeded order, hub ones streamed shuffled."""
+    if "hub_dataset" in corpus:
+        yield from hub_documents(corpus, seed)
+        return
+    if "python_stdlib" in corpus:
+        found = list(local_documents([corpus["python_stdlib"]], Path(sysconfig.get_path("stdlib"))))
+    elif "files" in corpus:
+        found = list(local_documents(corpus["files"], Path.cwd()))
+    else:
+        raise SettingsError(
+            "config key methods.replay.corpus: needs one of python_stdlib, files, hub_dataset"
+        )
+    random.Random(seed).shuffle(found)
+    yield from found
+
+
+def document_chunk(text: str, tokenizer, chunk_tokens: int, eos_id: int) -> tuple[list[int], str]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < chunk_tokens:
+        return ids + [eos_id], "eos"
+    return ids[:chunk_tokens], "length"
+
+
+def replay_chunks(docs, tokenizer, num_chunks: int, chunk_tokens: int, prompt_id: int):
+    chunks = []
+    for source, text in docs:
+        token_ids, finish_reason = document_chunk(
+            text, tokenizer, chunk_tokens, tokenizer.eos_token_id
+        )
+        chunks.append(
+            {
+                "index": len(chunks),
+                "source": source,
+                "prompt_token_id": prompt_id,
+                "token_ids": token_ids,
+                "finish_reason": finish_reason,
+                "text": tokenizer.decode(token_ids, skip_special_tokens=False),
+            }
+        )
+        if len(chunks) == num_chunks:
+            return chunks
+    raise DataError(f"the corpus has {len(chunks)} documents, fewer than {num_chunks} needed")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="model folder (tokenizer)")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    settings = args.settings
+    tokenizer = load_tokenizer(args.model)
+    prompt_id = context_free_prompt_id(tokenizer, settings.get("prompt_token_id"))
+    chunks = replay_chunks(
+        documents(require(settings, "corpus"), require(settings, "seed")),
+        tokenizer,
+        require(settings, "num_chunks"),
+        require(settings, "chunk_tokens"),
+        prompt_id,
+    )
+    write_json(
+        args.out.with_suffix(".provenance.json"),
+        provenance(
+            "replay_chunks",
+            settings,
+            seed=settings["seed"],
+            prompt_token_id=prompt_id,
+            num_chunks=len(chunks),
+            num_tokens=sum(len(chunk["token_ids"]) for chunk in chunks),
+            stdlib=sysconfig.get_path("stdlib"),
+        ),
+    )
+    write_jsonl(args.out, chunks)
+    log.info("%d replay chunks from %s", len(chunks), settings["corpus"])
+
+
+if __name__ == "__main__":
+    run_stage(main)
