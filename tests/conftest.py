@@ -214,6 +214,7 @@ def copy_repo(dest: Path) -> Path:
     """The files Snakemake needs (Snakefile, workflow/, config/, tasks/), nothing built."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / "Snakefile", dest / "Snakefile")
+    shutil.copy2(REPO / "all", dest / "all")  # see the file: `--configfile X all` as typed
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
     for name in ("workflow", "config", "tasks"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
@@ -268,3 +269,57 @@ def job_stats(output: str) -> dict[str, int]:
             counts[parts[0]] = int(parts[1])
     counts.pop("total", None)
     return counts
+
+
+# --------------------------------------------------------------------------- real-model ids
+
+OLMO_END_OF_DOC, OLMO_END_OF_DOC_ID = "<|endoftext|>", 50279
+LLAMA_BOS, LLAMA_BOS_ID = "<｜begin▁of▁sentence｜>", 128000
+LLAMA_EOS, LLAMA_EOS_ID = "<｜end▁of▁sentence｜>", 128001
+
+
+def tokenizer_with_ids(special: dict[str, int], **names):
+    """A word-level tokenizer whose special tokens sit at the given (real-model) ids, with a
+    few ordinary words at the free small ids; built locally in milliseconds."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "Hello", "world", "The", "answer", "is", ":", "4", "<think>", "</think>"]
+    free_ids = (
+        index for index in range(len(words) + len(special)) if index not in special.values()
+    )
+    vocab = {**dict(zip(words, free_ids, strict=False)), **special}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.add_special_tokens([AddedToken(token, special=True) for token in special])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", **names)
+    assert all(tokenizer.convert_tokens_to_ids(token) == id_ for token, id_ in special.items())
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def olmo_like_tokenizer():
+    """OLMo-1B's special tokens: no BOS; documents end with <|endoftext|> = 50279 (EOS)."""
+    tokenizer = tokenizer_with_ids(
+        {OLMO_END_OF_DOC: OLMO_END_OF_DOC_ID, "<|padding|>": 1},
+        eos_token=OLMO_END_OF_DOC,
+        pad_token="<|padding|>",
+    )
+    assert tokenizer.bos_token_id is None
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def llama_like_tokenizer():
+    """DeepSeek-R1-Distill-Llama-8B's: BOS 128000, EOS 128001, and its chat markers."""
+    tokenizer = tokenizer_with_ids(
+        {
+            LLAMA_BOS: LLAMA_BOS_ID,
+            LLAMA_EOS: LLAMA_EOS_ID,
+            "<｜User｜>": 128011,
+            "<｜Assistant｜>": 128012,
+        },
+        bos_token=LLAMA_BOS,
+        eos_token=LLAMA_EOS,
+    )
+    return tokenizer

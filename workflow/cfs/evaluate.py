@@ -1,6 +1,11 @@
 """Evaluate a model: lm-eval on the target and forgetting tasks, plus the per-token KL
 from the base model to this model on held-out context-free samples of the base model.
 
+lm-eval runs with the backend of `evaluation.backend` (hf, or vllm on a GPU), recorded in
+eval.json with every other harness setting; a post eval must match its base eval's. Per task,
+`repeats` samples k answers per question and averages their scores into pass@1, `gen_kwargs`
+and `num_fewshot` override the task's own, `apply_chat_template` wraps its prompts.
+
     python -m cfs.evaluate --model results/smollm2/temp0.7/ratio0.5/model \
         --base-model results/models/smollm2/base --heldout results/smollm2/heldout.jsonl \
         --base-eval results/smollm2/base/eval.json --settings '{...}' \
@@ -9,6 +14,7 @@ from the base model to this model on held-out context-free samples of the base m
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from pathlib import Path
@@ -17,48 +23,226 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cfs.artifacts import DataError, provenance, read_json, read_jsonl, require_fields, write_json
+from cfs.artifacts import (
+    DataError,
+    provenance,
+    read_json,
+    read_jsonl,
+    require_fields,
+    scrub_secrets,
+    write_json,
+)
 from cfs.cli import SettingsError, require, run_stage, set_threads, stage_parser
 from cfs.modeling import load_model, pick_device
 
 log = logging.getLogger("cfs.evaluate")
 
 
-def run_lm_eval(model_dir: Path, settings: dict) -> dict[str, dict]:
-    """Run lm-eval's HF backend on every task; return {task: {metric: value}}.
+LM_EVAL_BACKENDS = ("hf", "vllm")
+TASK_OPTIONS = ("repeats", "gen_kwargs", "num_fewshot", "apply_chat_template")
 
-    No request cache: lm-eval's cache is keyed by request, not by model, and would hand
-    the first checkpoint's answers to every later one."""
-    import lm_eval
 
-    tasks = [require(settings, "target")["task"]]
-    tasks += [entry["task"] for entry in require(settings, "forgetting")]
-    task_manager = local_task_manager(require(settings, "include_path"), tasks)
+def lm_eval_model_args(model_dir: Path, settings: dict) -> tuple[str, dict]:
+    """(backend, model_args) for lm-eval: the backend from `evaluation.backend`, the model
+    and its dtype from us, then `evaluation.model_args` (e.g. tensor_parallel_size,
+    gpu_memory_utilization, max_model_len, think_end_token)."""
+    backend = settings.get("backend") or "hf"
+    if backend not in LM_EVAL_BACKENDS:
+        raise SettingsError(
+            f"evaluation.backend '{backend}' is not one of {', '.join(LM_EVAL_BACKENDS)}"
+        )
+    extra = dict(settings.get("model_args") or {})
+    if "pretrained" in extra:
+        raise SettingsError("evaluation.model_args must not set `pretrained` (the stage does)")
     device = pick_device()
-    output = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={
-            "pretrained": str(model_dir),
-            "dtype": "bfloat16" if device.type == "cuda" else "float32",
-        },
-        tasks=tasks,
-        task_manager=task_manager,
-        batch_size=settings.get("batch_size", 16),
-        device=str(device),
-        use_cache=None,
-        log_samples=False,
-        bootstrap_iters=0,
-        limit=settings.get("limit"),
-        random_seed=require(settings, "seed"),
-        numpy_random_seed=settings["seed"],
-        torch_random_seed=settings["seed"],
-        fewshot_random_seed=settings["seed"],
+    args = {"pretrained": str(model_dir)}
+    dtype = settings.get("dtype", "auto")
+    args["dtype"] = (
+        ("bfloat16" if device.type == "cuda" else "float32") if dtype in (None, "auto") else dtype
     )
-    results = output["results"]
+    if backend == "vllm":
+        from cfs.vllm_backend import vllm_usable
+
+        if not vllm_usable():
+            raise SettingsError(
+                "evaluation.backend is 'vllm' but vLLM cannot run here (it needs the vllm "
+                "package, envs/vllm.yaml, and a CUDA GPU); set evaluation.backend to 'hf'"
+            )
+        args["seed"] = require(settings, "seed")
+    return backend, {**args, **extra}
+
+
+def task_entries(settings: dict) -> list[dict]:
+    """The target and forgetting entries, each {task, metric, and per-task options}."""
+    entries = [require(settings, "target"), *require(settings, "forgetting")]
+    default_chat = bool(settings.get("apply_chat_template", False))
+    return [{"apply_chat_template": default_chat, **entry} for entry in entries]
+
+
+def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> dict:
+    """What must be the same for a base eval and the post evals compared with it."""
+    from importlib import metadata
+
+    return {
+        "backend": backend,
+        "lm_eval_version": metadata.version("lm_eval"),
+        "batch_size": settings.get("batch_size", 16),
+        "limit": settings.get("limit"),
+        "model_args": scrub_secrets(
+            {key: value for key, value in model_args.items() if key != "pretrained"}
+        ),
+        "tasks": {
+            entry["task"]: {key: entry.get(key) for key in TASK_OPTIONS}
+            for entry in task_entries(settings)
+        },
+    }
+
+
+def check_same_harness(base_record: dict, harness: dict, base_eval: Path) -> None:
+    """A post eval must use the base eval's backend, harness version, batch size, model
+    arguments and task options, or the change from base would compare two harnesses."""
+    base = base_record.get("lm_eval_settings")
+    if base is None:
+        return  # an eval.json written before these settings were recorded
+    differ = [key for key in harness if base.get(key) != harness[key]]
+    if differ:
+        details = "; ".join(
+            f"{key}: base {base.get(key)!r}, now {harness[key]!r}" for key in differ
+        )
+        raise SettingsError(
+            f"the base eval {base_eval} used other lm-eval settings ({details}); base and post "
+            "evals of one model must use the same evaluation.backend, batch size, model_args, "
+            "task options and lm-eval version: re-run the base eval"
+        )
+
+
+def _is_take_first(step) -> bool:
+    from lm_eval.filters.selection import TakeFirstFilter, TakeKFilter
+
+    return getattr(step, "func", step) in (TakeFirstFilter, TakeKFilter)
+
+
+def average_over_samples(task, repeats: int) -> None:
+    """Make `task` sample `repeats` answers per question and score each question by the
+    mean of its answers' scores: pass@1 estimated from `repeats` samples.
+
+    lm-eval runs each request `repeats` times and, by default, keeps the first answer
+    (a `take_first` filter). Here every filter pipeline keeps all answers (its take-first
+    step dropped; extraction steps such as regex work answer by answer) and the task's own
+    per-answer scoring runs on each answer, the scores then averaged."""
+    from lm_eval.api.filter import FilterEnsemble
+
+    task.set_config(key="repeats", value=repeats)
+    task._filters = [
+        FilterEnsemble(
+            name=ensemble.name, filters=[f for f in ensemble.filters if not _is_take_first(f)]
+        )
+        for ensemble in task._filters
+    ]
+    score_one = task.process_results
+    name = task.config.task
+
+    def averaged(doc, results):
+        (answers,) = results  # a generate_until task has one request per document
+        answers = [answers] if isinstance(answers, str) else list(answers)
+        scores = [score_one(doc, [answer]) for answer in answers]
+        averaged_scores = {}
+        for key in scores[0]:
+            values = [score[key] for score in scores]
+            if not all(isinstance(value, int | float) for value in values):
+                raise SettingsError(
+                    f"task '{name}': metric '{key}' is not scored answer by answer, so it "
+                    "cannot be averaged over repeats"
+                )
+            averaged_scores[key] = sum(values) / len(values)
+        return averaged_scores
+
+    task.process_results = averaged
+
+
+def configured_task(task_manager, entry: dict):
+    """The task name, or the lm-eval Task object with this entry's options applied:
+    `num_fewshot`, `gen_kwargs` (merged over the task's generation_kwargs) and `repeats`
+    (answers sampled per question, averaged into pass@1)."""
+    name = entry["task"]
+    repeats = entry.get("repeats") or 1
+    gen_kwargs = entry.get("gen_kwargs") or {}
+    num_fewshot = entry.get("num_fewshot")
+    if repeats == 1 and not gen_kwargs and num_fewshot is None:
+        return name
+    if hasattr(task_manager, "load"):
+        loaded = task_manager.load([name])["tasks"]
+    else:  # lm-eval before TaskManager.load
+        from lm_eval.tasks import get_task_dict
+
+        loaded = get_task_dict([name], task_manager)
+    if name not in loaded or len(loaded) != 1:
+        raise SettingsError(
+            f"evaluation task '{name}': repeats, gen_kwargs and num_fewshot apply to single "
+            "tasks, not groups (list the group's tasks one by one)"
+        )
+    task = loaded[name]
+    generative = task.get_config("output_type") == "generate_until"
+    if (gen_kwargs or repeats > 1) and not generative:
+        raise SettingsError(
+            f"evaluation task '{name}' is not generative ({task.get_config('output_type')}): "
+            "repeats and gen_kwargs apply to generate_until tasks only"
+        )
+    if num_fewshot is not None:
+        task.set_config(key="num_fewshot", value=num_fewshot)
+    if gen_kwargs:
+        current = dict(task.get_config("generation_kwargs") or {})
+        task.set_config(key="generation_kwargs", value={**current, **gen_kwargs})
+    if repeats > 1:
+        average_over_samples(task, repeats)
+    return task
+
+
+def run_lm_eval(model_dir: Path, settings: dict) -> tuple[dict[str, dict], dict]:
+    """Run lm-eval on every task; return ({task: {metric: value}}, the harness settings).
+
+    The backend (hf or vllm) comes from `evaluation.backend`; one model instance serves every
+    task. Tasks run in groups by `apply_chat_template` (a per-task option: reasoning
+    benchmarks want the chat template, log-likelihood multiple choice usually not). No
+    request cache: lm-eval's cache is keyed by request, not by model, and would hand the
+    first checkpoint's answers to every later one."""
+    import lm_eval
+    from lm_eval.api.registry import get_model
+
+    entries = task_entries(settings)
+    tasks = [entry["task"] for entry in entries]
+    task_manager = local_task_manager(require(settings, "include_path"), tasks)
+    backend, model_args = lm_eval_model_args(model_dir, settings)
+    batch_size = settings.get("batch_size", 16)
+    extra = {"batch_size": batch_size, "max_batch_size": None}
+    if backend == "hf":
+        extra["device"] = str(pick_device())
+    log.info("lm-eval backend %s, model_args %s", backend, scrub_secrets(model_args))
+    lm = get_model(backend).create_from_arg_obj(model_args, extra)
+    results: dict = {}
+    for chat in (False, True):
+        group = [entry for entry in entries if bool(entry["apply_chat_template"]) == chat]
+        if not group:
+            continue
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[configured_task(task_manager, entry) for entry in group],
+            task_manager=task_manager,
+            apply_chat_template=chat,
+            use_cache=None,
+            log_samples=False,
+            bootstrap_iters=0,
+            limit=settings.get("limit"),
+            random_seed=require(settings, "seed"),
+            numpy_random_seed=settings["seed"],
+            torch_random_seed=settings["seed"],
+            fewshot_random_seed=settings["seed"],
+        )
+        results.update(output["results"])
     missing = [task for task in tasks if task not in results]
     if missing:
         raise DataError(f"lm-eval returned no results for task(s): {', '.join(missing)}")
-    return {
+    scores = {
         task: {
             key: value
             for key, value in results[task].items()
@@ -66,6 +250,7 @@ def run_lm_eval(model_dir: Path, settings: dict) -> dict[str, dict]:
         }
         for task in tasks
     }
+    return scores, lm_eval_harness_settings(settings, backend, model_args)
 
 
 def local_task_manager(include_path: str, tasks: list[str]):
@@ -143,11 +328,15 @@ def evaluate(
     heldout: Path | None,
     base_eval: Path | None,
 ) -> dict:
-    task_scores = run_lm_eval(model_dir, settings)
-    metrics = summarise(task_scores, settings)
-    if base_model_dir is None:
-        metrics.update({"kl_to_base": 0.0})
-    else:
+    base_record = read_json(base_eval) if base_eval is not None else None
+    if base_record is not None:  # refuse a mismatched harness before any work is done
+        backend, model_args = lm_eval_model_args(model_dir, settings)
+        check_same_harness(
+            base_record, lm_eval_harness_settings(settings, backend, model_args), base_eval
+        )
+    # KL first: its HF models are freed before lm-eval (perhaps vLLM) claims the GPU.
+    kl_metrics = {"kl_to_base": 0.0}
+    if base_model_dir is not None:
         samples = read_jsonl(heldout)
         if not samples:
             raise DataError(f"{heldout}: no held-out samples to measure KL on")
@@ -155,10 +344,22 @@ def evaluate(
         device = pick_device()
         base = load_model(base_model_dir, settings.get("dtype", "auto"), device).eval()
         model = load_model(model_dir, settings.get("dtype", "auto"), device).eval()
-        metrics.update(kl_to_base(base, model, samples, settings.get("kl_batch_size", 8)))
-    record = {"cell": settings.get("cell", {}), "metrics": metrics, "lm_eval": task_scores}
-    if base_eval is not None:
-        base = read_json(base_eval)["metrics"]
+        kl_metrics = kl_to_base(base, model, samples, settings.get("kl_batch_size", 8))
+        del base, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    task_scores, harness = run_lm_eval(model_dir, settings)
+    metrics = summarise(task_scores, settings)
+    metrics.update(kl_metrics)
+    record = {
+        "cell": settings.get("cell", {}),
+        "metrics": metrics,
+        "lm_eval": task_scores,
+        "lm_eval_settings": harness,
+    }
+    if base_record is not None:
+        base = base_record["metrics"]
         record["base"] = base
         record["change_from_base"] = {
             key: metrics[key] - base[key]
@@ -171,6 +372,7 @@ def evaluate(
         settings,
         seed=settings["seed"],
         model=str(model_dir),
+        lm_eval_backend=harness["backend"],
         heldout=str(heldout) if heldout else None,
         heldout_provenance=_read_optional(
             heldout.with_suffix(".provenance.json") if heldout else None

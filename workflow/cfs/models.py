@@ -57,25 +57,56 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def download_from_hub(repo_id: str, revision: str | None, out_dir: Path) -> None:
-    """Fetch a hub model (HF_TOKEN read from the environment, never recorded)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
+
+def download_from_hub(repo_id: str, revision: str | None, out_dir: Path) -> None:
+    """Fetch a hub model into the Hugging Face cache (HF_HOME) and link it into `out_dir`.
+
+    HF_TOKEN is read from the environment by huggingface_hub and never recorded. Without
+    network (or with HF_HUB_OFFLINE set) only the cache is read, and a model missing from
+    it stops the stage at once with a message saying how to provide it."""
+    from cfs.hub import MissingFromHub, explain_hub_error, go_offline_unless_reachable
+
+    reachable = go_offline_unless_reachable()
+    from huggingface_hub import snapshot_download
+
+    hint = (
+        "point the model's `local_path` in config at a folder with its weights "
+        f"instead of `hub_id: {repo_id}`"
+    )
     try:
-        snapshot_download(
+        snapshot = snapshot_download(
             repo_id=repo_id,
             revision=revision,
-            local_dir=out_dir,
-            token=os.environ.get("HF_TOKEN"),
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
+            token=os.environ.get("HF_TOKEN") or None,
+            allow_patterns=HUB_FILES,
+            local_files_only=not reachable,
         )
-    except LocalEntryNotFoundError as error:
-        raise SystemExit(
-            f"Model '{repo_id}' is not in the local Hugging Face cache and the hub cannot be "
-            "reached. Set HF_HOME to a cache that holds it, set HF_TOKEN for gated models, "
-            f"or point the model's `local_path` in config at a folder with its weights. ({error})"
-        ) from None
+    except (OSError, ValueError) as error:  # hub errors are OSErrors; a malformed id a ValueError
+        raise MissingFromHub(explain_hub_error(error, "model", repo_id, hint, reachable)) from None
+    snapshot = Path(snapshot)
+    if not any(snapshot.glob("*.safetensors")):
+        raise MissingFromHub(
+            f"model '{repo_id}' has no safetensors weights in {snapshot}; convert it, or "
+            "point `local_path` in config at a folder with safetensors weights"
+        )
+    link_or_copy_tree(snapshot, out_dir)
+
+
+def link_or_copy_tree(source: Path, out_dir: Path) -> None:
+    """Hard-link the files of a cache snapshot (its entries are symlinks to blobs) into
+    `out_dir`, copying where links cannot be made (another file system)."""
+
+    def link_or_copy(src, dst):
+        blob = os.path.realpath(src)  # the snapshot entry is a symlink to the blob
+        try:
+            os.link(blob, dst)
+        except OSError:
+            shutil.copy2(blob, dst)
+        return dst
+
+    shutil.copytree(source, out_dir, symlinks=False, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
 def copy_local(path: Path, out_dir: Path) -> None:

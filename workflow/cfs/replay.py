@@ -58,6 +58,13 @@ def hub_documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
 
 def documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
     """(source, text) pairs; local corpora in a seeded order, hub ones streamed shuffled."""
+    corpus = {key: value for key, value in corpus.items() if value is not None}
+    sources = [key for key in ("python_stdlib", "files", "hub_dataset") if key in corpus]
+    if len(sources) > 1:
+        raise SettingsError(
+            f"config key methods.replay.corpus: set one of {', '.join(sources)} "
+            "(set the others to null)"
+        )
     if "hub_dataset" in corpus:
         yield from hub_documents(corpus, seed)
         return

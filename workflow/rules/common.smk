@@ -113,6 +113,14 @@ def check_config():
             "config key study.ratios: WiSE-FT interpolates the plain fine-tune, so the "
             "ratios need 0"
         )
+    if "replay" in study_methods():
+        corpus = method_config("replay").get("corpus") or {}
+        chosen = [key for key in ("python_stdlib", "files", "hub_dataset") if corpus.get(key)]
+        if len(chosen) != 1:
+            raise WorkflowError(
+                "config key methods.replay.corpus: set exactly one of python_stdlib, files, "
+                f"hub_dataset (set: {', '.join(chosen) or 'none'})"
+            )
     num_train = config["task"].get("num_train", 0)
     for method in ("context_free", "contextual", "weighted_synthetic", "kl_to_base"):
         if method not in study_methods() or not num_train:
@@ -226,6 +234,17 @@ def synthetic_flag(wildcards, input):
     return f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else ""
 
 
+def generation_env(wildcards):
+    """vLLM pins its own torch, so it has its own conda env (used with --sdm conda)."""
+    backend = config["generation"]["backend"]
+    return "../../envs/vllm.yaml" if backend == "vllm" else "../../envs/cfs.yaml"
+
+
+def evaluation_env(wildcards):
+    backend = config["evaluation"]["backend"]
+    return "../../envs/vllm.yaml" if backend == "vllm" else "../../envs/cfs.yaml"
+
+
 def as_arg(settings):
     """Settings for a stage's --settings flag, quoted for the shell."""
     return shlex.quote(json.dumps(settings, sort_keys=True))
@@ -254,6 +273,8 @@ def heldout_settings(model):
         "seed": kl["seed"],
         "batch_size": config["generation"]["batch_size"],
         "prompt_token_id": config["generation"]["prompt_token_id"],
+        "backend": config["generation"]["backend"],
+        "tensor_parallel_size": config["generation"]["tensor_parallel_size"],
         "dtype": model_settings(model).get("dtype", "auto"),
     }
 
@@ -323,6 +344,9 @@ def eval_settings(model, cell):
         "batch_size": evaluation["batch_size"],
         "limit": evaluation["limit"],
         "kl_batch_size": evaluation["kl"]["batch_size"],
+        "backend": evaluation["backend"],
+        "model_args": evaluation["model_args"],
+        "apply_chat_template": evaluation["apply_chat_template"],
         "seed": config["study"]["seed"],
         "dtype": model_settings(model).get("dtype", "auto"),
     }

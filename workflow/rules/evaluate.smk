@@ -9,7 +9,7 @@ rule evaluate_base:
     benchmark:
         "results/benchmarks/evaluate_base/{model}.tsv"
     conda:
-        "../../envs/cfs.yaml"
+        evaluation_env
     threads: config["threads"]
     resources:
         gpu=gpu_count("evaluate"),
@@ -37,7 +37,7 @@ rule evaluate_finetuned:
     benchmark:
         "results/benchmarks/evaluate_finetuned/{model}/{cell}.tsv"
     conda:
-        "../../envs/cfs.yaml"
+        evaluation_env
     threads: config["threads"]
     resources:
         gpu=gpu_count("evaluate"),

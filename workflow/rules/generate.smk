@@ -9,7 +9,7 @@ rule generate_context_free:
     benchmark:
         "results/benchmarks/generate_context_free/{model}_temp{temperature}.tsv"
     conda:
-        "../../envs/cfs.yaml"
+        generation_env
     threads: config["threads"]
     resources:
         gpu=gpu_count("generate"),
@@ -36,7 +36,7 @@ rule generate_heldout:
     benchmark:
         "results/benchmarks/generate_heldout/{model}.tsv"
     conda:
-        "../../envs/cfs.yaml"
+        generation_env
     threads: config["threads"]
     resources:
         gpu=gpu_count("generate"),
@@ -65,7 +65,7 @@ rule generate_contextual:
     benchmark:
         "results/benchmarks/generate_contextual/{model}_temp{temperature}.tsv"
     conda:
-        "../../envs/cfs.yaml"
+        generation_env
     threads: config["threads"]
     resources:
         gpu=gpu_count("generate"),

@@ -1,0 +1,194 @@
+"""vLLM as the generation backend: the same samples file as HF `generate`, much faster on GPUs.
+
+`generation.backend` in config picks the backend: `auto` (vLLM when it is importable and a GPU
+is present, HF `generate` otherwise), `vllm` or `hf`. vLLM lives in its own environment
+(envs/vllm.yaml: it pins its own torch), so it is imported only here and only when used.
+
+Sampling settings map onto vLLM's `SamplingParams` one to one: temperature, top_p, top_k
+disabled (0, as for HF, where top_k=0 turns the filter off), max_tokens = max_new_tokens,
+stop_token_ids = the model's EOS ids, n = 1. Prompts are token ids (`TokensPrompt`), never
+text, so the context-free prompt is exactly the one token recorded. Every prompt gets its own
+seed, derived from (seed, prompt index): the context-free prompts are all the same token, and
+one shared seed would make every sample the same.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from cfs.cli import SettingsError
+
+log = logging.getLogger("cfs.vllm_backend")
+BACKENDS = ("auto", "hf", "vllm")
+SEED_STRIDE = 1_000_003  # the same stride cfs.generate uses to seed HF batches
+
+
+def vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def vllm_usable() -> bool:
+    """vLLM can run here: the package is importable and a CUDA GPU is present."""
+    return vllm_importable() and cuda_available()
+
+
+def select_backend(requested: str) -> str:
+    """The backend that will run: `auto` -> vllm where usable, else hf; `vllm` where it is
+    not usable is an error naming the config key and the reason."""
+    if requested not in BACKENDS:
+        raise SettingsError(f"generation.backend '{requested}' is not one of {', '.join(BACKENDS)}")
+    if requested == "hf":
+        return "hf"
+    if vllm_usable():
+        return "vllm"
+    if requested == "auto":
+        log.info("generation.backend auto: vLLM not usable here, using HF generate")
+        return "hf"
+    reason = (
+        "the vllm package is not installed in this environment (it has its own: "
+        "envs/vllm.yaml, or `pip install vllm`)"
+        if not vllm_importable()
+        else "no CUDA GPU is visible (vLLM does not run on CPU)"
+    )
+    raise SettingsError(
+        f"generation.backend is 'vllm' but vLLM cannot run: {reason}; "
+        "set generation.backend to 'auto' or 'hf' to use HF generate"
+    )
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of prompt `index`: distinct per prompt, and within vLLM's int64 range."""
+    return (seed * SEED_STRIDE + index) % (2**63 - 1)
+
+
+def sampling_params(
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    eos_token_ids: list[int],
+):
+    """Our sampling settings as vLLM's `SamplingParams` (one prompt's)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=1,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,  # 0 (or -1) disables top-k in vLLM; the filter is off in HF too
+        min_p=0.0,
+        repetition_penalty=1.0,
+        max_tokens=max_new_tokens,
+        min_tokens=0,
+        seed=seed,
+        stop_token_ids=list(eos_token_ids),
+        ignore_eos=False,
+        detokenize=False,  # the caller decodes the ids with the model's tokenizer
+    )
+
+
+def finished_sample(output, eos_ids: set[int]) -> tuple[list[int], str]:
+    """(token ids, "eos" | "length") for one vLLM completion: ids up to and including the
+    first EOS, the convention of cfs.generate.split_at_eos."""
+    ids = list(output.token_ids)
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: position + 1], "eos"
+    if output.finish_reason == "stop":
+        # A stop token that vLLM did not leave in the ids (other versions' habit).
+        if isinstance(output.stop_reason, int) and output.stop_reason in eos_ids:
+            return ids + [output.stop_reason], "eos"
+        raise RuntimeError(
+            f"vLLM stopped a sample for a reason other than EOS ({output.stop_reason!r})"
+        )
+    if output.finish_reason != "length":
+        raise RuntimeError(f"vLLM finished a sample with reason {output.finish_reason!r}")
+    return ids, "length"
+
+
+_ENGINE: dict = {}  # one vLLM engine per process, reused while its settings stay the same
+
+
+def engine(model_dir, *, dtype: str, tensor_parallel_size: int, max_model_len: int, seed: int):
+    """A `vllm.LLM` for the model, built once per process and settings (building one loads
+    the weights and profiles memory: minutes for a large model)."""
+    from vllm import LLM
+
+    key = (str(Path(model_dir).resolve()), dtype, tensor_parallel_size, max_model_len)
+    if _ENGINE.get("key") != key:
+        _ENGINE.clear()  # drop the old engine before a new one claims the GPU memory
+        import gc
+
+        gc.collect()
+        log.info("starting vLLM for %s (tensor parallel %d)", model_dir, tensor_parallel_size)
+        _ENGINE["llm"] = LLM(
+            model=str(model_dir),
+            # `auto` means bfloat16 on a GPU, as for HF generate (cfs.modeling.pick_dtype)
+            dtype="bfloat16" if dtype == "auto" else dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            max_model_len=max_model_len,
+            # Only our SamplingParams count, not the model's generation_config.json defaults.
+            generation_config="vllm",
+        )
+        _ENGINE["key"] = key
+    return _ENGINE["llm"]
+
+
+def generate_vllm(
+    model_dir,
+    prompts: list[list[int]],
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    eos_token_ids: list[int],
+    dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+) -> list[tuple[list[int], str]]:
+    """Sample one continuation of every prompt (token ids) with vLLM; in prompt order,
+    (generated ids, finish reason), the ids ending with the EOS when it stopped there.
+
+    Prompt i is sampled with its own seed, from (seed, i): a call repeated with the same
+    seed repeats its samples, so give each call (batch) of one run its own seed."""
+    if not prompts:
+        return []
+    if not eos_token_ids:
+        raise SettingsError("the model has no EOS token id to stop generation at")
+    from vllm import TokensPrompt
+
+    llm = engine(
+        model_dir,
+        dtype=dtype,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max(len(prompt) for prompt in prompts) + max_new_tokens,
+        seed=seed,
+    )
+    params = [
+        sampling_params(
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=prompt_seed(seed, index),
+            eos_token_ids=eos_token_ids,
+        )
+        for index in range(len(prompts))
+    ]
+    requests = [TokensPrompt(prompt_token_ids=list(prompt)) for prompt in prompts]
+    outputs = llm.generate(requests, params, use_tqdm=True)
+    if len(outputs) != len(prompts):
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+    eos_ids = set(eos_token_ids)
+    return [finished_sample(output.outputs[0], eos_ids) for output in outputs]
