@@ -34,8 +34,13 @@ from cfs.artifacts import (
     write_json,
 )
 from cfs.cli import SettingsError, require, run_stage, set_threads, stage_parser
-from cfs.distributed import distributed_arguments
-from cfs.modeling import load_model, load_tokenizer, pick_device
+from cfs.distributed import (
+    accumulation_steps,
+    distributed_arguments,
+    is_main_process,
+    process_device,
+)
+from cfs.modeling import load_model, load_tokenizer
 from cfs.objectives import (
     KLToBase,
     L2ToInitial,
@@ -113,7 +118,7 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device):
         weight_decay=settings.get("weight_decay", 0.0),
         num_train_epochs=require(settings, "epochs"),
         per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=batch_size // micro_batch,
+        gradient_accumulation_steps=accumulation_steps(batch_size, micro_batch),
         max_grad_norm=settings.get("max_grad_norm", 1.0),
         seed=require(settings, "seed"),
         data_seed=require(settings, "seed"),
@@ -143,18 +148,36 @@ def run_fingerprint(model_dir: Path, data: Path, settings: dict) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_to_resume(checkpoints: Path, fingerprint: str) -> str | None:
-    """The last checkpoint of this same run, if any; checkpoints of another run are removed."""
+def is_complete_checkpoint(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without a whole one was cut
+    short by a kill."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def checkpoint_to_resume(checkpoints: Path, fingerprint: str, barrier=lambda: None) -> str | None:
+    """The last complete checkpoint of this same run, if any. Checkpoints of another run
+    are removed, and so are checkpoints cut short by a kill. With several processes the
+    main one tidies up while the others wait at `barrier`."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    stamp = checkpoints / "cfs_run.json"
-    if checkpoints.exists():
-        same_run = stamp.is_file() and read_json(stamp).get("fingerprint") == fingerprint
-        if not same_run:
-            log.info("discarding checkpoints of a different run in %s", checkpoints)
-            shutil.rmtree(checkpoints)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, {"fingerprint": fingerprint})
+    if is_main_process():
+        stamp = checkpoints / "cfs_run.json"
+        if checkpoints.exists():
+            same_run = stamp.is_file() and read_json(stamp).get("fingerprint") == fingerprint
+            if not same_run:
+                log.info("discarding checkpoints of a different run in %s", checkpoints)
+                shutil.rmtree(checkpoints)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        write_json(stamp, {"fingerprint": fingerprint})
+        for path in checkpoints.glob("checkpoint-*"):
+            if not is_complete_checkpoint(path):
+                log.info("removing %s: cut short before it was complete", path)
+                shutil.rmtree(path)
+    barrier()
     return get_last_checkpoint(str(checkpoints))
 
 
@@ -295,7 +318,7 @@ def fine_tune(
 ) -> dict:
     from datasets import Dataset
 
-    device = pick_device()
+    device = process_device()
     method = method_settings(settings)
     tokenizer = load_tokenizer(model_dir)
     max_length = require(settings, "max_length")
@@ -331,7 +354,9 @@ def fine_tune(
     fingerprint = run_fingerprint(model_dir, data, settings)
     if synthetic is not None:
         fingerprint += hashlib.sha256(synthetic.read_bytes()).hexdigest()
-    resume_from = checkpoint_to_resume(checkpoints, fingerprint)
+    resume_from = checkpoint_to_resume(
+        checkpoints, fingerprint, barrier=trainer.accelerator.wait_for_everyone
+    )
     if resume_from:
         log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -346,7 +371,7 @@ def fine_tune(
         "resumed_from": resume_from,
     }
     save_fine_tuned(trainer, tokenizer, settings, data, summary, out)
-    if not settings.get("keep_checkpoints", False):
+    if is_main_process() and not settings.get("keep_checkpoints", False):
         shutil.rmtree(checkpoints, ignore_errors=True)
     return summary
 
@@ -356,7 +381,11 @@ def count_trained_tokens(examples: list[dict]) -> int:
 
 
 def save_fine_tuned(trainer, tokenizer, settings, data, summary, out: Path) -> None:
-    """A plain model folder whatever the method: LoRA adapters are merged into the weights."""
+    """A plain model folder whatever the method: LoRA adapters are merged into the weights.
+    Under FSDP every process takes part in gathering the full weights; the main one writes."""
+    state_dict = None
+    if trainer.is_fsdp_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not trainer.is_world_process_zero():
         return
     model = trainer.model
@@ -364,7 +393,7 @@ def save_fine_tuned(trainer, tokenizer, settings, data, summary, out: Path) -> N
         model = model.merge_and_unload()
     model.config.use_cache = True
     with atomic_path(out, directory=True) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         write_json(
             tmp / "train_log.json", {"summary": summary, "log_history": trainer.state.log_history}

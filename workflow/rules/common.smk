@@ -115,7 +115,9 @@ def check_config():
         )
     if "replay" in study_methods():
         corpus = method_config("replay").get("corpus") or {}
-        chosen = [key for key in ("python_stdlib", "files", "hub_dataset") if corpus.get(key)]
+        chosen = [
+            key for key in ("python_stdlib", "files", "hub_dataset") if corpus.get(key)
+        ]
         if len(chosen) != 1:
             raise WorkflowError(
                 "config key methods.replay.corpus: set exactly one of python_stdlib, files, "

@@ -1,0 +1,267 @@
+"""Preemption: a fine-tune or a generation killed mid-run (SIGKILL, as a Slurm preemption or
+a node failure ends it) and started again with the same command (a Snakemake retry or a
+Slurm requeue) resumes where it stopped and ends with exactly what an uninterrupted run
+writes: bit-identical weights on CPU with the same seed, the same samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cfs.data import arithmetic_problems, render
+from conftest import PACKAGE_DIR, TEMPLATE, model_weights, read_jsonl, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+TRAIN_SETTINGS = {
+    "learning_rate": 2e-3,
+    "lr_scheduler": "cosine",
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.01,
+    "epochs": 3,
+    "batch_size": 4,
+    "micro_batch_size": 2,
+    "max_length": 64,
+    "seed": 0,
+    "save_steps": 4,
+    "logging_steps": 2,
+}
+GENERATION_SETTINGS = {
+    "num_samples": 160,
+    "max_new_tokens": 32,
+    "top_p": 1.0,
+    "batch_size": 4,
+    "seed": 3,
+    "prompt_token_id": None,
+}
+
+
+def stage_env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(PACKAGE_DIR),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def stage_command(module: str, *args) -> list[str]:
+    return [sys.executable, "-m", module, "--threads", "1", *map(str, args)]
+
+
+def run_stage(command: list[str], log: Path, timeout: int = 300) -> str:
+    with log.open("w") as handle:
+        result = subprocess.run(
+            command, env=stage_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    text = log.read_text()
+    assert result.returncode == 0, text[-4000:]
+    return text
+
+
+def kill_when(command: list[str], log: Path, ready, timeout: float = 240) -> None:
+    """Start `command`, SIGKILL it as soon as `ready()` holds; fail if it ended first."""
+    with log.open("w") as handle:
+        process = subprocess.Popen(
+            command, env=stage_env(), stdout=handle, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if process.poll() is not None:
+                pytest.fail(f"the run ended before it could be killed:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no progress to kill at:\n{log.read_text()[-3000:]}")
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint whose state file reads whole
+    is complete."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (path for path in folder.glob("checkpoint-*") if is_complete(path)),
+        key=lambda path: int(path.name.split("-")[1]),
+    )
+
+
+@pytest.fixture(scope="module")
+def training_run(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted fine-tune: 24 examples, global batch 4, 3 epochs = 18 steps."""
+    root = tmp_path_factory.mktemp("resume_train")
+    records = [
+        {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
+        for r in render(arithmetic_problems(20, seed=5), TEMPLATE)
+    ]
+    records += [
+        {
+            "kind": "context_free",
+            "prompt_token_id": 1,
+            "token_ids": [40 + i, 50 + i, 60 + i, 2],
+            "finish_reason": "eos",
+        }
+        for i in range(4)
+    ]
+    data = write_jsonl(root / "train.jsonl", records)
+
+    def command(name: str) -> list[str]:
+        return stage_command(
+            "cfs.train",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            data,
+            "--settings",
+            json.dumps(TRAIN_SETTINGS),
+            "--checkpoints",
+            root / name / "checkpoints",
+            "--out",
+            root / name / "model",
+        )
+
+    (root / "reference").mkdir()
+    run_stage(command("reference"), root / "reference.log")
+    return {"root": root, "command": command}
+
+
+def train_log(model_dir: Path) -> dict:
+    return json.loads((model_dir / "train_log.json").read_text())
+
+
+def assert_same_weights(reference: Path, other: Path) -> None:
+    expected, actual = model_weights(reference), model_weights(other)
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert different == [], f"tensors differ from the uninterrupted run: {different}"
+
+
+def test_killed_fine_tune_resumes_to_identical_weights(training_run):
+    root, command = training_run["root"], training_run["command"]
+    checkpoints = root / "killed" / "checkpoints"
+    (root / "killed").mkdir()
+    kill_when(command("killed"), root / "killed.log", lambda: complete_checkpoints(checkpoints))
+    assert not (root / "killed" / "model").exists(), "killed before the final save"
+    last = complete_checkpoints(checkpoints)[-1]
+    assert 0 < int(last.name.split("-")[1]) < 18, last
+
+    log = run_stage(command("killed"), root / "resumed.log")
+    assert "resuming from" in log, log[-3000:]
+    summary = train_log(root / "killed" / "model")["summary"]
+    assert summary["resumed_from"] and Path(summary["resumed_from"]).name.startswith("checkpoint-")
+    assert summary["global_steps"] == 18
+    assert_same_weights(root / "reference" / "model", root / "killed" / "model")
+    # the loss curve after the resume point is the uninterrupted run's, to the last bit
+    reference_losses = {
+        entry["step"]: entry["loss"]
+        for entry in train_log(root / "reference" / "model")["log_history"]
+        if "loss" in entry
+    }
+    resumed_losses = {
+        entry["step"]: entry["loss"]
+        for entry in train_log(root / "killed" / "model")["log_history"]
+        if "loss" in entry
+    }
+    assert resumed_losses == reference_losses
+    assert not checkpoints.exists(), "checkpoints are removed once the model is saved"
+
+
+def test_half_written_checkpoint_is_not_resumed(training_run):
+    """A kill while a checkpoint is being written leaves a folder without
+    trainer_state.json (the Trainer writes it last): the restart must resume from the
+    last complete checkpoint, not crash on the broken one or start over."""
+    root, command = training_run["root"], training_run["command"]
+    run = root / "half_written"
+    checkpoints = run / "checkpoints"
+    run.mkdir()
+    kill_when(
+        command("half_written"),
+        root / "half_written.log",
+        lambda: complete_checkpoints(checkpoints),
+    )
+    complete = complete_checkpoints(checkpoints)[-1]
+    step = int(complete.name.split("-")[1])
+    broken = checkpoints / f"checkpoint-{step + TRAIN_SETTINGS['save_steps']}"
+    if broken.exists():
+        shutil.rmtree(broken)
+    shutil.copytree(complete, broken)
+    (broken / "trainer_state.json").unlink()
+
+    log = run_stage(command("half_written"), root / "half_written_resumed.log")
+    summary = train_log(run / "model")["summary"]
+    assert summary["resumed_from"] is not None, log[-3000:]
+    assert Path(summary["resumed_from"]).name == complete.name, log[-3000:]
+    assert_same_weights(root / "reference" / "model", run / "model")
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def partial_batches(partial: Path) -> int:
+    """Finished batches in `<out>.partial.jsonl` (its first line is the run's header)."""
+    if not partial.is_file():
+        return 0
+    lines = partial.read_text().splitlines()
+    return max(0, len(lines) - 1)
+
+
+def test_killed_generation_resumes_to_the_same_samples(tiny_model_dir, tmp_path):
+    def command(out: Path) -> list[str]:
+        return stage_command(
+            "cfs.generate",
+            "--model",
+            tiny_model_dir,
+            "--temperature",
+            "1.0",
+            "--settings",
+            json.dumps(GENERATION_SETTINGS),
+            "--out",
+            out,
+        )
+
+    reference = tmp_path / "reference" / "context_free.jsonl"
+    run_stage(command(reference), tmp_path / "reference.log")
+
+    out = tmp_path / "killed" / "context_free.jsonl"
+    partial = out.with_name(out.name + ".partial.jsonl")
+    kill_when(command(out), tmp_path / "killed.log", lambda: partial_batches(partial) >= 2)
+    assert not out.exists()
+    done_before = partial_batches(partial)
+    assert 0 < done_before < GENERATION_SETTINGS["num_samples"] // 4
+
+    log = run_stage(command(out), tmp_path / "resumed.log")
+    assert "resuming" in log, log[-3000:]
+    samples, expected = read_jsonl(out), read_jsonl(reference)
+    assert len(samples) == GENERATION_SETTINGS["num_samples"]
+    assert samples == expected
+    assert not partial.exists(), "the partial file is removed once the output is written"
+    provenance = json.loads(out.with_suffix(".provenance.json").read_text())
+    expected_provenance = json.loads(reference.with_suffix(".provenance.json").read_text())
+    for key in ("prompt_token_id", "num_samples", "num_tokens", "seed", "temperature"):
+        assert provenance[key] == expected_provenance[key], key
