@@ -1,0 +1,421 @@
+"""The DAG: dry-run time of the full paper grid, its job count against the minimum, and the
+jobs scheduled when one temperature is added to a finished grid.
+
+    .venv/bin/python benchmarks/dag.py [--quick] [CONFIG ...]   # default: the paper configs
+
+For each config file (merged over config/config.yaml, as `--configfile` does), in a
+throw-away copy of the checkout (no results/):
+
+1. the grid is widened to the full paper grid: every method the schema knows, and 4
+   temperatures x 4 ratios (the config's own where it has 4 of each);
+2. `snakemake -n` is timed (best and median of several runs; goal: under 5 s);
+3. the jobs per rule are counted from its "Job stats" table and set against the minimum
+   derived from the config alone: generation once per (model, temperature), base eval
+   and held-out samples once per model, the ratio-0 set and fine-tune once per model,
+   one mix / fine-tune / eval per grid cell, one table and one set of figures;
+4. the grid is marked finished without running a model (every output of the dry run
+   created as a placeholder, newer than its inputs, as a finished run leaves them), a dry
+   run checks that nothing is scheduled, and one temperature is added: the jobs scheduled
+   are set against the jobs that value needs (the minimum of the wider grid less the
+   minimum of the finished one, plus the table, figures and `all` that read every cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+from _common import (
+    REPO,
+    goal,
+    load_config,
+    machine,
+    report,
+    stall_seconds,
+    table,
+    wait_for_quiet,
+)
+
+GOAL_SECONDS = 5.0
+PAPER_TEMPERATURES = [0.5, 0.7, 1.0, 1.3]
+PAPER_RATIOS = [0.0, 0.25, 0.5, 1.0]
+AGGREGATORS = ("summary_table", "figures", "all")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def merged(*configs: dict) -> dict:
+    """Snakemake's --configfile merge: dicts key by key, everything else replaced."""
+    out: dict = {}
+    for config in configs:
+        out = _merge(out, config)
+    return out
+
+
+def _merge(base, update):
+    if isinstance(base, dict) and isinstance(update, dict):
+        result = dict(base)
+        for key, value in update.items():
+            result[key] = _merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return result
+    return copy.deepcopy(update)
+
+
+def all_methods() -> list[str]:
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    try:
+        return list(schema["properties"]["study"]["properties"]["methods"]["items"]["enum"])
+    except KeyError:
+        return ["context_free"]
+
+
+def paper_grid(config: dict) -> dict:
+    """The override that widens a config to the paper grid: every method, 4 x 4."""
+    study = config["study"]
+    temperatures = study["temperatures"] if len(study["temperatures"]) == 4 else PAPER_TEMPERATURES
+    ratios = study["ratios"] if len(study["ratios"]) == 4 else PAPER_RATIOS
+    if 0 not in ratios and 0.0 not in ratios:
+        ratios = [0.0, *ratios[1:]]
+    return {"study": {"temperatures": temperatures, "ratios": ratios, "methods": all_methods()}}
+
+
+def fmt(value) -> str:
+    text = f"{float(value):.10f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+# --------------------------------------------------------------------------- minimum
+
+
+def minimum_jobs(config: dict) -> Counter:
+    """Jobs per rule a grid needs at least, from the config alone (not from the DAG)."""
+    study = config["study"]
+    models = study["models"]
+    methods = study.get("methods", ["context_free"])
+    knobs = config.get("methods") or {}
+
+    def temperatures(method):
+        return (knobs.get(method) or {}).get("temperatures") or study["temperatures"]
+
+    def ratios(method):
+        return [r for r in ((knobs.get(method) or {}).get("ratios") or study["ratios"]) if r > 0]
+
+    cells: dict[str, int] = {}
+    if "context_free" in methods:
+        cells["context_free"] = len(temperatures("context_free")) * len(ratios("context_free"))
+    if "contextual" in methods:
+        cells["contextual"] = len(temperatures("contextual")) * len(ratios("contextual"))
+    if "replay" in methods:
+        cells["replay"] = len(ratios("replay"))
+    if "lora" in methods:
+        cells["lora"] = len(knobs["lora"]["ranks"])
+    if "l2" in methods:
+        cells["l2"] = len(knobs["l2"]["lambdas"])
+    if "wiseft" in methods:
+        cells["wiseft"] = len(knobs["wiseft"]["alphas"])
+    for method in ("weighted_synthetic", "kl_to_base"):
+        if method in methods:
+            k = knobs[method]
+            cells[method] = len(temperatures(method)) * len(ratios(method)) * len(k["lambdas"])
+    plain = 1 if 0 in study["ratios"] else 0
+    # context-free samples: one file per (model, temperature), shared by every method
+    # that reads them (mixing, and the weighted / KL loss terms)
+    cf_temperatures = set()
+    for method in ("context_free", "weighted_synthetic", "kl_to_base"):
+        if cells.get(method):
+            cf_temperatures |= {fmt(t) for t in temperatures(method)}
+    trained = plain + sum(n for method, n in cells.items() if method != "wiseft")
+    need_plain_set = plain or any(
+        cells.get(m) for m in ("lora", "l2", "weighted_synthetic", "kl_to_base")
+    )
+    per_model = {
+        "prepare_model": 1,
+        "evaluate_base": 1,
+        "generate_heldout": 1 if trained + cells.get("wiseft", 0) else 0,
+        "generate_context_free": len(cf_temperatures),
+        "generate_contextual": len({fmt(t) for t in temperatures("contextual")})
+        if cells.get("contextual")
+        else 0,
+        "replay_chunks": 1 if cells.get("replay") else 0,
+        "plain_task_set": 1 if need_plain_set else 0,
+        "mix_at_ratio": cells.get("context_free", 0),
+        "mix_contextual": cells.get("contextual", 0),
+        "mix_replay": cells.get("replay", 0),
+        "fine_tune": trained,
+        "interpolate_wiseft": cells.get("wiseft", 0),
+        "evaluate_finetuned": trained + cells.get("wiseft", 0),
+    }
+    need = Counter({rule: n * len(models) for rule, n in per_model.items() if n})
+    need["prepare_task_data"] = 1
+    for rule in AGGREGATORS:
+        need[rule] = 1
+    return need
+
+
+# --------------------------------------------------------------------------- snakemake
+
+
+def copy_checkout(dest: Path) -> Path:
+    """Tracked and untracked-but-not-ignored files of the checkout: what a clone has."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (item.decode() for item in listed)):
+        source = REPO / name
+        if source.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 600) -> tuple[str, float]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}")
+    return result.stdout, seconds
+
+
+def job_stats(output: str) -> Counter:
+    if "Nothing to be done" in output:
+        return Counter()
+    match = re.search(r"Job stats:\n(.*?)\n\s*\n", output + "\n\n", re.S)
+    if not match:
+        raise SystemExit(f"no 'Job stats' table in:\n{output[-3000:]}")
+    counts = Counter()
+    for line in match.group(1).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def jobs(output: str) -> list[dict]:
+    """Each job of a dry run: rule, inputs, outputs."""
+    found, current = [], None
+    for line in output.splitlines():
+        head = re.match(r"^(?:local)?rule (\S+):$", line.strip())
+        if head:
+            current = {"rule": head.group(1), "input": [], "output": []}
+            found.append(current)
+            continue
+        if current is None:
+            continue
+        field = re.match(r"^\s+(input|output): (.*)$", line)
+        if field:
+            current[field.group(1)] = [p.strip() for p in field.group(2).split(",") if p.strip()]
+    return found
+
+
+def mark_finished(workdir: Path, dry_jobs: list[dict], files: list[str]) -> int:
+    """Make the grid look run to completion without running a model: every output of the
+    dry run is created as a placeholder, then `snakemake --touch -F` touches them in DAG
+    order and records the per-file metadata (inputs, params, code) a real run leaves, which
+    the input/params triggers of the next dry run compare against."""
+    created = 0
+    for job in dry_jobs:
+        for name in job["output"]:
+            path = workdir / name
+            if Path(name).suffix:  # a file
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("placeholder\n")
+            else:  # a directory output (a model folder)
+                path.mkdir(parents=True, exist_ok=True)
+            created += 1
+    snakemake(workdir, "--touch", "-F", "--cores", "1", *files)
+    return created
+
+
+# --------------------------------------------------------------------------- one config
+
+
+def bench_config(config_file: Path, repeats: int, quick: bool) -> dict:
+    base = load_config(REPO / "config" / "config.yaml")
+    own = yaml.safe_load(config_file.read_text())
+    override = paper_grid(merged(base, own))
+    config = merged(base, own, override)
+    workdir = Path(tempfile.mkdtemp(prefix="cfs-bench-dag-"))
+    try:
+        copy_checkout(workdir)
+        inside = workdir / "bench_grid.yaml"
+        inside.write_text(yaml.safe_dump(override, sort_keys=False))
+        own_copy = workdir / "bench_config.yaml"
+        shutil.copy2(config_file, own_copy)
+        files = ["--configfile", own_copy.name, inside.name]
+        snakemake(workdir, "-n", *files)  # warm-up: byte-compile, file-system caches
+        times, stalls, output = [], [], ""
+        for _ in range(repeats):
+            wait_for_quiet(120)
+            before = stall_seconds()
+            output, seconds = snakemake(workdir, "-n", *files)
+            times.append(seconds)
+            if before is not None:
+                stalls.append(round((stall_seconds() - before) / seconds, 3))
+        counts = job_stats(output)
+        dry_jobs = jobs(output)
+        need = minimum_jobs(config)
+        result = {
+            "config": str(
+                config_file.relative_to(REPO) if config_file.is_relative_to(REPO) else config_file
+            ),
+            "grid": override["study"],
+            "dry_run_seconds": times,
+            "dry_run_best": min(times),
+            "dry_run_median": statistics.median(times),
+            "dry_run_cpu_stall_share": stalls,
+            "jobs": dict(counts),
+            "minimum": dict(need),
+            "total_jobs": sum(counts.values()),
+            "total_minimum": sum(need.values()),
+        }
+        if quick:
+            return result
+        # a finished grid, then one temperature more
+        created = mark_finished(workdir, dry_jobs, files)
+        again, _ = snakemake(workdir, "-n", *files)
+        result["finished_grid_placeholders"] = created
+        result["finished_grid_rescheduled"] = dict(job_stats(again))
+        temperatures = override["study"]["temperatures"]
+        new_temperature = round(max(temperatures) + 0.2, 2)
+        plus = copy.deepcopy(override)
+        plus["study"]["temperatures"] = [*temperatures, new_temperature]
+        (workdir / "bench_plus.yaml").write_text(yaml.safe_dump(plus, sort_keys=False))
+        wait_for_quiet(120)
+        plus_output, plus_seconds = snakemake(
+            workdir, "-n", "--configfile", own_copy.name, "bench_plus.yaml"
+        )
+        scheduled = job_stats(plus_output)
+        needed = minimum_jobs(merged(base, own, plus)) - minimum_jobs(config)
+        for rule in AGGREGATORS:
+            needed[rule] = 1
+        result.update(
+            new_temperature=new_temperature,
+            plus_dry_run_seconds=plus_seconds,
+            plus_scheduled=dict(scheduled),
+            plus_needed=dict(needed),
+            plus_scheduled_total=sum(scheduled.values()),
+            plus_needed_total=sum(needed.values()),
+            plus_outputs_without_new_temperature=[
+                output
+                for job in jobs(plus_output)
+                if job["rule"] not in AGGREGATORS
+                for output in job["output"]
+                if f"temp{fmt(new_temperature)}" not in output
+            ],
+        )
+        return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_result(result: dict) -> None:
+    grid = result["grid"]
+    print(
+        f"\n{result['config']}: temperatures {grid['temperatures']}, ratios {grid['ratios']}, "
+        f"methods {', '.join(grid['methods'])}"
+    )
+    times = ", ".join(f"{t:.2f}" for t in result["dry_run_seconds"])
+    stalls = ", ".join(f"{x:.0%}" for x in result["dry_run_cpu_stall_share"]) or "n/a"
+    print(
+        f"dry run: best {result['dry_run_best']:.2f} s, median {result['dry_run_median']:.2f} s "
+        f"({times}; CPU contended {stalls}"
+        f"); goal < {GOAL_SECONDS:g} s: {goal(result['dry_run_best'] < GOAL_SECONDS)}"
+    )
+    rules = sorted(set(result["jobs"]) | set(result["minimum"]))
+    rows = []
+    for rule in rules:
+        jobs_, need = result["jobs"].get(rule, 0), result["minimum"].get(rule)
+        extra = "" if need is None else ("" if jobs_ == need else f"{jobs_ - need:+d}")
+        row = [rule, jobs_, "?" if need is None else need, extra or "="]
+        if "plus_scheduled" in result:
+            row += [result["plus_scheduled"].get(rule, 0), result["plus_needed"].get(rule, 0)]
+        rows.append(row)
+    rows.append(
+        ["total", result["total_jobs"], result["total_minimum"], ""]
+        + (
+            [result["plus_scheduled_total"], result["plus_needed_total"]]
+            if "plus_scheduled" in result
+            else []
+        )
+    )
+    header = ["rule", "jobs", "minimum", "excess"]
+    if "plus_scheduled" in result:
+        header += [f"+T={result['new_temperature']:g} run", "needed"]
+    print(table(rows, header))
+    print(
+        f"job count vs minimum: {result['total_jobs']} / {result['total_minimum']}: "
+        f"{goal(result['total_jobs'] == result['total_minimum'])}"
+    )
+    if "plus_scheduled" in result:
+        print(
+            f"finished grid ({result['finished_grid_placeholders']} placeholder outputs) "
+            f"re-scheduled: {result['finished_grid_rescheduled'] or 'nothing'}"
+        )
+        same = result["plus_scheduled"] == result["plus_needed"]
+        print(
+            f"adding T={result['new_temperature']:g}: {result['plus_scheduled_total']} jobs run, "
+            f"{result['plus_needed_total']} needed: {goal(same)}"
+            + (
+                "; outputs without the new temperature: "
+                + ", ".join(result["plus_outputs_without_new_temperature"])
+                if result["plus_outputs_without_new_temperature"]
+                else ""
+            )
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="*", type=Path, help="config files (default: paper)")
+    parser.add_argument("--quick", action="store_true", help="timing and counts only")
+    parser.add_argument("--repeats", type=int, default=None, help="timed dry runs per config")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    configs = args.configs or [
+        path
+        for path in (REPO / "config" / "olmo.yaml", REPO / "config" / "reasoning.yaml")
+        if path.is_file()
+    ]
+    if not configs:
+        print(
+            "no paper configs (config/olmo.yaml, config/reasoning.yaml): using config/config.yaml"
+        )
+        configs = [REPO / "config" / "config.yaml"]
+    repeats = args.repeats or (2 if args.quick else 5)
+    print(f"DAG: snakemake -n on {machine()['nproc']} CPU cores, {repeats} timed runs per config")
+    results = []
+    for config_file in configs:
+        result = bench_config(config_file.resolve(), repeats, args.quick)
+        print_result(result)
+        results.append(result)
+    report("dag", {"results": results}, args.json)
+
+
+if __name__ == "__main__":
+    main()
