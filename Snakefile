@@ -1,6 +1,6 @@
 # cfs: context-free synthetic data against forgetting (arXiv 2505.13811), as one DAG:
 # prepare model -> base eval -> context-free generation -> mix -> fine-tune -> eval
-# -> summary table and figures.
+# (per seed) -> each cell over its seeds -> tables, verdicts and figures.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -14,6 +14,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/resources.smk"
+include: "workflow/rules/checks.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/generate.smk"

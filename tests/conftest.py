@@ -228,6 +228,31 @@ def default_config() -> dict:
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
+def validated_config(config: dict | None = None) -> dict:
+    """A config (the default one unless given) with the schema's defaults filled in, as
+    the Snakefile sees it."""
+    from snakemake.utils import validate
+
+    config = default_config() if config is None else config
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    return config
+
+
+def evaluation_settings(**overrides) -> dict:
+    """cfs.evaluate's settings as the rules hand them: config.evaluation whole (schema
+    defaults filled in), the seed, the model's dtype and the cell."""
+    settings = {**validated_config()["evaluation"], "seed": 0, "dtype": "auto"}
+    settings["cell"] = {"model": "tiny", "method": "base"}
+    return {**settings, **overrides}
+
+
+def train_settings(**overrides) -> dict:
+    """cfs.train's settings as the rules hand them: config.train whole (schema defaults
+    filled in), the seed and the method (plain full fine-tuning unless overridden)."""
+    settings = {**validated_config()["train"], "seed": 0, "method": {"name": "full"}}
+    return {**settings, **overrides}
+
+
 def snakemake_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update(

@@ -100,9 +100,12 @@ def test_lint_is_clean():
 
 def expected_default_jobs(config):
     """Per-rule job counts of a config's full grid, from the grid arithmetic: generation
-    once per (model, temperature), base eval once per model, ratio 0 once."""
+    once per (model, temperature, seed), base eval and held-out samples once per model,
+    ratio 0 once per seed, each cell once per seed and summarised over its seeds once."""
     study, knobs = config["study"], config.get("methods", {})
     methods = study.get("methods", ["context_free"])
+    seeds = study.get("seeds", [0])
+    num_seeds = 1 if isinstance(seeds, int) else len(seeds)
 
     def grid(method):
         method_knobs = knobs.get(method, {})
@@ -124,33 +127,25 @@ def expected_default_jobs(config):
     wise = len(knobs["wiseft"]["alphas"]) if in_study("wiseft") else 0
     plain = 1 if 0 in study["ratios"] else 0
     uses_task_set = plain or lora or l2 or term_cells
-    trained = (
-        plain
-        + len(cf_temps) * len(cf_ratios)
-        + len(ctx_temps) * len(ctx_ratios)
-        + len(replay_ratios)
-        + lora
-        + l2
-        + term_cells
-    )
-    per_model = {
-        "prepare_model": 1,
-        "evaluate_base": 1,
-        "generate_heldout": 1,
+    mixed = len(cf_temps) * len(cf_ratios) + len(ctx_temps) * len(ctx_ratios)
+    mixed += len(replay_ratios)
+    trained = plain + mixed + lora + l2 + term_cells
+    per_seed = {
         "generate_context_free": len(generated_temps),
         "generate_contextual": len(ctx_temps),
         "replay_chunks": 1 if replay_ratios else 0,
-        "plain_task_set": 1 if uses_task_set else 0,
-        "mix_at_ratio": len(cf_temps) * len(cf_ratios),
-        "mix_contextual": len(ctx_temps) * len(ctx_ratios),
-        "mix_replay": len(replay_ratios),
+        "mix_at_ratio": (1 if uses_task_set else 0) + mixed,
         "fine_tune": trained,
         "interpolate_wiseft": wise,
         "evaluate_finetuned": trained + wise,
     }
+    per_model = {rule: count * num_seeds for rule, count in per_seed.items()}
+    per_model.update(
+        prepare_model=1, evaluate_base=1, generate_heldout=1, summarise_seeds=trained + wise
+    )
     n_models = len(study["models"])
     jobs = {rule: count * n_models for rule, count in per_model.items()}
-    jobs.update(prepare_task_data=1, summary_table=1, all=1)
+    jobs.update(check_evaluation_tasks=1, prepare_task_data=1, summary_table=1, all=1)
     return {rule: count for rule, count in jobs.items() if count}
 
 
@@ -166,7 +161,67 @@ def test_default_config_dry_run_schedules_the_whole_grid(repo):
     model, temp = config["study"]["models"][0], config["study"]["temperatures"][0]
     ratio = next(r for r in config["study"]["ratios"] if r > 0)
     assert f"results/{model}/temp{temp:g}/ratio{ratio:g}/eval.json" in result.stdout
+    assert f"results/{model}/temp{temp:g}/ratio{ratio:g}/seed0/eval.json" in result.stdout
     assert f"results/{model}/ratio0/eval.json" in result.stdout
+
+
+def test_three_seeds_replicate_every_cell(repo):
+    config = copy.deepcopy(default_config())
+    config["study"]["seeds"] = [0, 1, 2]
+    result = dry_run_with(repo, "three_seeds.yaml", config)
+    assert result.returncode == 0, result.stdout[-3000:]
+    stats = job_stats(result.stdout)
+    stats.pop("figures")
+    assert stats == expected_default_jobs(config)
+    one = expected_default_jobs(default_config())
+    assert stats["fine_tune"] == 3 * one["fine_tune"]
+    assert stats["evaluate_base"] == one["evaluate_base"] == 1  # samples nothing
+    assert stats["generate_heldout"] == 1  # the KL yardstick stays the same
+    for seed in (0, 1, 2):
+        assert f"results/smollm2/temp1/seed{seed}/context_free.jsonl" in result.stdout
+        assert f"results/smollm2/ratio0/seed{seed}/model" in result.stdout
+
+
+def test_a_single_seed_number_is_a_list_of_one(repo):
+    config = copy.deepcopy(default_config())
+    config["study"]["seeds"] = 7
+    result = dry_run_with(repo, "one_seed.yaml", config)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "results/smollm2/ratio0/seed7/eval.json" in result.stdout
+    assert job_stats(result.stdout)["fine_tune"] == expected_default_jobs(config)["fine_tune"]
+
+
+def test_the_old_single_seed_key_is_rejected_by_name(repo):
+    config = copy.deepcopy(default_config())
+    del config["study"]["seeds"]
+    config["study"]["seed"] = 0
+    assert_rejected(dry_run_with(repo, "old_seed.yaml", config), "seed")
+
+
+def test_a_toy_method_is_one_entry_in_cfs_study(tmp_path):
+    """Adding a method is one entry in cfs.study (plus its training code, here an existing
+    objective): its cells are scheduled with its knobs, samples and training set."""
+    repo = copy_repo(tmp_path / "repo")
+    study = repo / "workflow" / "cfs" / "study.py"
+    study.write_text(
+        study.read_text()
+        + "\nMETHODS['toy'] = Method('toy', 'toy/temp{temperature}/ratio{ratio}/"
+        + "lambda{lambda}', 'context_free', trains='weighted_synthetic')\n"
+    )
+    config = copy.deepcopy(default_config())
+    config["study"]["methods"] = ["toy"]
+    config["methods"] = {"toy": {"lambdas": [0.5, 2.0]}}
+    result = dry_run_with(repo, "toy.yaml", config)
+    assert result.returncode == 0, result.stdout[-3000:]
+    stats = job_stats(result.stdout)
+    temperatures = config["study"]["temperatures"]
+    assert stats["fine_tune"] == 1 + 2 * len(temperatures)  # plain + toy cells
+    assert stats["generate_context_free"] == len(temperatures)
+    for temperature in temperatures:
+        for value in ("0.5", "2"):
+            assert f"results/smollm2/toy/temp{temperature:g}/ratio1/lambda{value}/eval.json" in (
+                result.stdout
+            )
 
 
 def test_grid_with_two_models_shares_task_data(repo):
@@ -196,7 +251,7 @@ def test_optional_sections_fall_back_to_schema_defaults(tmp_path):
     train_line = next(line for line in result.stdout.splitlines() if "cfs.train" in line)
     assert '"epochs": 2' in train_line and '"max_length": 128' in train_line
     eval_line = next(line for line in result.stdout.splitlines() if "cfs.evaluate" in line)
-    assert '"limit": null' in eval_line and '"kl_batch_size": 8' in eval_line
+    assert '"limit": null' in eval_line and '"kl": {"batch_size": 8' in eval_line
 
 
 def test_ratio_zero_cell_cannot_be_requested_under_a_temperature(repo):

@@ -1,175 +1,266 @@
-"""cfs.report: summary.csv from eval.json files, and the figures."""
+"""cfs.report: the summary (means and intervals over seeds), the paired differences, the
+verdicts on the paper's claims, each cell's card, and the figures."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from cfs import report
+from cfs.artifacts import DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TARGET, FORGETTING = "cfs_arith", ["cfs_capitals", "cfs_animals"]
+NUM_ITEMS = 120
 
 
-def eval_record(
-    model,
-    method,
-    temperature=None,
-    ratio=None,
-    target=0.1,
-    kl=0.0,
-    base=None,
-    forgetting=None,
-    seed=0,
-):
-    forgetting = forgetting or {"cfs_capitals": 0.5, "cfs_animals": 0.7}
+def eval_record(model, method, seed, scores: dict, base=None, kl=0.0, **knobs):
+    """An eval.json as cfs.evaluate writes it; scores: {task: per-item 0/1 list}."""
+    items = {task: {str(i): float(s) for i, s in enumerate(row)} for task, row in scores.items()}
+    means = {task: float(np.mean(row)) for task, row in scores.items()}
+    forgetting = {task: means[task] for task in FORGETTING}
     metrics = {
-        "target": target,
+        "target": means[TARGET],
         "forgetting_avg": sum(forgetting.values()) / len(forgetting),
         "forgetting": forgetting,
         "kl_to_base": kl,
     }
     if method != "base":
         metrics["heldout_nll"] = 3.0 + kl
-    cell = {"model": model, "method": method}
-    if method != "base":
-        cell.update(temperature=temperature, ratio=ratio)
-    record = {"cell": cell, "metrics": metrics, "provenance": {"seed": seed}}
+    record = {
+        "cell": {"model": model, "method": method, **knobs},
+        "metrics": metrics,
+        "tasks": {"target": TARGET, "forgetting": FORGETTING},
+        "items": items,
+        "provenance": {"seed": seed},
+    }
     if base is not None:
         record["base"] = base
     return record
 
 
-def write_evals(root, model="tiny", seed=0):
-    base = eval_record(model, "base", target=0.05, seed=seed)
-    cells = {
-        "base": base,
-        "ratio0": eval_record(
-            model,
-            "plain",
-            None,
-            0.0,
-            0.4,
-            0.3,
-            base["metrics"],
-            seed=seed,
-            forgetting={"cfs_capitals": 0.3, "cfs_animals": 0.5},
-        ),
-        "temp1/ratio0.5": eval_record(
-            model, "context_free", 1.0, 0.5, 0.35, 0.1, base["metrics"], seed=seed
-        ),
-        "temp0.7/ratio0.5": eval_record(
-            model, "context_free", 0.7, 0.5, 0.38, 0.2, base["metrics"], seed=seed
-        ),
-        "temp0.7/ratio1": eval_record(
-            model, "context_free", 0.7, 1.0, 0.33, 0.05, base["metrics"], seed=seed
-        ),
+def scores(rng, target_p, keep_p):
+    return {
+        TARGET: (rng.random(NUM_ITEMS) < target_p).astype(int).tolist(),
+        **{task: (rng.random(NUM_ITEMS) < keep_p).astype(int).tolist() for task in FORGETTING},
     }
-    paths = {}
-    for cell, record in cells.items():
-        path = root / model / cell / "eval.json"
+
+
+CELLS = {  # cell path: (method, knobs, target p, forgetting p, kl)
+    "ratio0": ("plain", {"ratio": 0.0}, 0.6, 0.5, 0.6),
+    "temp1/ratio1": ("context_free", {"temperature": 1.0, "ratio": 1.0}, 0.55, 0.85, 0.2),
+    "temp0.7/ratio1": ("context_free", {"temperature": 0.7, "ratio": 1.0}, 0.55, 0.7, 0.3),
+    "temp1/ratio0.5": ("context_free", {"temperature": 1.0, "ratio": 0.5}, 0.55, 0.8, 0.25),
+    "contextual/temp1/ratio1": ("contextual", {"temperature": 1.0, "ratio": 1.0}, 0.6, 0.5, 0.5),
+    "replay/ratio1": ("replay", {"ratio": 1.0}, 0.6, 0.9, 0.1),
+}
+
+
+def write_study(root, model="tiny", seeds=(0, 1, 2), cells=CELLS) -> dict[str, list]:
+    """A made-up study on disk: base once, every cell once per seed, with known effects."""
+    rng = np.random.default_rng(0)
+    base = eval_record(model, "base", 0, scores(rng, 0.1, 0.9))
+    paths = {"base": [root / model / "base" / "eval.json"]}
+    records = {paths["base"][0]: base}
+    for cell, (method, knobs, target_p, keep_p, kl) in cells.items():
+        paths[cell] = []
+        for seed in seeds:
+            path = root / model / cell / f"seed{seed}" / "eval.json"
+            records[path] = eval_record(
+                model, method, seed, scores(rng, target_p, keep_p), base["metrics"], kl, **knobs
+            )
+            paths[cell].append(path)
+    for path, record in records.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
-        paths[cell] = path
-    return paths, cells
+    return paths
 
 
-def test_build_summary_one_row_per_file_with_columns(tmp_path):
-    paths, cells = write_evals(tmp_path)
-    # handed over in an arbitrary order
-    order = ["temp1/ratio0.5", "base", "temp0.7/ratio1", "ratio0", "temp0.7/ratio0.5"]
-    table = report.build_summary([paths[cell] for cell in order])
-    assert len(table) == 5
-    for column in (
-        "model",
-        "method",
-        "temperature",
-        "ratio",
-        "target",
-        "forgetting_avg",
-        "kl_to_base",
-        "heldout_nll",
-        "forgetting:cfs_capitals",
-        "forgetting:cfs_animals",
-        "base_target",
-        "base_forgetting_avg",
-        "seed",
-        "eval_path",
-    ):
-        assert column in table.columns, column
-    assert list(table["method"]) == ["base", "plain"] + ["context_free"] * 3
+def all_paths(paths):
+    return [path for group in paths.values() for path in group]
+
+
+def test_summary_one_row_per_cell_with_means_and_intervals(tmp_path):
+    paths = write_study(tmp_path)
+    table = report.build_summary(all_paths(paths)[::-1])  # in any order
+    assert len(table) == 1 + len(CELLS)
+    assert list(table["method"][:2]) == ["base", "plain"]
     for _, row in table.iterrows():
-        record = json.loads(open(row["eval_path"]).read())
-        assert row["target"] == record["metrics"]["target"]
-        assert row["forgetting_avg"] == pytest.approx(record["metrics"]["forgetting_avg"])
-        assert row["kl_to_base"] == record["metrics"]["kl_to_base"]
-        assert row["forgetting:cfs_capitals"] == record["metrics"]["forgetting"]["cfs_capitals"]
-        if record["cell"]["method"] == "base":
-            assert math.isnan(row["base_target"])
-        else:
-            assert row["base_target"] == cells["base"]["metrics"]["target"]
-            assert row["ratio"] == record["cell"]["ratio"]
-            if record["cell"]["temperature"] is None:  # plain fine-tuning
-                assert math.isnan(row["temperature"])
-            else:
-                assert row["temperature"] == record["cell"]["temperature"]
+        records = [json.loads(open(p).read()) for p in row["eval_paths"].split()]
+        assert row["num_seeds"] == len(records) == (1 if row["method"] == "base" else 3)
+        for metric in ("target", "forgetting_avg"):
+            mean = np.mean([r["metrics"][metric] for r in records])
+            assert row[metric] == pytest.approx(mean)
+            assert row[f"{metric}_low"] < mean < row[f"{metric}_high"]
+            assert row[f"{metric}_high"] - row[f"{metric}_low"] < 0.25
+        if row["method"] != "base":
+            assert row["kl_to_base"] == pytest.approx(CELLS_BY_LABEL[row["label"]][4])
+            assert row["base_target"] == records[0]["base"]["target"]
 
 
-def test_build_summary_sorts_context_free_by_temperature_then_ratio(tmp_path):
-    paths, _ = write_evals(tmp_path)
-    table = report.build_summary(list(paths.values()))
+CELLS_BY_LABEL = {
+    report.cell_label({"method": method, **knobs}): spec
+    for method, knobs, *_ in CELLS.values()
+    for spec in [next(s for s in CELLS.values() if s[0] == method and s[1] == knobs)]
+}
+
+
+def test_context_free_sorted_by_temperature_then_ratio(tmp_path):
+    table = report.build_summary(all_paths(write_study(tmp_path)))
     cf = table[table["method"] == "context_free"]
     assert list(zip(cf["temperature"], cf["ratio"], strict=True)) == [
-        (0.7, 0.5),
         (0.7, 1.0),
         (1.0, 0.5),
+        (1.0, 1.0),
     ]
 
 
-def test_table_cli_writes_csv(tmp_path):
-    paths, _ = write_evals(tmp_path / "results")
-    out = tmp_path / "results" / "summary.csv"
-    report.main(["table", "--evals", *map(str, paths.values()), "--out", str(out)])
-    table = pd.read_csv(out)
-    assert len(table) == len(paths)
-    assert set(table["eval_path"]) == {str(p) for p in paths.values()}
-    assert table["seed"].tolist() == [0] * len(paths)
-    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+def test_differences_from_plain_and_base_find_the_made_up_effects(tmp_path):
+    cells = report.read_cells(all_paths(write_study(tmp_path)))
+    table = report.build_differences(cells)
+    row = table[
+        (table["label"] == "context_free T1 r1")
+        & (table["versus"] == "plain")
+        & (table["metric"] == "forgetting_avg")
+    ].iloc[0]
+    assert row["low"] > 0.2 and row["low"] < row["difference"] < row["high"]  # 0.85 vs 0.5
+    gain = table[
+        (table["label"] == "plain") & (table["versus"] == "base") & (table["metric"] == "target")
+    ].iloc[0]
+    assert gain["low"] < gain["difference"] < gain["high"]  # p 0.6 vs 0.1
+    assert abs(gain["difference"] - 0.5) < 0.1 and gain["low"] > 0.3
 
 
-def test_write_figures_writes_non_empty_pngs_per_model(tmp_path):
-    paths, _ = write_evals(tmp_path / "r")
-    other, _ = write_evals(tmp_path / "r", model="other")
-    summary = report.build_summary(list(paths.values()) + list(other.values()))
-    written = report.write_figures(summary, tmp_path / "figures")
-    expected = {f"{model}_{name}.png" for model in ("tiny", "other") for name in report.FIGURES}
-    assert {p.name for p in written} == expected
+def test_verdicts_answer_each_claim(tmp_path):
+    cells = report.read_cells(all_paths(write_study(tmp_path)))
+    verdicts = report.build_verdicts(cells)
+    by = {(row.claim, row.comparison): row.verdict for row in verdicts.itertuples()}
+    claims = report.CLAIMS
+    assert by[(claims["forgets_less"], "context_free T1 r1 - plain")] == "supported"
+    contextual = (claims["contextual_less_effective"], "context_free T1 r1 - contextual T1 r1")
+    assert by[contextual] == "supported"
+    # replay keeps 0.9 against 0.85: not less effective here
+    replay = by[(claims["replay_less_effective"], "context_free T1 r1 - replay r1")]
+    assert replay in ("contradicted", "inconclusive")
+    assert by[(claims["temperature_matters"], "context_free T1 r1 - context_free T0.7 r1")] == (
+        "supported"
+    )
+    ratio = (claims["ratio_matters"], "context_free T1 r1 - context_free T1 r0.5")
+    assert ratio in by
+
+
+def test_identical_cells_are_inconclusive(tmp_path):
+    same = {
+        "ratio0": ("plain", {"ratio": 0.0}, 0.5, 0.5, 0.1),
+        "temp1/ratio1": ("context_free", {"temperature": 1.0, "ratio": 1.0}, 0.5, 0.5, 0.1),
+    }
+    paths = write_study(tmp_path, cells=same)
+    # the context-free evals are the plain ones, item for item
+    for plain, cf in zip(paths["ratio0"], paths["temp1/ratio1"], strict=True):
+        record = json.loads(plain.read_text())
+        record["cell"] = {"model": "tiny", "method": "context_free", "temperature": 1.0}
+        record["cell"]["ratio"] = 1.0
+        cf.write_text(json.dumps(record))
+    verdicts = report.build_verdicts(report.read_cells(all_paths(paths)))
+    row = verdicts.iloc[0]
+    assert (row.forgetting_avg_difference, row.low, row.high) == (0.0, 0.0, 0.0)
+    assert row.verdict == "inconclusive"
+
+
+def test_table_cli_writes_the_three_tables(tmp_path):
+    paths = write_study(tmp_path / "results")
+    out = tmp_path / "results"
+    report.main(
+        [
+            "table",
+            "--evals",
+            *map(str, all_paths(paths)),
+            "--out",
+            str(out / "summary.csv"),
+            "--differences",
+            str(out / "differences.csv"),
+            "--verdicts",
+            str(out / "verdicts.csv"),
+        ]
+    )
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 1 + len(CELLS)
+    assert set(summary["seeds"].astype(str)) == {"0", "0 1 2"}
+    differences = pd.read_csv(out / "differences.csv")
+    assert set(differences["versus"]) == {"plain", "base"}
+    assert len(pd.read_csv(out / "verdicts.csv")) > 0
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cell_card_over_seeds(tmp_path):
+    paths = write_study(tmp_path)
+    out = tmp_path / "card.json"
+    report.main(["cell", "--evals", *map(str, paths["temp1/ratio1"]), "--out", str(out)])
+    card = json.loads(out.read_text())
+    records = [json.loads(p.read_text()) for p in paths["temp1/ratio1"]]
+    assert card["seeds"] == [0, 1, 2]
+    mean = np.mean([r["metrics"]["target"] for r in records])
+    assert card["metrics"]["target"] == pytest.approx(mean)
+    low, high = card["interval"]["target"]
+    assert low < mean < high
+    assert [entry["metrics"] for entry in card["per_seed"]] == [r["metrics"] for r in records]
+    with pytest.raises(DataError, match="one cell"):  # two cells are not one cell's seeds
+        report.main(
+            ["cell", "--evals", str(paths["ratio0"][0]), str(paths["temp1/ratio1"][0])]
+            + ["--out", str(out)]
+        )
+
+
+def draw(tmp_path, paths):
+    summary = report.build_summary(all_paths(paths))
+    return report.write_figures(summary, tmp_path / "figures")
+
+
+def test_figures_with_several_values_per_axis(tmp_path):
+    written = draw(tmp_path, write_study(tmp_path / "r"))
+    assert {p.name for p in written} == {f"tiny_{name}.png" for name in report.FIGURES}
     for path in written:
         content = path.read_bytes()
-        assert content.startswith(PNG_MAGIC)
-        assert len(content) > 5000, path  # an actual plot, not an empty canvas header
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(expected)
+        assert content.startswith(PNG_MAGIC) and len(content) > 5000
 
 
-def test_figures_cli_from_summary_csv(tmp_path):
-    paths, _ = write_evals(tmp_path / "results")
-    summary = tmp_path / "results" / "summary.csv"
-    report.main(["table", "--evals", *map(str, paths.values()), "--out", str(summary)])
-    out_dir = tmp_path / "results" / "figures"
-    report.main(["figures", "--summary", str(summary), "--out-dir", str(out_dir)])
-    for name in report.FIGURES:
-        path = out_dir / f"tiny_{name}.png"
-        assert path.read_bytes().startswith(PNG_MAGIC)
+def test_ratio_curves_start_at_plain_fine_tuning_with_error_bars(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    summary = report.build_summary(all_paths(write_study(tmp_path)))
+    figure = report._sweep_figure(summary, "ratio", "temperature", "t")
+    axis = figure.axes[1]  # forgetting average
+    plain = summary[summary["method"] == "plain"].iloc[0]
+    curves = [c for c in axis.containers if c.get_label().startswith("temperature")]
+    assert len(curves) == 2
+    for container in curves:  # errorbar containers: the data line, then the bars
+        line = container.lines[0]
+        assert line.get_xdata()[0] == 0.0
+        assert line.get_ydata()[0] == pytest.approx(plain["forgetting_avg"])
+        assert container.has_yerr
 
 
-def test_figures_with_plain_fine_tuning_only(tmp_path):
-    """A grid with ratios [0] only has no context-free rows; figures must still be drawn."""
-    paths, _ = write_evals(tmp_path / "results")
-    summary = report.build_summary([paths["base"], paths["ratio0"]])
-    written = report.write_figures(summary, tmp_path / "figures")
+def test_an_axis_with_one_value_draws_no_line(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    one = {"temp1/ratio1": CELLS["temp1/ratio1"]}  # no plain: one point per curve
+    summary = report.build_summary(all_paths(write_study(tmp_path, cells=one)))
+    figure = report._sweep_figure(summary, "temperature", "ratio", "t")
+    curves = [c for c in figure.axes[0].containers if c.get_label().startswith("ratio")]
+    assert curves and all(c.lines[0].get_linestyle() == "None" for c in curves)
+
+
+def test_figures_with_one_seed_and_plain_fine_tuning_only(tmp_path):
+    plain = {"ratio0": CELLS["ratio0"]}
+    written = draw(tmp_path, write_study(tmp_path / "r", seeds=(0,), cells=plain))
     assert len(written) == len(report.FIGURES)
-    assert all(path.stat().st_size > 0 for path in written)
+    summary = report.build_summary(all_paths(write_study(tmp_path / "s", seeds=(0,))))
+    assert math.isnan(summary["kl_to_base_low"].iloc[1])  # t interval needs two seeds
 
 
 def test_missing_metrics_in_eval_json_is_an_error(tmp_path):

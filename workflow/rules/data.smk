@@ -1,4 +1,6 @@
 rule prepare_task_data:
+    input:
+        checks="results/checks/evaluation_tasks.json",
     output:
         train="results/data/{task}/train.jsonl",
         test="results/data/{task}/test.jsonl",
@@ -10,12 +12,9 @@ rule prepare_task_data:
     conda:
         "../../envs/cfs.yaml"
     resources:
-        gpu=gpu_count("data"),
-        cpus_per_task=cpus("data"),
-        mem_mb=mem_mb("data"),
-        runtime=runtime("data"),
+        **stage_resources("data"),
     params:
-        settings=lambda wildcards: as_arg(task_settings()),
+        settings=lambda wildcards: as_arg(config["task"]),
     shell:
         "python -m cfs.data --settings {params.settings}"
         " --train {output.train} --test {output.test} > {log} 2>&1"
@@ -26,21 +25,18 @@ rule replay_chunks:
     input:
         model="results/models/{model}/base",
     output:
-        chunks="results/{model}/replay/chunks.jsonl",
-        provenance="results/{model}/replay/chunks.provenance.json",
+        chunks="results/{model}/replay/seed{seed}/chunks.jsonl",
+        provenance="results/{model}/replay/seed{seed}/chunks.provenance.json",
     log:
-        "results/logs/replay_chunks/{model}.log",
+        "results/logs/replay_chunks/{model}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/replay_chunks/{model}.tsv"
+        "results/benchmarks/replay_chunks/{model}_seed{seed}.tsv"
     conda:
         "../../envs/cfs.yaml"
     resources:
-        gpu=gpu_count("data"),
-        cpus_per_task=cpus("data"),
-        mem_mb=mem_mb("data"),
-        runtime=runtime("data"),
+        **stage_resources("data"),
     params:
-        settings=lambda wildcards: as_arg(replay_settings()),
+        settings=lambda wildcards: as_arg(replay_settings(wildcards.seed)),
     shell:
         "python -m cfs.replay --model {input.model} --settings {params.settings}"
         " --out {output.chunks} > {log} 2>&1"

@@ -1,7 +1,7 @@
 rule evaluate_base:
     input:
         model="results/models/{model}/base",
-        target_data=f"results/data/{config['task']['name']}/test.jsonl",
+        target_data=task_data("test"),
     output:
         "results/{model}/base/eval.json",
     log:
@@ -9,15 +9,15 @@ rule evaluate_base:
     benchmark:
         "results/benchmarks/evaluate_base/{model}.tsv"
     conda:
-        evaluation_env
+        backend_env("evaluation")
     threads: config["threads"]
     resources:
-        gpu=gpu_count("evaluate"),
-        cpus_per_task=cpus("evaluate"),
-        mem_mb=mem_mb("evaluate"),
-        runtime=runtime("evaluate"),
+        **stage_resources("evaluate"),
     params:
-        settings=lambda wildcards: as_arg(eval_settings(wildcards.model, "base")),
+        # the base eval samples nothing per replicate: once per model, at the task's seed
+        settings=lambda wildcards: as_arg(
+            eval_settings(wildcards.model, "base", config["task"]["seed"])
+        ),
     shell:
         "python -m cfs.evaluate --model {input.model} --settings {params.settings}"
         " --threads {threads} --out {output} > {log} 2>&1"
@@ -25,28 +25,25 @@ rule evaluate_base:
 
 rule evaluate_finetuned:
     input:
-        model="results/{model}/{cell}/model",
+        model="results/{model}/{cell}/seed{seed}/model",
         base_model="results/models/{model}/base",
         base_eval="results/{model}/base/eval.json",
         heldout="results/{model}/heldout/context_free.jsonl",
-        target_data=f"results/data/{config['task']['name']}/test.jsonl",
+        target_data=task_data("test"),
     output:
-        "results/{model}/{cell}/eval.json",
+        "results/{model}/{cell}/seed{seed}/eval.json",
     log:
-        "results/logs/evaluate_finetuned/{model}/{cell}.log",
+        "results/logs/evaluate_finetuned/{model}/{cell}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/evaluate_finetuned/{model}/{cell}.tsv"
+        "results/benchmarks/evaluate_finetuned/{model}/{cell}/seed{seed}.tsv"
     conda:
-        evaluation_env
+        backend_env("evaluation")
     threads: config["threads"]
     resources:
-        gpu=gpu_count("evaluate"),
-        cpus_per_task=cpus("evaluate"),
-        mem_mb=mem_mb("evaluate"),
-        runtime=runtime("evaluate"),
+        **stage_resources("evaluate"),
     params:
         settings=lambda wildcards: as_arg(
-            eval_settings(wildcards.model, wildcards.cell)
+            eval_settings(wildcards.model, wildcards.cell, wildcards.seed)
         ),
     shell:
         "python -m cfs.evaluate --model {input.model} --base-model {input.base_model}"

@@ -1,33 +1,35 @@
+# Context-free samples of the base model, once per (model, temperature, seed) and shared by
+# every ratio and method that uses them.
 rule generate_context_free:
     input:
         model="results/models/{model}/base",
     output:
-        samples="results/{model}/temp{temperature}/context_free.jsonl",
-        provenance="results/{model}/temp{temperature}/context_free.provenance.json",
+        samples="results/{model}/temp{temperature}/seed{seed}/context_free.jsonl",
+        provenance="results/{model}/temp{temperature}/seed{seed}/context_free.provenance.json",
     log:
-        "results/logs/generate_context_free/{model}_temp{temperature}.log",
+        "results/logs/generate_context_free/{model}_temp{temperature}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/generate_context_free/{model}_temp{temperature}.tsv"
+        "results/benchmarks/generate_context_free/{model}_temp{temperature}_seed{seed}.tsv"
     conda:
-        generation_env
+        backend_env("generation")
     threads: config["threads"]
     resources:
-        gpu=gpu_count("generate"),
-        cpus_per_task=cpus("generate"),
-        mem_mb=mem_mb("generate"),
-        runtime=runtime("generate"),
+        **stage_resources("generate"),
     params:
-        settings=lambda wildcards: as_arg(generation_settings(wildcards.model)),
+        settings=lambda wildcards: as_arg(
+            generation_settings(wildcards.model, wildcards.seed)
+        ),
+        temperature=lambda wildcards: wildcards.temperature,
+        prompts="",
     shell:
-        "python -m cfs.generate --model {input.model} --temperature {wildcards.temperature}"
-        " --settings {params.settings} --threads {threads} --out {output.samples} > {log} 2>&1"
+        "python -m cfs.generate --model {input.model} --temperature {params.temperature}"
+        " {params.prompts} --settings {params.settings} --threads {threads}"
+        " --out {output.samples} > {log} 2>&1"
 
 
 # Held-out context-free samples of the base model, for the KL-to-base metric only:
-# sampled at their own seed and never mixed into any fine-tuning set.
-rule generate_heldout:
-    input:
-        model="results/models/{model}/base",
+# sampled once per model at their own seed and never mixed into any fine-tuning set.
+use rule generate_context_free as generate_heldout with:
     output:
         samples="results/{model}/heldout/context_free.jsonl",
         provenance="results/{model}/heldout/context_free.provenance.json",
@@ -35,46 +37,28 @@ rule generate_heldout:
         "results/logs/generate_heldout/{model}.log",
     benchmark:
         "results/benchmarks/generate_heldout/{model}.tsv"
-    conda:
-        generation_env
-    threads: config["threads"]
-    resources:
-        gpu=gpu_count("generate"),
-        cpus_per_task=cpus("generate"),
-        mem_mb=mem_mb("generate"),
-        runtime=runtime("generate"),
     params:
         settings=lambda wildcards: as_arg(heldout_settings(wildcards.model)),
         temperature=config["evaluation"]["kl"]["temperature"],
-    shell:
-        "python -m cfs.generate --model {input.model} --temperature {params.temperature}"
-        " --settings {params.settings} --threads {threads} --out {output.samples} > {log} 2>&1"
+        prompts="",
 
 
 # Contextual synthetic data (a baseline): the base model's responses to the fine-tuning
-# prompts, once per (model, temperature), shared by every ratio.
-rule generate_contextual:
+# prompts, once per (model, temperature, seed), shared by every ratio.
+use rule generate_context_free as generate_contextual with:
     input:
         model="results/models/{model}/base",
-        prompts=task_train_path(),
+        prompts=task_data("train"),
     output:
-        samples="results/{model}/contextual/temp{temperature}/samples.jsonl",
-        provenance="results/{model}/contextual/temp{temperature}/samples.provenance.json",
+        samples="results/{model}/contextual/temp{temperature}/seed{seed}/samples.jsonl",
+        provenance="results/{model}/contextual/temp{temperature}/seed{seed}/samples.provenance.json",
     log:
-        "results/logs/generate_contextual/{model}_temp{temperature}.log",
+        "results/logs/generate_contextual/{model}_temp{temperature}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/generate_contextual/{model}_temp{temperature}.tsv"
-    conda:
-        generation_env
-    threads: config["threads"]
-    resources:
-        gpu=gpu_count("generate"),
-        cpus_per_task=cpus("generate"),
-        mem_mb=mem_mb("generate"),
-        runtime=runtime("generate"),
+        "results/benchmarks/generate_contextual/{model}_temp{temperature}_seed{seed}.tsv"
     params:
-        settings=lambda wildcards: as_arg(contextual_settings(wildcards.model)),
-    shell:
-        "python -m cfs.generate --model {input.model} --temperature {wildcards.temperature}"
-        " --prompts {input.prompts} --settings {params.settings} --threads {threads}"
-        " --out {output.samples} > {log} 2>&1"
+        settings=lambda wildcards: as_arg(
+            contextual_settings(wildcards.model, wildcards.seed)
+        ),
+        temperature=lambda wildcards: wildcards.temperature,
+        prompts=lambda wildcards, input: f"--prompts {input.prompts}",

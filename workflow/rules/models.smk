@@ -1,4 +1,6 @@
 rule prepare_model:
+    input:
+        checks="results/checks/evaluation_tasks.json",
     output:
         directory("results/models/{model}/base"),
     log:
@@ -8,10 +10,7 @@ rule prepare_model:
     conda:
         "../../envs/cfs.yaml"
     resources:
-        gpu=gpu_count("prepare"),
-        cpus_per_task=cpus("prepare"),
-        mem_mb=mem_mb("prepare"),
-        runtime=runtime("prepare"),
+        **stage_resources("prepare"),
     params:
         settings=lambda wildcards: as_arg(model_settings(wildcards.model)),
     shell:

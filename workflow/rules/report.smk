@@ -1,58 +1,75 @@
+localrules:
+    mix_at_ratio,
+    summarise_seeds,
+    summary_table,
+    figures,
+
+
+# A cell over its seeds: each metric's mean and 95% interval, and every seed's eval.
+rule summarise_seeds:
+    input:
+        lambda wildcards: seed_evals(wildcards.model, wildcards.cell),
+    output:
+        "results/{model}/{cell}/eval.json",
+    log:
+        "results/logs/summarise_seeds/{model}/{cell}.log",
+    conda:
+        "../../envs/cfs.yaml"
+    resources:
+        **stage_resources("report"),
+    shell:
+        "python -m cfs.report cell --evals {input} --out {output} > {log} 2>&1"
+
+
+# The study's tables: each cell's means and intervals over seeds and items, each method's
+# paired difference from plain fine-tuning and from base, and the paper's claims.
 rule summary_table:
     input:
         all_evals(),
     output:
-        report("results/summary.csv", caption="../report/summary.rst", category="Table"),
+        summary=report(
+            REPORT_TABLES["summary"], caption="../report/summary.rst", category="Table"
+        ),
+        differences=report(
+            REPORT_TABLES["differences"],
+            caption="../report/differences.rst",
+            category="Table",
+        ),
+        verdicts=report(
+            REPORT_TABLES["verdicts"],
+            caption="../report/verdicts.rst",
+            category="Table",
+        ),
     log:
         "results/logs/summary_table.log",
     conda:
         "../../envs/cfs.yaml"
     resources:
-        gpu=gpu_count("report"),
-        cpus_per_task=cpus("report"),
-        mem_mb=mem_mb("report"),
-        runtime=runtime("report"),
+        **stage_resources("report"),
     shell:
-        "python -m cfs.report table --evals {input} --out {output} > {log} 2>&1"
+        "python -m cfs.report table --evals {input} --out {output.summary}"
+        " --differences {output.differences} --verdicts {output.verdicts} > {log} 2>&1"
 
 
 rule figures:
     input:
-        "results/summary.csv",
+        REPORT_TABLES["summary"],
     output:
-        vs_temperature=report(
-            "results/figures/{model}_vs_temperature.png",
-            caption="../report/figures.rst",
-            category="Figures",
-            subcategory="{model}",
-        ),
-        vs_ratio=report(
-            "results/figures/{model}_vs_ratio.png",
-            caption="../report/figures.rst",
-            category="Figures",
-            subcategory="{model}",
-        ),
-        tradeoff=report(
-            "results/figures/{model}_tradeoff.png",
-            caption="../report/figures.rst",
-            category="Figures",
-            subcategory="{model}",
-        ),
-        methods=report(
-            "results/figures/{model}_methods.png",
-            caption="../report/figures.rst",
-            category="Figures",
-            subcategory="{model}",
-        ),
+        **{
+            name: report(
+                f"results/figures/{{model}}_{name}.png",
+                caption="../report/figures.rst",
+                category="Figures",
+                subcategory="{model}",
+            )
+            for name in FIGURES
+        },
     log:
         "results/logs/figures/{model}.log",
     conda:
         "../../envs/cfs.yaml"
     resources:
-        gpu=gpu_count("report"),
-        cpus_per_task=cpus("report"),
-        mem_mb=mem_mb("report"),
-        runtime=runtime("report"),
+        **stage_resources("report"),
     shell:
         "python -m cfs.report figures --summary {input} --model {wildcards.model}"
         " --out-dir results/figures > {log} 2>&1"

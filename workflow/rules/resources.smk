@@ -1,57 +1,51 @@
 # Cluster resources of each stage, sized per model from config (models.<name>.resources).
-# Each function returns a callable of (wildcards, threads, attempt), as Snakemake's
-# `resources:` takes. The model stages (prepare, merge, generate, train, evaluate) read
-# `<stage>_<key>` first, then `<key>`, then the defaults below; GPUs go to the GPU stages
-# only. The other stages (data, mix, report) never ask for GPUs and take fixed small sizes.
-# Site values (partition, account, GPU type) come from the Slurm profile (slurm/config.yaml).
+# A model stage (prepare, merge, generate, train, evaluate) reads `<method>_<key>` (a
+# fine-tune: e.g. lora_gpus), then `<stage>_<key>`, then `<key>`, then the defaults below;
+# GPUs go to the GPU stages only. The other stages (data, mix, report) never ask for GPUs,
+# take fixed small sizes, and run on the submitting host (localrules: they take seconds).
+# Site values (partition, account) come from the Slurm profile (slurm/config.yaml); the
+# GPU stages' partition and GPU type from CFS_SLURM_GPU_PARTITION and CFS_SLURM_GPU_MODEL.
+import os
+
+from cfs.study import STAGES
 
 GPU_STAGES = ("generate", "train", "evaluate")
-MODEL_STAGES = ("prepare", "merge") + GPU_STAGES
-MODEL_STAGE_DEFAULTS = {"mem_mb": 8000, "runtime": 60}
-CPU_STAGE_DEFAULTS = {"cpus_per_task": 1, "mem_mb": 4000, "runtime": 30}
+MODEL_STAGE_DEFAULTS = {"gpus": 0, "mem_mb": 8000, "runtime": 60}
+CPU_STAGE_DEFAULTS = {"gpus": 0, "cpus_per_task": 1, "mem_mb": 4000, "runtime": 30}
 
 
-def _model_resources(wildcards):
-    model = getattr(wildcards, "model", None)
-    if model is None or model not in config["models"]:
-        return {}
-    return config["models"][model].get("resources", {})
-
-
-def _stage_value(stage, key, wildcards, default):
-    if stage not in MODEL_STAGES:
+def _stage_value(stage, key, wildcards, threads):
+    if stage not in STAGES or (key == "gpus" and stage not in GPU_STAGES):
         return CPU_STAGE_DEFAULTS[key]
-    resources = _model_resources(wildcards)
-    return resources.get(f"{stage}_{key}", resources.get(key, default))
+    model = getattr(wildcards, "model", None)
+    resources = config["models"].get(model, {}).get("resources", {})
+    keys = [f"{stage}_{key}", key]
+    if stage == "train" and hasattr(wildcards, "cell"):
+        keys.insert(0, f"{parse_cell(wildcards.cell)['method']}_{key}")
+    default = threads if key == "cpus_per_task" else MODEL_STAGE_DEFAULTS[key]
+    return next((resources[k] for k in keys if k in resources), default)
 
 
-def gpu_count(stage):
-    """GPUs of one job: `<stage>_gpus` or `gpus` of the model (GPU stages), else 0."""
-
-    def count(wildcards, attempt):
-        if stage not in GPU_STAGES:
-            return 0
-        return _stage_value(stage, "gpus", wildcards, 0)
-
-    return count
-
-
-def cpus(stage):
-    """CPUs of one job; a model stage asks for its rule's threads unless sized in config."""
-    return lambda wildcards, threads, attempt: _stage_value(
-        stage, "cpus_per_task", wildcards, threads
-    )
+def stage_resources(stage):
+    """The four resource lines of every rule: GPUs, CPUs, memory (MB) and runtime
+    (minutes). A job killed at its runtime is retried and resumes from where it stopped
+    (fine-tuning checkpoints, generation batches)."""
+    config_keys = {"gpu": "gpus", "cpus_per_task": "cpus_per_task", "mem_mb": "mem_mb"}
+    config_keys["runtime"] = "runtime"
+    return {
+        resource: (
+            lambda wildcards, threads, attempt, key=key: _stage_value(
+                stage, key, wildcards, threads
+            )
+        )
+        for resource, key in config_keys.items()
+    } | (gpu_site_resources() if stage in GPU_STAGES else {})
 
 
-def mem_mb(stage):
-    return lambda wildcards, attempt: _stage_value(
-        stage, "mem_mb", wildcards, MODEL_STAGE_DEFAULTS["mem_mb"]
-    )
-
-
-def runtime(stage):
-    """Minutes of wall time. A job killed at the limit is retried and resumes from where
-    it stopped (fine-tuning checkpoints, generation batches)."""
-    return lambda wildcards, attempt: _stage_value(
-        stage, "runtime", wildcards, MODEL_STAGE_DEFAULTS["runtime"]
-    )
+def gpu_site_resources():
+    """Partition and GPU type of the GPU stages' jobs, where the site sets them."""
+    site = {
+        "slurm_partition": os.environ.get("CFS_SLURM_GPU_PARTITION"),
+        "gpu_model": os.environ.get("CFS_SLURM_GPU_MODEL"),
+    }
+    return {key: value for key, value in site.items() if value}

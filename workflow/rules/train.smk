@@ -2,27 +2,24 @@ rule fine_tune:
     input:
         unpack(train_inputs),
     output:
-        model=directory("results/{model}/{cell}/model"),
+        model=directory("results/{model}/{cell}/seed{seed}/model"),
     log:
-        "results/logs/fine_tune/{model}/{cell}.log",
+        "results/logs/fine_tune/{model}/{cell}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/fine_tune/{model}/{cell}.tsv"
+        "results/benchmarks/fine_tune/{model}/{cell}/seed{seed}.tsv"
     wildcard_constraints:
         cell=TRAINED_CELL,
     conda:
         "../../envs/cfs.yaml"
     threads: config["threads"]
     resources:
-        gpu=gpu_count("train"),
-        cpus_per_task=cpus("train"),
-        mem_mb=mem_mb("train"),
-        runtime=runtime("train"),
+        **stage_resources("train"),
     params:
         settings=lambda wildcards: as_arg(
-            train_settings(wildcards.model, wildcards.cell)
+            train_settings(wildcards.cell, wildcards.seed)
         ),
         synthetic=synthetic_flag,
-        checkpoints="results/{model}/{cell}/checkpoints",
+        checkpoints="results/{model}/{cell}/seed{seed}/checkpoints",
     shell:
         # several GPUs: one process per GPU (cfs.distributed); one or none: one process
         "if [ {resources.gpu} -gt 1 ]; then"
@@ -37,20 +34,17 @@ rule fine_tune:
 rule interpolate_wiseft:
     input:
         base="results/models/{model}/base",
-        finetuned="results/{model}/ratio0/model",
+        finetuned=f"results/{{model}}/{PLAIN_CELL}/seed{{seed}}/model",
     output:
-        model=directory("results/{model}/wiseft/alpha{alpha}/model"),
+        model=directory("results/{model}/wiseft/alpha{alpha}/seed{seed}/model"),
     log:
-        "results/logs/interpolate_wiseft/{model}_alpha{alpha}.log",
+        "results/logs/interpolate_wiseft/{model}_alpha{alpha}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/interpolate_wiseft/{model}_alpha{alpha}.tsv"
+        "results/benchmarks/interpolate_wiseft/{model}_alpha{alpha}_seed{seed}.tsv"
     conda:
         "../../envs/cfs.yaml"
     resources:
-        gpu=gpu_count("merge"),
-        cpus_per_task=cpus("merge"),
-        mem_mb=mem_mb("merge"),
-        runtime=runtime("merge"),
+        **stage_resources("merge"),
     shell:
         "python -m cfs.wiseft --base {input.base} --finetuned {input.finetuned}"
         " --alpha {wildcards.alpha} --out {output.model} > {log} 2>&1"

@@ -1,0 +1,266 @@
+"""The grammar of the study, once: each method's path below results/{model}/, its knobs,
+the samples and training set it needs, how it trains (or that it does not), and the grid
+of cells and seeds a config asks for. The Snakemake rules (workflow/rules/common.smk),
+cfs.train, cfs.report and the cluster resources all derive from this module.
+
+A cell is one point of the grid (a method and its knob values); each cell runs once per
+seed of `study.seeds`, under `<cell>/seed<S>/`, and `<cell>/eval.json` stands for the
+cell over its seeds.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+import numpy as np
+
+NUMBER = r"\d+(?:\.\d+)?"
+NONZERO = r"(?!0+(?:\.0+)?(?![\d.]))\d+(?:\.\d+)?"  # a number that is not zero
+INTEGER = r"[1-9]\d*"
+
+# Each knob: the pattern of its values in paths, its config list (under methods.<name>,
+# else under study) and how the report labels it.
+KNOB_PATTERNS = {
+    "temperature": NUMBER,
+    "ratio": NONZERO,
+    "rank": INTEGER,
+    "lambda": NUMBER,
+    "alpha": NUMBER,
+}
+KNOB_LABELS = {"temperature": "T", "ratio": "r", "rank": "rank", "lambda": "λ", "alpha": "α"}
+
+# Samples a method can draw from the base model (or a corpus), once per (model, knobs,
+# seed) and shared by every cell that uses them; their path is below results/{model}/.
+SAMPLES = {
+    "context_free": "temp{temperature}/seed{seed}/context_free.jsonl",
+    "contextual": "contextual/temp{temperature}/seed{seed}/samples.jsonl",
+    "replay": "replay/seed{seed}/chunks.jsonl",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the study.
+
+    path: the cell's folder below results/{model}/, with {knob} fields.
+    samples: the samples it needs (a key of SAMPLES), or None.
+    mixes: the samples are mixed into the training set; otherwise the cell trains on the
+        plain task set and the samples (if any) feed a separate loss term.
+    trains: cfs.train's objective ("full", "lora", "l2", "weighted_synthetic",
+        "kl_to_base"); None for a method that derives its model without training.
+    stage: the resources stage of the job that makes the model (train or merge).
+    """
+
+    name: str
+    path: str
+    samples: str | None = None
+    mixes: bool = False
+    trains: str | None = "full"
+    stage: str = "train"
+
+    @property
+    def knobs(self) -> tuple[str, ...]:
+        return tuple(field for _, field, _, _ in string.Formatter().parse(self.path) if field)
+
+    def pattern(self, named: bool = True) -> str:
+        """The cell path as a regular expression (named groups for the knobs)."""
+        parts = []
+        for literal, field, _, _ in string.Formatter().parse(self.path):
+            parts.append(re.escape(literal))
+            if field:
+                value = KNOB_PATTERNS[field]
+                parts.append(f"(?P<{field}>{value})" if named else f"(?:{value})")
+        return "".join(parts)
+
+
+METHODS = {
+    method.name: method
+    for method in (
+        Method("plain", "ratio0"),
+        Method("context_free", "temp{temperature}/ratio{ratio}", "context_free", mixes=True),
+        Method("contextual", "contextual/temp{temperature}/ratio{ratio}", "contextual", mixes=True),
+        Method("replay", "replay/ratio{ratio}", "replay", mixes=True),
+        Method("lora", "lora/rank{rank}", trains="lora"),
+        Method("l2", "l2/lambda{lambda}", trains="l2"),
+        Method("wiseft", "wiseft/alpha{alpha}", trains=None, stage="merge"),
+        Method(
+            "weighted_synthetic",
+            "cf_weighted/temp{temperature}/ratio{ratio}/lambda{lambda}",
+            "context_free",
+            trains="weighted_synthetic",
+        ),
+        Method(
+            "kl_to_base",
+            "kl_to_base/temp{temperature}/ratio{ratio}/lambda{lambda}",
+            "context_free",
+            trains="kl_to_base",
+        ),
+    )
+}
+# Cluster resources (workflow/rules/resources.smk): models.<name>.resources keys are KEY,
+# STAGE_KEY or, for a fine-tune, METHOD_KEY (a LoRA fine-tune may fit one GPU).
+RESOURCE_KEYS = ("gpus", "cpus_per_task", "mem_mb", "runtime")
+STAGES = ("prepare", "merge", "generate", "train", "evaluate")
+# The figures of each model (cfs.report draws them; the Snakemake rule lists them).
+FIGURES = ("vs_temperature", "vs_ratio", "tradeoff", "methods")
+# Order of the report's rows and legends.
+REPORT_ORDER = ["base", *METHODS]
+TRAINERS = sorted({m.trains for m in METHODS.values() if m.trains})
+PLAIN_CELL = METHODS["plain"].path
+RESOURCE_PREFIXES = set(STAGES) | {name for name, m in METHODS.items() if m.trains}
+
+
+def resource_key(key: str) -> tuple[str | None, str] | None:
+    """'train_gpus' -> ('train', 'gpus'), 'gpus' -> (None, 'gpus'); None if not a resource."""
+    for name in RESOURCE_KEYS:
+        prefix = key.removesuffix(f"_{name}")
+        if key == name:
+            return None, name
+        if prefix != key and prefix in RESOURCE_PREFIXES:
+            return prefix, name
+    return None
+
+
+def alternatives(methods) -> str:
+    """One regular expression matching the cells of any of `methods`."""
+    return "|".join(METHODS[name].pattern(named=False) for name in methods)
+
+
+def fmt(value) -> str:
+    """A number as it appears in paths: 0.5 -> '0.5', 1.0 -> '1', 1e6 -> '1000000'."""
+    return np.format_float_positional(float(value), trim="-")
+
+
+def parse_cell(cell: str) -> dict:
+    """The method and knobs of a cell path: 'temp1/ratio0.5' -> context_free, T 1, r 0.5."""
+    for method in METHODS.values():
+        match = re.fullmatch(method.pattern(), cell)
+        if match:
+            knobs = {
+                key: int(value) if key == "rank" else float(value)
+                for key, value in match.groupdict().items()
+            }
+            if method.name == "plain":
+                knobs["ratio"] = 0.0
+            return {"method": method.name, **knobs}
+    raise ValueError(f"not a grid cell: {cell!r}")
+
+
+class Study:
+    """The grid a (validated) config asks for."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.study = config["study"]
+
+    @property
+    def methods(self) -> list[str]:
+        return self.study["methods"]
+
+    @property
+    def seeds(self) -> list[int]:
+        seeds = self.study["seeds"]
+        return [seeds] if isinstance(seeds, int) else list(seeds)
+
+    def knob_values(self, method: str, knob: str) -> list:
+        """methods.<method>.<knob>s, else study.<knob>s; ratios without 0."""
+        plural = f"{knob}s"
+        values = self.config.get("methods", {}).get(method, {}).get(plural)
+        if not values:
+            values = self.study.get(plural) or []
+        return [value for value in values if knob != "ratio" or value > 0]
+
+    def method_options(self, method: str) -> dict:
+        """methods.<method> without its sweeps (lists of knob values) and resources: what
+        one cell's job needs, so adding a value to a sweep changes no other cell's job."""
+        section = self.config.get("methods", {}).get(method, {})
+        sweeps = {f"{knob}s" for knob in KNOB_PATTERNS} | {"resources"}
+        return {key: value for key, value in section.items() if key not in sweeps}
+
+    def method_cells(self, method: str) -> list[str]:
+        spec = METHODS[method]
+        if method == "plain":
+            return [spec.path] if 0 in self.study["ratios"] else []
+        grids = [[]]
+        for knob in spec.knobs:
+            grids = [g + [(knob, value)] for g in grids for value in self.knob_values(method, knob)]
+        return [spec.path.format(**{k: fmt(v) for k, v in grid}) for grid in grids]
+
+    def cells(self) -> list[str]:
+        """Every cell: plain fine-tuning (ratio 0) and each configured method's."""
+        return [cell for name in ["plain", *self.methods] for cell in self.method_cells(name)]
+
+    def seeded(self, path: str) -> list[str]:
+        return [path.format(seed=seed) for seed in self.seeds]
+
+    def check(self) -> None:
+        """What the schema cannot say; the message names the config key."""
+        for model in self.study["models"]:
+            if model not in self.config["models"]:
+                raise ValueError(
+                    f"config key study.models: unknown model '{model}' "
+                    f"(known under `models`: {', '.join(sorted(self.config['models']))})"
+                )
+        configurable = [name for name in METHODS if name != "plain"]  # plain: ratio 0
+        for name in self.methods:
+            if name not in configurable:
+                raise ValueError(
+                    f"config key study.methods: unknown method '{name}' "
+                    f"(known: {', '.join(configurable)})"
+                )
+        for name in self.config.get("methods", {}):
+            if name not in configurable:
+                raise ValueError(
+                    f"config key methods.{name}: unknown method (known: "
+                    f"{', '.join(configurable)})"
+                )
+        for name in self.methods:
+            spec = METHODS[name]
+            if "ratio" in spec.knobs and "temperature" in spec.knobs:
+                if self.knob_values(name, "ratio") and not self.knob_values(name, "temperature"):
+                    raise ValueError(
+                        "config key study.temperatures: empty, but study.ratios has non-zero "
+                        f"ratios that need {name} samples"
+                    )
+            missing = [k for k in spec.knobs if not self.knob_values(name, k)]
+            if missing and "ratio" not in spec.knobs:
+                raise ValueError(
+                    f"config key methods.{name}.{missing[0]}s: {name} needs at least one value"
+                )
+        if "wiseft" in self.methods and 0 not in self.study["ratios"]:
+            raise ValueError(
+                "config key study.ratios: WiSE-FT interpolates the plain fine-tune, so the "
+                "ratios need 0"
+            )
+        if "replay" in self.methods:
+            corpus = self.config.get("methods", {}).get("replay", {}).get("corpus") or {}
+            chosen = [k for k in ("python_stdlib", "files", "hub_dataset") if corpus.get(k)]
+            if len(chosen) != 1:
+                raise ValueError(
+                    "config key methods.replay.corpus: set exactly one of python_stdlib, "
+                    f"files, hub_dataset (set: {', '.join(chosen) or 'none'})"
+                )
+        for model, settings in self.config["models"].items():
+            for key in settings.get("resources", {}):
+                if resource_key(key):
+                    continue
+                raise ValueError(
+                    f"config key models.{model}.resources.{key}: not a resource (KEY, "
+                    f"STAGE_KEY or METHOD_KEY; KEY one of {', '.join(RESOURCE_KEYS)}, STAGE "
+                    f"one of {', '.join(STAGES)}, METHOD a trained method: "
+                    f"{', '.join(m for m in METHODS if METHODS[m].trains)})"
+                )
+        num_train = self.config["task"].get("num_train", 0)
+        for name in self.methods:
+            if METHODS[name].samples not in ("context_free", "contextual") or not num_train:
+                continue
+            ratios = self.knob_values(name, "ratio")
+            needed = round(max(ratios, default=0) * num_train)
+            if needed > self.config["generation"]["num_samples"]:
+                raise ValueError(
+                    f"config key generation.num_samples: "
+                    f"{self.config['generation']['num_samples']} is fewer than ratio "
+                    f"{max(ratios)} x task.num_train {num_train} = {needed} ({name})"
+                )
