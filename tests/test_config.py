@@ -4,6 +4,7 @@ and the DAG the embedded default config schedules (dry runs only: seconds)."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -327,3 +328,31 @@ def test_wiseft_without_plain_fine_tuning_is_rejected(repo):
     config = default_config()
     config["study"]["ratios"] = [1.0]
     assert_rejected(dry_run_with(repo, "no_plain.yaml", config), "study.ratios", "WiSE-FT")
+
+
+def fine_tune_gpus(output: str) -> dict[str, int]:
+    """cell -> gpu resource of each fine_tune job in a dry run's output."""
+    gpus = {}
+    for block in re.split(r"^(?=(?:local)?rule \w+:)", output, flags=re.M):
+        if re.search(r"^rule fine_tune:", block, re.M):
+            cell = re.search(r"cell=([^,\n]+)", block).group(1)
+            gpus[cell] = int(re.search(r"\bgpu=(\d+)", block).group(1))
+    return gpus
+
+
+def test_resources_per_method_override_the_stage(repo):
+    """An 8B LoRA fits one GPU where full fine-tuning is sharded over several:
+    METHOD_KEY wins over STAGE_KEY for that method's fine-tunes only."""
+    config = copy.deepcopy(default_config())
+    config["models"]["smollm2"]["resources"] = {"train_gpus": 4, "lora_gpus": 1}
+    result = dry_run_with(repo, "per_method.yaml", config)
+    assert result.returncode == 0, result.stdout[-3000:]
+    gpus = fine_tune_gpus(result.stdout)
+    assert gpus.pop("lora/rank16") == 1
+    assert gpus and set(gpus.values()) == {4}, gpus
+
+
+def test_unknown_resource_prefix_is_rejected(repo):
+    config = copy.deepcopy(default_config())
+    config["models"]["smollm2"]["resources"] = {"loar_gpus": 1}
+    assert_rejected(dry_run_with(repo, "typo_resource.yaml", config), "resources.loar_gpus")

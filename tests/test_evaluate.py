@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from cfs import data, evaluate, generate
 from cfs.cli import SettingsError
 from cfs.modeling import load_model, load_tokenizer
-from conftest import REPO, TEMPLATE, read_jsonl, write_jsonl
+from conftest import REPO, TEMPLATE, evaluation_settings, read_jsonl, write_jsonl
 
 MC_TASK = "cfs_test_mc"
 
@@ -213,17 +213,15 @@ def stage_runs(tiny_model_dir, perturbed_model_dir, tmp_path_factory):
             str(heldout),
         ]
     )
-    settings = {
-        "cell": {"model": "tiny", "method": "base"},
-        "include_path": str(root / "tasks"),
-        "target": {"task": "cfs_arith", "metric": "exact_match,flexible-extract"},
-        "forgetting": [{"task": MC_TASK, "metric": "acc,none"}],
-        "batch_size": 4,
-        "limit": 3,
-        "kl_batch_size": 2,
-        "seed": 0,
-        "dtype": "float32",
-    }
+    settings = evaluation_settings(
+        include_path=str(root / "tasks"),
+        target={"task": "cfs_arith", "metric": "exact_match,flexible-extract"},
+        forgetting=[{"task": MC_TASK, "metric": "acc,none"}],
+        batch_size=4,
+        limit=3,
+        kl={"batch_size": 2},
+        dtype="float32",
+    )
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.chdir(root)  # the cfs_arith task reads results/data/arith/test.jsonl
     # Index only our local tasks: lm-eval's own ~13k task YAMLs take ~15 s per run to
@@ -285,6 +283,22 @@ def test_stage_base_eval_has_metrics_from_lm_eval(stage_runs):
     assert metrics["kl_to_base"] == 0.0
     assert record["cell"] == {"model": "tiny", "method": "base"}
     assert "base" not in record
+
+
+def test_stage_keeps_each_items_score(stage_runs):
+    """Per-item scores of the configured metric, one per test item (limit 3), whose mean is
+    the task's metric: what the paired intervals of cfs.statistics resample."""
+    for record in (stage_runs["base"], stage_runs["tuned"]):
+        assert record["tasks"] == {"target": "cfs_arith", "forgetting": [MC_TASK]}
+        assert set(record["items"]) == {"cfs_arith", MC_TASK}
+        for task, metric in (("cfs_arith", "target"), (MC_TASK, None)):
+            scores = record["items"][task]
+            assert sorted(scores) == ["0", "1", "2"]
+            assert set(scores.values()) <= {0.0, 1.0}
+            expected = (
+                record["metrics"][metric] if metric else record["metrics"]["forgetting"][task]
+            )
+            assert sum(scores.values()) / len(scores) == pytest.approx(expected)
 
 
 def test_stage_finetuned_eval_has_kl_base_and_change(stage_runs):

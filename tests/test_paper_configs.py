@@ -22,6 +22,7 @@ from conftest import (
     REPO,
     copy_repo,
     default_config,
+    evaluation_settings,
     job_stats,
     read_jsonl,
     run_snakemake,
@@ -78,7 +79,7 @@ def test_full_grid_dry_run_builds_offline_with_grid_counts(repo, name):
     assert stats == expected_grid_jobs(config)
     (model,) = config["study"]["models"]
     for temperature in config["study"]["temperatures"]:
-        assert f"results/{model}/temp{temperature:g}/context_free.jsonl" in result.stdout
+        assert f"results/{model}/temp{temperature:g}/seed0/context_free.jsonl" in result.stdout
     assert f"results/{model}/ratio0/eval.json" in result.stdout
     assert f"results/data/{config['task']['name']}/train.jsonl" in result.stdout
 
@@ -104,7 +105,8 @@ def test_the_briefs_example_builds_with_the_default_config(repo):
     result = run_snakemake(repo, "-n", "results/olmo/temp0.7/ratio0.5/eval.json", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     stats = job_stats(result.stdout)
-    assert stats == {
+    assert stats == {  # the card over the default's seeds (one)
+        "check_evaluation_tasks": 1,
         "prepare_model": 1,
         "prepare_task_data": 1,
         "evaluate_base": 1,
@@ -113,6 +115,7 @@ def test_the_briefs_example_builds_with_the_default_config(repo):
         "mix_at_ratio": 1,
         "fine_tune": 1,
         "evaluate_finetuned": 1,
+        "summarise_seeds": 1,
     }
 
 
@@ -422,20 +425,19 @@ def test_repeats_average_each_questions_answers_into_pass_at_1(
         return out
 
     monkeypatch.setattr(hf.HFLM, "generate_until", fake_generate_until)
-    settings = {
-        "include_path": str(tmp_path / "tasks"),
-        "target": {
+    settings = evaluation_settings(
+        include_path=str(tmp_path / "tasks"),
+        target={
             "task": name,
             "metric": "exact_match,digit",
             "repeats": 3,
             "gen_kwargs": {"do_sample": True, "temperature": 0.6, "top_p": 0.95},
         },
-        "forgetting": [{"task": other, "metric": "exact_match,digit"}],  # greedy, 1 answer
-        "batch_size": 4,
-        "seed": 0,
-        "dtype": "float32",
-    }
-    scores, harness = evaluate.run_lm_eval(tiny_model_dir, settings)
+        forgetting=[{"task": other, "metric": "exact_match,digit"}],  # greedy, 1 answer
+        batch_size=4,
+        dtype="float32",
+    )
+    scores, items, harness = evaluate.run_lm_eval(tiny_model_dir, settings)
     sampled = [request for request in seen if request.task_name == name]
     assert len(sampled) == 4 * 3  # 4 questions x 3 answers
     assert all(request.args[1]["temperature"] == 0.6 for request in sampled)
@@ -450,6 +452,9 @@ def test_repeats_average_each_questions_answers_into_pass_at_1(
     assert scores[name]["exact_match,digit"] == pytest.approx(expected)
     assert harness["backend"] == "hf"
     assert harness["tasks"][name]["repeats"] == 3
+    # per question: the mean of its 3 answers' scores, as the task metric averages
+    assert sum(items[name].values()) / 4 == pytest.approx(expected)
+    assert set(items[name].values()) <= {0.0, 1 / 3, 2 / 3, 1.0}
 
 
 def test_repeats_on_a_log_likelihood_task_is_refused(tmp_path):
@@ -472,7 +477,7 @@ def test_repeats_on_a_log_likelihood_task_is_refused(tmp_path):
 def test_lm_eval_backend_and_model_args(tiny_model_dir):
     backend, args = evaluate.lm_eval_model_args(
         tiny_model_dir,
-        {"seed": 0, "dtype": "float32", "model_args": {"think_end_token": "</think>"}},
+        evaluation_settings(dtype="float32", model_args={"think_end_token": "</think>"}),
     )
     assert backend == "hf"
     assert args == {
@@ -481,17 +486,19 @@ def test_lm_eval_backend_and_model_args(tiny_model_dir):
         "think_end_token": "</think>",
     }
     with pytest.raises(SettingsError, match="evaluation.backend is 'vllm'"):
-        evaluate.lm_eval_model_args(tiny_model_dir, {"seed": 0, "backend": "vllm"})
+        evaluate.lm_eval_model_args(tiny_model_dir, evaluation_settings(backend="vllm"))
     with pytest.raises(SettingsError, match="pretrained"):
-        evaluate.lm_eval_model_args(tiny_model_dir, {"seed": 0, "model_args": {"pretrained": "x"}})
+        evaluate.lm_eval_model_args(
+            tiny_model_dir, evaluation_settings(model_args={"pretrained": "x"})
+        )
 
 
 def test_post_eval_with_another_harness_than_the_base_eval_is_refused(tmp_path):
-    settings = {
-        "target": {"task": "t", "metric": "acc,none"},
-        "forgetting": [{"task": "f", "metric": "acc,none"}],
-        "batch_size": 8,
-    }
+    settings = evaluation_settings(
+        target={"task": "t", "metric": "acc,none"},
+        forgetting=[{"task": "f", "metric": "acc,none"}],
+        batch_size=8,
+    )
     base = evaluate.lm_eval_harness_settings(settings, "hf", {"pretrained": "a", "dtype": "x"})
     same = evaluate.lm_eval_harness_settings(settings, "hf", {"pretrained": "b", "dtype": "x"})
     evaluate.check_same_harness({"lm_eval_settings": base}, same, tmp_path / "base.json")

@@ -56,7 +56,12 @@ def write_fallback_task(tasks_dir):
 
 def tiny_config(model_dir, repo):
     config = default_config()
-    config["study"] = {"models": [MODEL], "temperatures": [0.7, 1.0], "ratios": [0, 0.5], "seed": 0}
+    config["study"] = {
+        "models": [MODEL],
+        "temperatures": [0.7, 1.0],
+        "ratios": [0, 0.5],
+        "seeds": [0],
+    }
     config["models"] = {MODEL: {"local_path": str(model_dir)}}
     config["task"].update(num_train=16, num_test=8)
     config["generation"].update(num_samples=8, max_new_tokens=12, batch_size=8)
@@ -110,6 +115,14 @@ def pipeline(tiny_model_dir, tokenizer, tmp_path_factory):
 CELLS = ["base", "ratio0", "temp0.7/ratio0.5", "temp1/ratio0.5"]
 
 
+def seed_eval(cell, seed=0):
+    return (
+        f"results/{MODEL}/{cell}/eval.json"
+        if cell == "base"
+        else (f"results/{MODEL}/{cell}/seed{seed}/eval.json")
+    )
+
+
 def test_pipeline_runs_to_completion(pipeline):
     result = pipeline["result"]
     assert result.returncode == 0, failure_report(pipeline["repo"], result)
@@ -129,7 +142,8 @@ def test_summary_has_one_finite_row_per_cell(pipeline):
         assert all(math.isfinite(v) for v in table[column]), column
     assert table.loc[table["method"] == "base", "kl_to_base"].tolist() == [0.0]
     assert (table.loc[table["method"] != "base", "kl_to_base"] > 0).all()
-    assert sorted(table["eval_path"]) == sorted(f"results/{MODEL}/{c}/eval.json" for c in CELLS)
+    assert sorted(table["eval_paths"]) == sorted(seed_eval(c) for c in CELLS)
+    assert set(table["num_seeds"]) == {1}
     for entry in pipeline["config"]["evaluation"]["forgetting"]:
         assert f"forgetting:{entry['task']}" in table.columns
 
@@ -138,7 +152,7 @@ def test_eval_files_have_metrics_base_and_provenance(pipeline):
     results, bos = pipeline["results"], pipeline["bos"]
     base_metrics = json.loads((results / MODEL / "base" / "eval.json").read_text())["metrics"]
     for cell in CELLS:
-        record = json.loads((results / MODEL / cell / "eval.json").read_text())
+        record = json.loads((results.parent / seed_eval(cell)).read_text())
         metrics = record["metrics"]
         for key in ("target", "forgetting_avg", "kl_to_base"):
             assert math.isfinite(metrics[key]), (cell, key)
@@ -155,6 +169,12 @@ def test_eval_files_have_metrics_base_and_provenance(pipeline):
         assert metrics["heldout_tokens"] > 0
         assert prov["heldout_provenance"]["prompt_token_id"] == bos
         assert prov["model_provenance"]["stage"] == "fine_tune"
+        # the cell's card: its seeds' mean and interval, and each seed's eval
+        card = json.loads((results / MODEL / cell / "eval.json").read_text())
+        assert card["seeds"] == [0]
+        assert card["metrics"]["target"] == metrics["target"]
+        assert card["per_seed"][0]["eval"] == seed_eval(cell)
+        assert set(record["items"]) == {record["tasks"]["target"], *record["tasks"]["forgetting"]}
 
 
 def test_figures_exist(pipeline):
@@ -167,10 +187,9 @@ def test_figures_exist(pipeline):
 def test_generations_record_the_prompt_token(pipeline):
     results, bos = pipeline["results"], pipeline["bos"]
     for temperature in ("0.7", "1"):
-        samples = read_jsonl(results / MODEL / f"temp{temperature}" / "context_free.jsonl")
-        prov = json.loads(
-            (results / MODEL / f"temp{temperature}" / "context_free.provenance.json").read_text()
-        )
+        folder = results / MODEL / f"temp{temperature}" / "seed0"
+        samples = read_jsonl(folder / "context_free.jsonl")
+        prov = json.loads((folder / "context_free.provenance.json").read_text())
         assert len(samples) == 8
         assert {s["prompt_token_id"] for s in samples} == {bos}
         assert prov["prompt_token_id"] == bos
@@ -187,10 +206,11 @@ def test_generations_record_the_prompt_token(pipeline):
 
 def test_mixed_sets_hold_the_first_generated_samples(pipeline):
     results = pipeline["results"]
-    assert len(read_jsonl(results / MODEL / "ratio0" / "train.jsonl")) == 16
+    assert len(read_jsonl(results / MODEL / "ratio0" / "seed0" / "train.jsonl")) == 16
     for temperature in ("0.7", "1"):
-        mixed = read_jsonl(results / MODEL / f"temp{temperature}" / "ratio0.5" / "train.jsonl")
-        generated = read_jsonl(results / MODEL / f"temp{temperature}" / "context_free.jsonl")
+        cell = results / MODEL / f"temp{temperature}"
+        mixed = read_jsonl(cell / "ratio0.5" / "seed0" / "train.jsonl")
+        generated = read_jsonl(cell / "seed0" / "context_free.jsonl")
         synthetic = [r["token_ids"] for r in mixed if r["kind"] == "context_free"]
         assert len(mixed) == 24 and len(synthetic) == 8
         assert sorted(synthetic) == sorted(s["token_ids"] for s in generated[:8])
@@ -199,11 +219,11 @@ def test_mixed_sets_hold_the_first_generated_samples(pipeline):
 def test_fine_tuned_models_are_complete_and_checkpoints_gone(pipeline):
     results = pipeline["results"]
     for cell in CELLS[1:]:
-        model_dir = results / MODEL / cell / "model"
+        model_dir = results / MODEL / cell / "seed0" / "model"
         log = json.loads((model_dir / "train_log.json").read_text())
         assert math.isfinite(log["summary"]["train_loss"])
         assert (model_dir / "cfs_provenance.json").is_file()
-        assert not (results / MODEL / cell / "checkpoints").exists()
+        assert not (results / MODEL / cell / "seed0" / "checkpoints").exists()
     leftovers = [p for p in results.rglob(".*") if p.name != ".snakemake_timestamp"]
     assert leftovers == [], leftovers
 
@@ -216,10 +236,10 @@ def test_every_job_wrote_a_log(pipeline):
         "generate_context_free",
         "generate_heldout",
         "mix_at_ratio",
-        "plain_task_set",
         "fine_tune",
         "evaluate_base",
         "evaluate_finetuned",
+        "summarise_seeds",
         "summary_table",
     ):
         assert list(logs.glob(f"{rule}*")) or list(logs.glob(f"{rule}/**/*")), rule
@@ -255,11 +275,32 @@ def test_new_temperature_schedules_only_its_jobs(pipeline):
         "mix_at_ratio": 1,
         "fine_tune": 1,
         "evaluate_finetuned": 1,
+        "summarise_seeds": 1,
         "summary_table": 1,
         "figures": 1,
         "all": 1,
     }, output[-3000:]
-    assert f"results/{MODEL}/temp1.3/ratio0.5/eval.json" in output
+    assert f"results/{MODEL}/temp1.3/ratio0.5/seed0/eval.json" in output
+
+
+def test_new_seed_schedules_only_its_jobs(pipeline):
+    """A second seed replicates every cell's generation, mixing, training and eval; the
+    base eval, the held-out samples and the task split stay as they are."""
+    assert pipeline["result"].returncode == 0
+    config = copy.deepcopy(pipeline["config"])
+    config["study"]["seeds"] = [0, 1]
+    stats, output = dry_run(pipeline, "plus_seed.yaml", config)
+    assert stats == {
+        "generate_context_free": 2,
+        "mix_at_ratio": 3,
+        "fine_tune": 3,
+        "evaluate_finetuned": 3,
+        "summarise_seeds": 3,
+        "summary_table": 1,
+        "figures": 1,
+        "all": 1,
+    }, output[-3000:]
+    assert f"results/{MODEL}/temp1/ratio0.5/seed1/eval.json" in output
 
 
 def test_new_ratio_reuses_the_generations(pipeline):
@@ -271,6 +312,7 @@ def test_new_ratio_reuses_the_generations(pipeline):
         "mix_at_ratio": 2,
         "fine_tune": 2,
         "evaluate_finetuned": 2,
+        "summarise_seeds": 2,
         "summary_table": 1,
         "figures": 1,
         "all": 1,
@@ -285,6 +327,7 @@ def test_changed_training_setting_reruns_training_and_evaluation_only(pipeline):
     assert stats == {
         "fine_tune": 3,
         "evaluate_finetuned": 3,
+        "summarise_seeds": 3,
         "summary_table": 1,
         "figures": 1,
         "all": 1,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import copy_repo, job_stats, read_jsonl, run_snakemake
-from test_pipeline import MODEL, THREADED_RULES, failure_report, tiny_config
+from test_pipeline import MODEL, THREADED_RULES, failure_report, seed_eval, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -68,10 +68,15 @@ def test_every_method_runs_to_completion(study):
 
 def test_summary_has_one_row_per_method(study):
     table = pd.read_csv(study["results"] / "summary.csv")
-    assert sorted(table["eval_path"]) == sorted(f"results/{MODEL}/{c}/eval.json" for c in CELLS)
-    by_path = dict(zip(table["eval_path"], table["method"], strict=True))
+    assert sorted(table["eval_paths"]) == sorted(seed_eval(c) for c in CELLS)
+    by_path = dict(zip(table["eval_paths"], table["method"], strict=True))
     for cell, method in CELLS.items():
-        assert by_path[f"results/{MODEL}/{cell}/eval.json"] == method
+        assert by_path[seed_eval(cell)] == method
+    differences = pd.read_csv(study["results"] / "differences.csv")
+    assert set(differences["method"]) == set(METHODS) | {"plain"}
+    verdicts = pd.read_csv(study["results"] / "verdicts.csv")
+    assert set(verdicts["verdict"]) <= {"supported", "contradicted", "inconclusive"}
+    assert len(verdicts) == 3  # forgets less, contextual and replay, each vs T1 r0.5
     for column in ("target", "forgetting_avg", "kl_to_base"):
         assert all(math.isfinite(v) for v in table[column]), column
     knobs = table.set_index("method")
@@ -86,21 +91,22 @@ def test_summary_has_one_row_per_method(study):
 
 def test_each_method_trained_what_it_should(study):
     results = study["results"] / MODEL
-    mixed = read_jsonl(results / "contextual" / "temp1" / "ratio0.5" / "train.jsonl")
+    mixed = read_jsonl(results / "contextual" / "temp1" / "ratio0.5" / "seed0" / "train.jsonl")
     assert sum(r["kind"] == "contextual" for r in mixed) == 8
     assert all("prompt_token_ids" in r for r in mixed if r["kind"] == "contextual")
-    replayed = read_jsonl(results / "replay" / "ratio0.5" / "train.jsonl")
+    replayed = read_jsonl(results / "replay" / "ratio0.5" / "seed0" / "train.jsonl")
     assert sum(r["kind"] == "replay" for r in replayed) == 8
     for cell, method, term in (
         ("l2/lambda1000", "l2", "l2"),
         ("cf_weighted/temp1/ratio0.5/lambda0.5", "weighted_synthetic", "synthetic_nll"),
         ("kl_to_base/temp1/ratio0.5/lambda1", "kl_to_base", "kl_to_base"),
     ):
-        log = json.loads((results / cell / "model" / "train_log.json").read_text())
+        log = json.loads((results / cell / "seed0" / "model" / "train_log.json").read_text())
         assert log["summary"]["method"] == method
         assert any(term in entry for entry in log["log_history"]), cell
-    prov = json.loads((results / "lora" / "rank4" / "model" / "cfs_provenance.json").read_text())
+    lora = results / "lora" / "rank4" / "seed0" / "model"
+    prov = json.loads((lora / "cfs_provenance.json").read_text())
     assert prov["settings"]["method"]["name"] == "lora"
     assert prov["settings"]["learning_rate"] == 1e-2
-    wise = json.loads((results / "wiseft" / "alpha0.5" / "eval.json").read_text())
+    wise = json.loads((results / "wiseft" / "alpha0.5" / "seed0" / "eval.json").read_text())
     assert wise["provenance"]["model_provenance"]["stage"] == "wiseft"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, copy_repo, snakemake_env
+from conftest import REPO, copy_repo, run_snakemake, snakemake_env
 from test_pipeline import MODEL, failure_report, tiny_config
 
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
@@ -80,26 +80,31 @@ def test_profile_takes_site_values_from_the_environment():
     assert "slurm-no-account" not in profile
     assert profile["slurm-status-command"] == "squeue"
     assert (profile["retries"], profile["jobs"]) == (5, 7)
-    for rule in ("fine_tune", "generate_context_free", "evaluate_finetuned"):
-        assert profile["set-resources"][rule] == {"slurm_partition": "'gpu'", "gpu_model": "'a100'"}
+    assert "set-resources" not in profile  # the rules know their stages (resources.smk)
 
 
-def gpu_rules_in_workflow() -> set[str]:
-    """Rules whose `gpu=` resource is one of the GPU stages of resources.smk."""
-    rules = set()
-    for path in (REPO / "workflow" / "rules").glob("*.smk"):
-        for block in re.split(r"^(?=rule )", path.read_text(), flags=re.M):
-            name = re.match(r"rule (\w+):", block)
-            if name and re.search(r'gpu=gpu_count\("(generate|train|evaluate)"\)', block):
-                rules.add(name.group(1))
-    return rules
-
-
-def test_profile_knows_every_gpu_rule():
-    """The GPU partition and GPU model go to the rules of the GPU stages by name: a new
-    GPU rule must be added to GPU_RULES in slurm/config.yaml."""
-    profile = load_profile({"CFS_SLURM_GPU_MODEL": "a100"})
-    assert set(profile["set-resources"]) == gpu_rules_in_workflow()
+def test_gpu_site_values_reach_every_gpu_stage_job_and_no_other(tmp_path):
+    """CFS_SLURM_GPU_PARTITION and CFS_SLURM_GPU_MODEL go to the jobs of the GPU stages
+    (generation, fine-tuning, evaluation), whatever their rule: no list of rule names."""
+    repo = copy_repo(tmp_path / "repo")
+    env = snakemake_env({"CFS_SLURM_GPU_PARTITION": "gpu", "CFS_SLURM_GPU_MODEL": "a100"})
+    result = run_snakemake(repo, "-n", "all", timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:]
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?:\n\n|\Z)", result.stdout, re.M | re.S)
+    gpu_stage_rules = {
+        "generate_context_free",
+        "generate_heldout",
+        "generate_contextual",
+        "fine_tune",
+        "evaluate_base",
+        "evaluate_finetuned",
+    }
+    seen = set()
+    for rule, block in jobs:
+        on_gpu_partition = "slurm_partition=gpu" in block and "gpu_model=a100" in block
+        assert on_gpu_partition == (rule in gpu_stage_rules), (rule, block)
+        seen.add(rule)
+    assert gpu_stage_rules <= seen
 
 
 # --------------------------------------------------------------------------- local Slurm
@@ -241,7 +246,7 @@ def slurm_run(local_slurm, tiny_model_dir, tmp_path_factory):
             command, cwd=repo, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True
         )
     try:
-        checkpoints = repo / "results" / MODEL / "temp1" / "ratio0.5" / "checkpoints"
+        checkpoints = repo / "results" / MODEL / "temp1" / "ratio0.5" / "seed0" / "checkpoints"
         requeued = requeue_after_first_checkpoint(process, checkpoints, env)
         process.wait(timeout=1200)
     finally:
@@ -288,20 +293,20 @@ def test_every_job_went_through_slurm(slurm_run):
     assert sorted(submitted) == sorted(job["id"] for job in jobs), result.stdout[-3000:]
     assert all(job["state"] == "COMPLETED" for job in jobs), jobs
     rules = sorted(str(job["rule"]) for job in jobs)
+    # jobs of seconds (checks, mixing, seeds' summaries, table, figures) run locally
     assert rules == sorted(
         [
             "prepare_model",
             "prepare_task_data",
             "generate_heldout",
             "generate_context_free",
-            "mix_at_ratio",
             "fine_tune",
             "evaluate_base",
             "evaluate_finetuned",
-            "summary_table",
-            "figures",
         ]
     ), jobs
+    local = re.findall(r"^localrule (\w+):", result.stdout, re.M)
+    assert {"mix_at_ratio", "summarise_seeds", "summary_table", "figures"} <= set(local)
 
 
 def test_gpu_stages_ask_slurm_for_gpus_and_cpu_stages_do_not(slurm_run):
@@ -329,9 +334,10 @@ def test_preempted_fine_tune_resumes_from_its_checkpoint(slurm_run):
     assert slurm_run["requeued"], "the fine-tune ended before it could be requeued"
     assert re.search(r"\bRestarts=1\b", slurm_run["requeued_job"]), slurm_run["requeued_job"]
     assert re.search(r"\bRequeue=1\b", slurm_run["requeued_job"]), "the profile's --requeue"
-    cell = slurm_run["repo"] / "results" / MODEL / "temp1" / "ratio0.5"
+    cell = slurm_run["repo"] / "results" / MODEL / "temp1" / "ratio0.5" / "seed0"
     summary = json.loads((cell / "model" / "train_log.json").read_text())["summary"]
     assert summary["resumed_from"], summary
-    log = slurm_run["repo"] / "results" / "logs" / "fine_tune" / MODEL / "temp1" / "ratio0.5.log"
+    logs = slurm_run["repo"] / "results" / "logs" / "fine_tune"
+    log = logs / MODEL / "temp1" / "ratio0.5" / "seed0.log"
     assert "resuming from" in log.read_text()
     assert not (cell / "checkpoints").exists()

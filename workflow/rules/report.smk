@@ -1,4 +1,5 @@
 localrules:
+    check_evaluation_tasks,
     mix_at_ratio,
     summarise_seeds,
     summary_table,
