@@ -51,7 +51,8 @@ GOAL_SECONDS = 5.0
 PAPER_TEMPERATURES = [0.5, 0.7, 1.0, 1.3]
 PAPER_RATIOS = [0.0, 0.25, 0.5, 1.0]
 AGGREGATORS = ("summary_table", "figures", "all")
-
+sys.path.insert(0, str(REPO / "workflow"))
+from cfs.study import METHODS, Study, fmt, parse_cell  # noqa: E402
 
 # --------------------------------------------------------------------------- config
 
@@ -74,11 +75,7 @@ def _merge(base, update):
 
 
 def all_methods() -> list[str]:
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    try:
-        return list(schema["properties"]["study"]["properties"]["methods"]["items"]["enum"])
-    except KeyError:
-        return ["context_free"]
+    return [name for name in METHODS if name != "plain"]
 
 
 def paper_grid(config: dict) -> dict:
@@ -91,77 +88,48 @@ def paper_grid(config: dict) -> dict:
     return {"study": {"temperatures": temperatures, "ratios": ratios, "methods": all_methods()}}
 
 
-def fmt(value) -> str:
-    text = f"{float(value):.10f}".rstrip("0").rstrip(".")
-    return text or "0"
-
-
 # --------------------------------------------------------------------------- minimum
 
 
 def minimum_jobs(config: dict) -> Counter:
-    """Jobs per rule a grid needs at least, from the config alone (not from the DAG)."""
-    study = config["study"]
-    models = study["models"]
-    methods = study.get("methods", ["context_free"])
-    knobs = config.get("methods") or {}
-
-    def temperatures(method):
-        return (knobs.get(method) or {}).get("temperatures") or study["temperatures"]
-
-    def ratios(method):
-        return [r for r in ((knobs.get(method) or {}).get("ratios") or study["ratios"]) if r > 0]
-
-    cells: dict[str, int] = {}
-    if "context_free" in methods:
-        cells["context_free"] = len(temperatures("context_free")) * len(ratios("context_free"))
-    if "contextual" in methods:
-        cells["contextual"] = len(temperatures("contextual")) * len(ratios("contextual"))
-    if "replay" in methods:
-        cells["replay"] = len(ratios("replay"))
-    if "lora" in methods:
-        cells["lora"] = len(knobs["lora"]["ranks"])
-    if "l2" in methods:
-        cells["l2"] = len(knobs["l2"]["lambdas"])
-    if "wiseft" in methods:
-        cells["wiseft"] = len(knobs["wiseft"]["alphas"])
-    for method in ("weighted_synthetic", "kl_to_base"):
-        if method in methods:
-            k = knobs[method]
-            cells[method] = len(temperatures(method)) * len(ratios(method)) * len(k["lambdas"])
-    plain = 1 if 0 in study["ratios"] else 0
-    # context-free samples: one file per (model, temperature), shared by every method
-    # that reads them (mixing, and the weighted / KL loss terms)
-    cf_temperatures = set()
-    for method in ("context_free", "weighted_synthetic", "kl_to_base"):
-        if cells.get(method):
-            cf_temperatures |= {fmt(t) for t in temperatures(method)}
-    trained = plain + sum(n for method, n in cells.items() if method != "wiseft")
-    need_plain_set = plain or any(
-        cells.get(m) for m in ("lora", "l2", "weighted_synthetic", "kl_to_base")
-    )
-    per_model = {
-        "prepare_model": 1,
-        "evaluate_base": 1,
-        "generate_heldout": 1 if trained + cells.get("wiseft", 0) else 0,
-        "generate_context_free": len(cf_temperatures),
-        "generate_contextual": len({fmt(t) for t in temperatures("contextual")})
-        if cells.get("contextual")
-        else 0,
-        "replay_chunks": 1 if cells.get("replay") else 0,
-        "plain_task_set": 1 if need_plain_set else 0,
-        "mix_at_ratio": cells.get("context_free", 0),
-        "mix_contextual": cells.get("contextual", 0),
-        "mix_replay": cells.get("replay", 0),
-        "fine_tune": trained,
-        "interpolate_wiseft": cells.get("wiseft", 0),
-        "evaluate_finetuned": trained + cells.get("wiseft", 0),
+    """Jobs per rule a grid needs at least: each sample set, training set, model and eval
+    once per seed, from the study's cells (cfs.study), not from the DAG."""
+    config = validated(config)
+    study = Study(config)
+    cells = [parse_cell(cell) for cell in study.cells()]
+    methods = [METHODS[cell["method"]] for cell in cells]
+    samples = {
+        (method.samples, cell.get("temperature"))
+        for method, cell in zip(methods, cells, strict=True)
+        if method.samples
     }
-    need = Counter({rule: n * len(models) for rule, n in per_model.items() if n})
-    need["prepare_task_data"] = 1
+    per_seed = {
+        "generate_context_free": sum(kind == "context_free" for kind, _ in samples),
+        "generate_contextual": sum(kind == "contextual" for kind, _ in samples),
+        "replay_chunks": int(any(kind == "replay" for kind, _ in samples)),
+        "mix_at_ratio": sum(m.mixes for m in methods)
+        + int(any(m.trains and not m.mixes for m in methods)),
+        "fine_tune": sum(bool(m.trains) for m in methods),
+        "interpolate_wiseft": sum(not m.trains for m in methods),
+        "evaluate_finetuned": len(cells),
+    }
+    per_model = {rule: n * len(study.seeds) for rule, n in per_seed.items()}
+    per_model.update(
+        prepare_model=1, evaluate_base=1, generate_heldout=1, summarise_seeds=len(cells)
+    )
+    need = Counter({rule: n * len(study.study["models"]) for rule, n in per_model.items() if n})
+    need["prepare_task_data"] = need["check_evaluation_tasks"] = 1
     for rule in AGGREGATORS:
         need[rule] = 1
     return need
+
+
+def validated(config: dict) -> dict:
+    from snakemake.utils import validate
+
+    config = copy.deepcopy(config)
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    return config
 
 
 # --------------------------------------------------------------------------- snakemake

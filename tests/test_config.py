@@ -174,7 +174,9 @@ def test_three_seeds_replicate_every_cell(repo):
     stats = job_stats(result.stdout)
     stats.pop("figures")
     assert stats == expected_default_jobs(config)
-    one = expected_default_jobs(default_config())
+    single = copy.deepcopy(config)
+    single["study"]["seeds"] = [0]
+    one = expected_default_jobs(single)
     assert stats["fine_tune"] == 3 * one["fine_tune"]
     assert stats["evaluate_base"] == one["evaluate_base"] == 1  # samples nothing
     assert stats["generate_heldout"] == 1  # the KL yardstick stays the same
@@ -210,7 +212,7 @@ def test_a_toy_method_is_one_entry_in_cfs_study(tmp_path):
         + "lambda{lambda}', 'context_free', trains='weighted_synthetic')\n"
     )
     config = copy.deepcopy(default_config())
-    config["study"]["methods"] = ["toy"]
+    config["study"].update(methods=["toy"], ratios=[0.0, 1.0], seeds=[0])
     config["methods"] = {"toy": {"lambdas": [0.5, 2.0]}}
     result = dry_run_with(repo, "toy.yaml", config)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -267,6 +269,7 @@ def every_method_config():
     config = copy.deepcopy(default_config())
     config["study"]["temperatures"] = [0.5, 1.0]
     config["study"]["ratios"] = [0.0, 0.5, 1.0]
+    config["study"]["seeds"] = [0]
     config["study"]["methods"] = [
         "context_free",
         "contextual",
@@ -278,7 +281,7 @@ def every_method_config():
         "kl_to_base",
     ]
     config["methods"]["contextual"] = {"temperatures": [0.5, 1.0], "ratios": [0.5, 1.0]}
-    config["methods"]["replay"] = {"corpus": {"python_stdlib": "*.py"}}
+    config["methods"]["replay"] = {"corpus": {"python_stdlib": "*.py"}, "ratios": None}
     config["methods"]["lora"]["ranks"] = [4, 8]
     config["methods"]["l2"]["lambdas"] = [0.01, 1000000.0]
     config["methods"]["wiseft"]["alphas"] = [0.25, 0.5, 0.75]

@@ -16,6 +16,7 @@ SETTINGS = {
     "num_train": 40,
     "num_test": 20,
     "seed": 3,
+    "steps": 2,
     "prompt_template": TEMPLATE,
 }
 ANSWER_LINE = re.compile(r"\nThe answer is: (-?\d+)$")
@@ -34,8 +35,9 @@ def test_problems_are_distinct_and_counted():
     assert len({p["query"] for p in problems}) == 200
 
 
-def test_every_response_ends_with_its_answer_and_the_arithmetic_holds():
-    for problem in data.arithmetic_problems(300, seed=1):
+@pytest.mark.parametrize("steps", [1, 2])
+def test_every_response_ends_with_its_answer_and_the_arithmetic_holds(steps):
+    for problem in data.arithmetic_problems(300, seed=1, steps=steps):
         match = ANSWER_LINE.search(problem["response"])
         assert match, problem["response"]
         assert match.group(1) == problem["answer"]
@@ -45,6 +47,7 @@ def test_every_response_ends_with_its_answer_and_the_arithmetic_holds():
             assert OPERATORS[op](int(left), int(right)) == int(result), problem["response"]
         # the last equation's result is the answer
         assert equations[-1][3] == problem["answer"]
+        assert len(equations) == steps, problem["response"]
 
 
 def test_sharing_problem_does_not_ask_what_the_giver_receives():

@@ -20,7 +20,15 @@ import yaml
 from cfs import distributed
 from cfs.cli import SettingsError
 from cfs.data import arithmetic_problems, render
-from conftest import PACKAGE_DIR, TEMPLATE, copy_repo, model_weights, run_snakemake, write_jsonl
+from conftest import (
+    PACKAGE_DIR,
+    TEMPLATE,
+    copy_repo,
+    model_weights,
+    run_snakemake,
+    train_settings,
+    write_jsonl,
+)
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
@@ -41,7 +49,7 @@ def world(monkeypatch):
 
 def test_one_process_needs_no_extra_arguments(world):
     world(1)
-    assert distributed.distributed_arguments({"batch_size": 4}) == {}
+    assert distributed.distributed_arguments(train_settings(fsdp=True)) == {}
     assert distributed.accumulation_steps(8, 2) == 4
     assert distributed.is_main_process()
     assert distributed.process_device() == torch.device("cpu")
@@ -58,17 +66,31 @@ def test_global_batch_is_shared_by_the_processes(world):
 
 def test_several_cpu_processes_use_gloo(world):
     world(2)
-    arguments = distributed.distributed_arguments({})
+    arguments = distributed.distributed_arguments(train_settings())
     assert arguments["ddp_backend"] == "gloo"
     assert arguments["ddp_find_unused_parameters"] is False
 
 
 def test_fsdp_only_with_several_processes(world):
-    settings = {"fsdp": True, "fsdp_config": {"cpu_ram_efficient_loading": True}}
+    settings = train_settings(fsdp=True, fsdp_config={"reshard_after_forward": False})
     world(4)
     arguments = distributed.distributed_arguments(settings)
     assert arguments["fsdp"] is True
-    assert arguments["fsdp_config"] == {"cpu_ram_efficient_loading": True}
+    # weights read once and sharded unless fsdp_config says otherwise; activation
+    # checkpointing is FSDP's own under FSDP (train.gradient_checkpointing)
+    assert arguments["fsdp_config"] == {
+        "cpu_ram_efficient_loading": True,
+        "activation_checkpointing": False,
+        "reshard_after_forward": False,
+    }
+    settings = train_settings(
+        fsdp=True, gradient_checkpointing=True, fsdp_config={"cpu_ram_efficient_loading": False}
+    )
+    assert distributed.distributed_arguments(settings)["fsdp_config"] == {
+        "cpu_ram_efficient_loading": False,
+        "activation_checkpointing": True,
+    }
+    assert "fsdp" not in distributed.distributed_arguments(train_settings(fsdp=False))
     world(1)  # the same config on one GPU or on CPU: no sharding
     assert distributed.distributed_arguments(settings) == {}
 
@@ -76,6 +98,7 @@ def test_fsdp_only_with_several_processes(world):
 # --------------------------------------------------------------------------- 1 vs 2 processes
 
 SETTINGS = {
+    **train_settings(),
     "learning_rate": 5e-3,
     "lr_scheduler": "cosine",
     "warmup_ratio": 0.1,

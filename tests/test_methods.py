@@ -14,9 +14,10 @@ from cfs.artifacts import DataError
 from cfs.cli import SettingsError
 from cfs.data import arithmetic_problems, render
 from cfs.modeling import load_model, load_tokenizer
-from conftest import TEMPLATE, model_weights, read_jsonl, write_jsonl
+from conftest import TEMPLATE, model_weights, read_jsonl, train_settings, write_jsonl
 
 SETTINGS = {
+    **train_settings(),
     "learning_rate": 5e-3,
     "lr_scheduler": "constant",
     "warmup_ratio": 0.0,
@@ -97,7 +98,8 @@ def assert_weights_differ(a, b):
 
 def test_l2_penalty_is_zero_at_start_and_grows_as_weights_move(tiny_model_dir):
     model = load_model(tiny_model_dir, "float32")
-    penalty = objectives.L2ToInitial(model)
+    penalty = objectives.L2ToInitial()
+    penalty.setup(model.parameters())  # the Trainer does it on the wrapped model's
     assert penalty(model, 0, 0).item() == 0.0
     first = next(model.parameters())
     values = []
@@ -168,7 +170,7 @@ LORA = {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.0}
 def test_lora_trains_only_adapters_and_saves_a_loadable_model(tiny_model_dir, data_files):
     model = load_model(tiny_model_dir, "float32")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    wrapped = train.add_lora(model, {**LORA, "target_modules": ["q_proj", "v_proj"]})
+    wrapped = train.add_lora(model, {**LORA, "target_modules": ["q_proj", "v_proj"]}, seed=0)
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
 
@@ -225,10 +227,10 @@ def test_weighted_synthetic_without_samples_is_a_settings_error(tiny_model_dir, 
 
 def test_synthetic_batches_depend_only_on_position():
     examples = [{"input_ids": [i], "labels": [i]} for i in range(5)]
-    batches = objectives.SyntheticBatches(examples, batch_size=2, seed=3, collator=None)
-    first = [batches.indices(position) for position in range(6)]
-    again = objectives.SyntheticBatches(examples, batch_size=2, seed=3, collator=None)
-    assert [again.indices(position) for position in reversed(range(6))] == first[::-1]
+    batches = objectives.SyntheticBatches(examples, 2, accumulation=1, seed=3, collator=None)
+    first = [batches.indices(step, 0) for step in range(6)]
+    again = objectives.SyntheticBatches(examples, 2, accumulation=1, seed=3, collator=None)
+    assert [again.indices(step, 0) for step in reversed(range(6))] == first[::-1]
     # each cycle through the pool uses every sample once
     flat = [i for batch in first for i in batch]
     assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
@@ -243,12 +245,13 @@ def test_kl_term_is_zero_when_the_model_is_the_base(tiny_model_dir, tokenizer):
     examples = train.build_examples(
         [{**sample, "kind": "context_free"} for sample in cf_samples(4)], tokenizer, 64, "x"
     )
-    batches = objectives.SyntheticBatches(examples, 2, 0, train.padding_collator(tokenizer))
-    term = objectives.KLToBase(batches, accumulation=1, base_model=base)
-    assert term(same, 0, 0).item() == pytest.approx(0.0, abs=1e-6)
+    batches = objectives.SyntheticBatches(examples, 2, 1, 0, train.padding_collator(tokenizer))
+    term = objectives.KLToBase(batches, base_model=base)
+    value, share = term(same, 0, 0)
+    assert value.item() == pytest.approx(0.0, abs=1e-6) and share == 1.0
     with torch.no_grad():
         next(same.parameters()).add_(0.5)
-    assert term(same, 0, 0).item() > 1e-4
+    assert term(same, 0, 0)[0].item() > 1e-4
 
 
 def test_token_kl_matches_the_definition():

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from cfs.data import arithmetic_problems, render
-from conftest import PACKAGE_DIR, TEMPLATE, model_weights, read_jsonl, write_jsonl
+from conftest import PACKAGE_DIR, TEMPLATE, model_weights, read_jsonl, train_settings, write_jsonl
 
 pytestmark = pytest.mark.slow
 
 TRAIN_SETTINGS = {
+    **train_settings(),
     "learning_rate": 2e-3,
     "lr_scheduler": "cosine",
     "warmup_ratio": 0.1,

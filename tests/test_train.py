@@ -11,7 +11,7 @@ from cfs import train
 from cfs.artifacts import DataError
 from cfs.cli import SettingsError
 from cfs.data import arithmetic_problems, render
-from conftest import TEMPLATE, model_weights, write_jsonl
+from conftest import TEMPLATE, model_weights, train_settings, write_jsonl
 
 IGNORE = train.IGNORE_INDEX
 
@@ -142,6 +142,7 @@ def test_batch_size_not_multiple_of_micro_batch_names_both_keys(tmp_path):
 
 def test_training_arguments_accumulate_to_the_effective_batch(tmp_path):
     settings = {
+        **train_settings(),
         "batch_size": 8,
         "micro_batch_size": 2,
         "learning_rate": 1e-3,
@@ -178,6 +179,7 @@ def fine_tuned(tiny_model_dir, tmp_path_factory):
     ]
     data = write_jsonl(root / "train.jsonl", task + cf)
     settings = {
+        **train_settings(),
         "learning_rate": 5e-3,
         "lr_scheduler": "constant",
         "warmup_ratio": 0.0,
@@ -263,7 +265,13 @@ def test_fine_tune_on_empty_set_is_an_error(tiny_model_dir, tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text("")
     with pytest.raises(DataError, match="empty"):
-        train.fine_tune(tiny_model_dir, data, {"max_length": 64}, tmp_path / "c", tmp_path / "m")
+        train.fine_tune(
+            tiny_model_dir,
+            data,
+            {**train_settings(), "max_length": 64},
+            tmp_path / "c",
+            tmp_path / "m",
+        )
     assert not (tmp_path / "m").exists()
 
 
@@ -278,6 +286,7 @@ def test_changed_settings_do_not_resume_from_an_old_runs_checkpoints(tiny_model_
     ]
     data = write_jsonl(tmp_path / "train.jsonl", records)
     settings = {
+        **train_settings(),
         "learning_rate": 1e-2,
         "lr_scheduler": "constant",
         "warmup_ratio": 0.0,

@@ -13,6 +13,7 @@ documented keyword arguments and checks them as vLLM does; `LLM(model, *, ...)`;
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import sys
 import types
@@ -98,6 +99,8 @@ class FakeLLM:
         if unknown:
             raise TypeError(f"LLM got unexpected keyword(s) {sorted(unknown)}")
         self.model, self.kwargs, self.calls = model, kwargs, []
+        # vLLM: requests without a seed of their own draw from the engine's generator
+        self.rng = random.Random(kwargs.get("seed"))
         FakeLLM.instances.append(self)
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm=True, **_):
@@ -109,7 +112,8 @@ class FakeLLM:
         results = []
         for number, (prompt, params) in enumerate(zip(prompts, sampling_params, strict=True)):
             assert set(prompt) == {"prompt_token_ids"}, f"a TokensPrompt, got {prompt!r}"
-            rng = random.Random(params.seed)  # vLLM: a per-request generator from `seed`
+            # vLLM: a per-request generator from `seed`, else the engine's
+            rng = random.Random(params.seed) if params.seed is not None else self.rng
             stops = set(params.stop_token_ids) | ({EOS} if not params.ignore_eos else set())
             ids, finish, stop_reason = [], "length", None
             while len(ids) < params.max_tokens:
@@ -167,14 +171,14 @@ def run(prompts, **overrides):
 
 def test_sampling_settings_map_onto_sampling_params(fake_vllm):
     params = vllm_backend.sampling_params(
-        temperature=1.3, top_p=0.95, max_new_tokens=512, seed=11, eos_token_ids=[50279]
+        temperature=1.3, top_p=0.95, max_new_tokens=512, eos_token_ids=[50279]
     )
     assert isinstance(params, FakeSamplingParams)
     assert (params.n, params.temperature, params.top_p) == (1, 1.3, 0.95)
     assert params.top_k in (0, -1)  # top-k off: the full (nucleus-filtered) distribution
     assert params.min_p == 0.0
     assert params.max_tokens == 512 and params.min_tokens == 0
-    assert params.seed == 11
+    assert params.seed is None  # no per-request seed: the engine's seed governs
     assert params.stop_token_ids == [50279] and not params.ignore_eos
 
 
@@ -190,15 +194,17 @@ def test_llm_is_built_from_the_model_folder_and_settings(fake_vllm):
     assert FakeLLM.instances[-1].kwargs["dtype"] == "float16"
 
 
-def test_prompts_are_token_ids_and_each_has_its_own_seed(fake_vllm):
+def test_prompts_are_token_ids_and_the_engine_has_the_one_seed(fake_vllm):
+    """Issue 11: per-request seeds make vLLM sample request by request; one engine seed
+    keeps samples reproducible and, for identical prompts, distinct."""
     prompts = [[50279]] * 6  # context-free: every prompt is the same single token
-    run(prompts, seed=3)
+    results = run(prompts, seed=3)
     (llm,) = FakeLLM.instances
     ((sent, params),) = llm.calls
     assert sent == [{"prompt_token_ids": [50279]}] * 6
-    seeds = [p.seed for p in params]
-    assert len(set(seeds)) == 6
-    assert seeds == [vllm_backend.prompt_seed(3, i) for i in range(6)]
+    assert {p.seed for p in params} == {None}
+    assert llm.kwargs["seed"] == 3
+    assert len({tuple(ids) for ids, _ in results}) > 1
 
 
 def test_outputs_follow_prompt_order_and_the_split_at_eos_convention(fake_vllm):
@@ -218,11 +224,15 @@ def test_outputs_follow_prompt_order_and_the_split_at_eos_convention(fake_vllm):
 
 def test_same_seed_same_samples_and_identical_prompts_differ(fake_vllm):
     first = run([[1]] * 8, seed=1)
+    vllm_backend._ENGINE.clear()  # a new job: a new engine
     again = run([[1]] * 8, seed=1)
+    vllm_backend._ENGINE.clear()
     other = run([[1]] * 8, seed=2)
     assert first == again
     assert first != other
     assert len({tuple(ids) for ids, _ in first}) > 1
+    # later calls of one job continue the engine's generator: new samples
+    assert run([[1]] * 8, seed=2) != other
 
 
 def test_engine_is_reused_while_its_settings_stay(fake_vllm):
@@ -292,3 +302,57 @@ def test_this_machine_has_no_usable_vllm():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert not vllm_backend.vllm_usable()
+
+
+# --------------------------------------------------------------------------- chunks, resume
+
+
+def test_vllm_generation_runs_in_chunks_and_resumes(
+    fake_vllm, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Issue 11: vLLM took every prompt in one call, so a job killed at the time limit
+    started from zero. Now each `vllm_chunk_size` prompts are one call recorded in the
+    resume file; a restarted job samples only the chunks not yet finished, with one engine
+    (one context length) for the whole job."""
+    from cfs import generate
+
+    settings = {
+        "num_samples": 10,
+        "max_new_tokens": 6,
+        "top_p": 1.0,
+        "batch_size": 32,
+        "vllm_chunk_size": 4,
+        "prompt_token_id": None,
+        "backend": "vllm",
+        "seed": 3,
+    }
+    out = tmp_path / "context_free.jsonl"
+    argv = ["--model", str(tiny_model_dir), "--temperature", "1.0", "--out", str(out)]
+    argv += ["--settings", json.dumps(settings)]
+    real_generate = FakeLLM.generate
+
+    def killed_after_two_chunks(self, prompts, *args, **kwargs):
+        if len(self.calls) == 2:
+            raise KeyboardInterrupt("killed at the time limit")
+        return real_generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(vllm_backend, "cuda_available", lambda: True)
+    fake_vllm.LLM.generate = killed_after_two_chunks
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(argv)
+    fake_vllm.LLM.generate = real_generate
+    partial = out.with_name(out.name + ".partial.jsonl")
+    finished = [json.loads(line) for line in partial.read_text().splitlines()[1:]]
+    assert [batch["batch"] for batch in finished] == [0, 1]
+    assert [len(batch["outputs"]) for batch in finished] == [4, 4]
+
+    vllm_backend._ENGINE.clear()  # the restarted job is a new process
+    FakeLLM.instances = []
+    generate.main(argv)
+    (llm,) = FakeLLM.instances
+    assert [len(prompts) for prompts, _ in llm.calls] == [2], "only the unfinished chunk"
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(samples) == 10
+    kept = [ids for batch in finished for ids, _ in batch["outputs"]]
+    assert [sample["token_ids"] for sample in samples[:8]] == kept
+    assert llm.kwargs["max_model_len"] == 1 + 6

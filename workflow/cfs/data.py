@@ -1,9 +1,9 @@
 """Prepare the fine-tuning task: records of {prompt, response, ...} for train and test.
 
 Two kinds of source:
-- `arithmetic` (the embedded default): GSM8K-style word problems made by seeded code, two-step
-  stories whose responses reason step by step and end "The answer is: N" (the MetaMathQA
-  answer format);
+- `arithmetic` (the embedded default): word problems made by seeded code whose responses
+  reason step by step and end "The answer is: N" (the MetaMathQA answer format): GSM8K-style
+  two-step stories (`steps: 2`) or one-step sums and differences (`steps: 1`);
 - `hub` / `local`: any dataset, from the Hugging Face hub (`dataset`, optional
   `dataset_config`, `revision`) or from local JSONL / JSON / Parquet / CSV files
   (`data_files`). `fields` maps template names to the dataset's columns (e.g.
@@ -103,15 +103,35 @@ def _price_change(rng: random.Random) -> tuple[str, str, int]:
     return question, response, answer
 
 
-PROBLEM_KINDS = (_gain_then_loss, _groups_plus_extra, _share_equally, _price_change)
+def _gain(rng: random.Random) -> tuple[str, str, int]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    start, gain = rng.randint(2, 20), rng.randint(2, 9)
+    answer = start + gain
+    question = f"{name} has {start} {item} and gets {gain} more. How many {item} now?"
+    return question, f"{start} + {gain} = {answer}.", answer
 
 
-def arithmetic_problems(count: int, seed: int) -> list[dict]:
-    """`count` distinct word problems, deterministic in `seed`."""
+def _give_away(rng: random.Random) -> tuple[str, str, int]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    answer, given = rng.randint(2, 20), rng.randint(2, 9)
+    start = answer + given
+    question = f"{name} has {start} {item} and gives away {given}. How many {item} now?"
+    return question, f"{start} - {given} = {answer}.", answer
+
+
+# Two-step stories (GSM8K-style), and one-step ones a 135M model can learn in minutes.
+PROBLEM_KINDS = {
+    2: (_gain_then_loss, _groups_plus_extra, _share_equally, _price_change),
+    1: (_gain, _give_away),
+}
+
+
+def arithmetic_problems(count: int, seed: int, steps: int = 2) -> list[dict]:
+    """`count` distinct word problems of `steps` steps, deterministic in `seed`."""
     rng = random.Random(seed)
     seen, problems = set(), []
     while len(problems) < count:
-        question, reasoning, answer = rng.choice(PROBLEM_KINDS)(rng)
+        question, reasoning, answer = rng.choice(PROBLEM_KINDS[steps])(rng)
         if question in seen:
             continue
         seen.add(question)
@@ -131,7 +151,9 @@ def render(records: list[dict], template: str) -> list[dict]:
 
 def prepare_arithmetic(settings: dict) -> tuple[list[dict], list[dict]]:
     num_train, num_test = require(settings, "num_train"), require(settings, "num_test")
-    problems = arithmetic_problems(num_train + num_test, require(settings, "seed"))
+    problems = arithmetic_problems(
+        num_train + num_test, require(settings, "seed"), require(settings, "steps")
+    )
     template = require(settings, "prompt_template")
     return render(problems[:num_train], template), render(problems[num_train:], template)
 

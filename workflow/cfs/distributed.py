@@ -26,6 +26,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def process_rank() -> int:
+    """This process's global rank (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -54,15 +59,45 @@ def distributed_arguments(settings: dict) -> dict:
     """Extra TrainingArguments for a multi-process run; nothing extra for one process.
 
     `train.fsdp: true` shards parameters, gradients and optimizer state over the processes
-    (FSDP, for models that do not fit one GPU), with `train.fsdp_config` passed through to
-    the Trainer (e.g. {"cpu_ram_efficient_loading": true}). In one process it is ignored, so
-    the same config also runs on one GPU or on CPU; on CPU, accelerate runs DDP instead."""
+    (FSDP2, for models that do not fit one GPU), with `train.fsdp_config` passed through to
+    the Trainer. Under FSDP:
+    - the weights are read once and sharded: `cpu_ram_efficient_loading` is on unless
+      `train.fsdp_config` turns it off (rank 0 reads the weights, the other processes build
+      the model on the meta device, `reads_weights`, and accelerate broadcasts rank 0's
+      weights into every process's shards; the model stays on the CPU until then,
+      `fsdp_load_device`);
+    - `train.gradient_checkpointing` is FSDP's own activation checkpointing (the Trainer's
+      would add an all-gather per layer in the backward pass).
+    In one process `fsdp` is ignored, so the same config also runs on one GPU or on CPU.
+    accelerate runs several CPU processes as DDP even with FSDP requested (its FSDP path is
+    for GPU-like devices); the CPU tests switch it to FSDP (tests/fsdp_on_cpu.py)."""
     arguments: dict = {}
     if world_size() > 1:
         arguments["ddp_backend"] = "nccl" if torch.cuda.is_available() else "gloo"
         # every parameter gets a gradient in a causal LM: skip DDP's unused-parameter search
         arguments["ddp_find_unused_parameters"] = False
-        if settings.get("fsdp"):
+        if settings["fsdp"]:
+            fsdp_config = {
+                "cpu_ram_efficient_loading": True,
+                "activation_checkpointing": settings["gradient_checkpointing"],
+                **settings["fsdp_config"],
+            }
             arguments["fsdp"] = True
-            arguments["fsdp_config"] = settings.get("fsdp_config") or {}
+            arguments["fsdp_config"] = fsdp_config
     return arguments
+
+
+def fsdp_load_device(args, device: torch.device) -> torch.device:
+    """Where the model to train is loaded: on the CPU under FSDP (accelerate moves each
+    shard to its GPU; loading onto the GPU first would put the whole model on every GPU),
+    on the process's device otherwise."""
+    return torch.device("cpu") if args.fsdp else device
+
+
+def reads_weights(args) -> bool:
+    """Whether this process reads the model's weights from disk: under FSDP with
+    cpu_ram_efficient_loading only rank 0 does (accelerate broadcasts them into every
+    process's shards); otherwise every process."""
+    if args.fsdp and str(args.fsdp_config.get("cpu_ram_efficient_loading")).lower() == "true":
+        return process_rank() == 0
+    return True

@@ -46,17 +46,17 @@ def lm_eval_model_args(model_dir: Path, settings: dict) -> tuple[str, dict]:
     """(backend, model_args) for lm-eval: the backend from `evaluation.backend`, the model
     and its dtype from us, then `evaluation.model_args` (e.g. tensor_parallel_size,
     gpu_memory_utilization, max_model_len, think_end_token)."""
-    backend = settings.get("backend") or "hf"
+    backend = settings["backend"]
     if backend not in LM_EVAL_BACKENDS:
         raise SettingsError(
             f"evaluation.backend '{backend}' is not one of {', '.join(LM_EVAL_BACKENDS)}"
         )
-    extra = dict(settings.get("model_args") or {})
+    extra = dict(settings["model_args"])
     if "pretrained" in extra:
         raise SettingsError("evaluation.model_args must not set `pretrained` (the stage does)")
     device = pick_device()
     args = {"pretrained": str(model_dir)}
-    dtype = settings.get("dtype", "auto")
+    dtype = settings["dtype"]
     args["dtype"] = (
         ("bfloat16" if device.type == "cuda" else "float32") if dtype in (None, "auto") else dtype
     )
@@ -75,7 +75,7 @@ def lm_eval_model_args(model_dir: Path, settings: dict) -> tuple[str, dict]:
 def task_entries(settings: dict) -> list[dict]:
     """The target and forgetting entries, each {task, metric, and per-task options}."""
     entries = [require(settings, "target"), *require(settings, "forgetting")]
-    default_chat = bool(settings.get("apply_chat_template", False))
+    default_chat = settings["apply_chat_template"]
     return [{"apply_chat_template": default_chat, **entry} for entry in entries]
 
 
@@ -86,8 +86,8 @@ def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> 
     return {
         "backend": backend,
         "lm_eval_version": metadata.version("lm_eval"),
-        "batch_size": settings.get("batch_size", 16),
-        "limit": settings.get("limit"),
+        "batch_size": settings["batch_size"],
+        "limit": settings["limit"],
         "model_args": scrub_secrets(
             {key: value for key, value in model_args.items() if key != "pretrained"}
         ),
@@ -198,6 +198,26 @@ def configured_task(task_manager, entry: dict):
     return task
 
 
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy
+
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_tasks(task_manager, entries: list[dict], seed: int) -> list:
+    """The entries' tasks (names, or Task objects with their options applied), built after
+    seeding `random`, numpy and torch with the eval seed. Some tasks draw random numbers
+    while they are built: GPQA shuffles each question's choices in `process_docs`, which
+    runs when the Task object is built, before lm-eval's simple_evaluate seeds anything;
+    unseeded, base and post evals could see different answer orders."""
+    seed_everything(seed)
+    return [configured_task(task_manager, entry) for entry in entries]
+
+
 def run_lm_eval(model_dir: Path, settings: dict) -> tuple[dict[str, dict], dict]:
     """Run lm-eval on every task; return ({task: {metric: value}}, the harness settings).
 
@@ -213,32 +233,34 @@ def run_lm_eval(model_dir: Path, settings: dict) -> tuple[dict[str, dict], dict]
     tasks = [entry["task"] for entry in entries]
     task_manager = local_task_manager(require(settings, "include_path"), tasks)
     backend, model_args = lm_eval_model_args(model_dir, settings)
-    batch_size = settings.get("batch_size", 16)
+    batch_size = settings["batch_size"]
     extra = {"batch_size": batch_size, "max_batch_size": None}
     if backend == "hf":
         extra["device"] = str(pick_device())
     log.info("lm-eval backend %s, model_args %s", backend, scrub_secrets(model_args))
     lm = get_model(backend).create_from_arg_obj(model_args, extra)
     results: dict = {}
+    samples: dict = {}
     for chat in (False, True):
         group = [entry for entry in entries if bool(entry["apply_chat_template"]) == chat]
         if not group:
             continue
         output = lm_eval.simple_evaluate(
             model=lm,
-            tasks=[configured_task(task_manager, entry) for entry in group],
+            tasks=build_tasks(task_manager, group, require(settings, "seed")),
             task_manager=task_manager,
             apply_chat_template=chat,
             use_cache=None,
-            log_samples=False,
+            log_samples=True,  # per-item scores, for paired intervals (cfs.statistics)
             bootstrap_iters=0,
-            limit=settings.get("limit"),
+            limit=settings["limit"],
             random_seed=require(settings, "seed"),
             numpy_random_seed=settings["seed"],
             torch_random_seed=settings["seed"],
             fewshot_random_seed=settings["seed"],
         )
         results.update(output["results"])
+        samples.update(output["samples"])
     missing = [task for task in tasks if task not in results]
     if missing:
         raise DataError(f"lm-eval returned no results for task(s): {', '.join(missing)}")
@@ -250,7 +272,23 @@ def run_lm_eval(model_dir: Path, settings: dict) -> tuple[dict[str, dict], dict]
         }
         for task in tasks
     }
-    return scores, lm_eval_harness_settings(settings, backend, model_args)
+    return (
+        scores,
+        item_scores(samples, entries),
+        lm_eval_harness_settings(settings, backend, model_args),
+    )
+
+
+def item_scores(samples: dict[str, list[dict]], entries: list[dict]) -> dict[str, dict]:
+    """{task: {item id: score}} of each entry's metric, from lm-eval's logged samples."""
+    items = {}
+    for entry in entries:
+        task, (name, _, filter_key) = entry["task"], entry["metric"].partition(",")
+        chosen = [s for s in samples.get(task, []) if s["filter"] == (filter_key or "none")]
+        if not chosen or name not in chosen[0]:
+            raise DataError(f"lm-eval logged no per-item '{entry['metric']}' for task '{task}'")
+        items[task] = {str(sample["doc_id"]): float(sample[name]) for sample in chosen}
+    return items
 
 
 def local_task_manager(include_path: str, tasks: list[str]):
@@ -342,14 +380,14 @@ def evaluate(
             raise DataError(f"{heldout}: no held-out samples to measure KL on")
         require_fields(samples, ("prompt_token_id", "token_ids"), heldout)
         device = pick_device()
-        base = load_model(base_model_dir, settings.get("dtype", "auto"), device).eval()
-        model = load_model(model_dir, settings.get("dtype", "auto"), device).eval()
-        kl_metrics = kl_to_base(base, model, samples, settings.get("kl_batch_size", 8))
+        base = load_model(base_model_dir, settings["dtype"], device).eval()
+        model = load_model(model_dir, settings["dtype"], device).eval()
+        kl_metrics = kl_to_base(base, model, samples, settings["kl"]["batch_size"])
         del base, model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    task_scores, harness = run_lm_eval(model_dir, settings)
+    task_scores, items, harness = run_lm_eval(model_dir, settings)
     metrics = summarise(task_scores, settings)
     metrics.update(kl_metrics)
     record = {
@@ -357,6 +395,11 @@ def evaluate(
         "metrics": metrics,
         "lm_eval": task_scores,
         "lm_eval_settings": harness,
+        "tasks": {
+            "target": settings["target"]["task"],
+            "forgetting": [entry["task"] for entry in settings["forgetting"]],
+        },
+        "items": items,
     }
     if base_record is not None:
         base = base_record["metrics"]

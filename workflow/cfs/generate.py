@@ -54,10 +54,19 @@ def split_at_eos(row: list[int], eos_ids: set[int]) -> tuple[list[int], str]:
 
 
 def eos_token_ids(generation_config, tokenizer) -> set[int]:
+    """The ids a sample ends at: the tokenizer's end-of-sequence (end-of-document) id only,
+    the token fine-tuning appends and the one that separates documents. A model's
+    generation_config may name others that are no end of a document: OLMo-1B-hf's says
+    `eos_token_id: 0` (not its end-of-document token) while its tokenizer's EOS is
+    <|endoftext|> (50279); stopping at 0 would cut samples and label them EOS.
+    DeepSeek-R1-Distill-Llama-8B's generation_config and tokenizer agree (128001,
+    <｜end▁of▁sentence｜>). The generation_config is used only for a tokenizer without EOS."""
+    if tokenizer.eos_token_id is not None:
+        return {tokenizer.eos_token_id}
     ids = generation_config.eos_token_id if generation_config is not None else None
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise SettingsError("the model has no end-of-sequence token id to stop sampling at")
     return ids
 
 
@@ -251,8 +260,18 @@ def run_fingerprint(model_dir: Path, temperature: float, settings: dict, prompts
     return digest.hexdigest()
 
 
-def make_sampler(backend: str, model_dir: Path, tokenizer, settings: dict, temperature: float):
-    """(sample_batch, batch size) for the chosen backend; vLLM gets all prompts at once."""
+def make_sampler(
+    backend: str,
+    model_dir: Path,
+    tokenizer,
+    settings: dict,
+    temperature: float,
+    max_prompt_tokens: int = 1,
+):
+    """(sample_batch, batch size) for the chosen backend. vLLM gets `vllm_chunk_size`
+    prompts per call, each finished call recorded in the resume file like an HF batch (a
+    job killed at its time limit resumes after the last finished chunk); one engine serves
+    every call (its context length from the longest prompt of the whole job)."""
     top_p = require(settings, "top_p")
     max_new_tokens = require(settings, "max_new_tokens")
     if backend == "vllm":
@@ -277,9 +296,10 @@ def make_sampler(backend: str, model_dir: Path, tokenizer, settings: dict, tempe
                 eos_token_ids=eos_ids,
                 dtype=settings.get("dtype", "auto"),
                 tensor_parallel_size=settings.get("tensor_parallel_size", 1),
+                max_model_len=max_prompt_tokens + max_new_tokens,
             )
 
-        return sample_batch, require(settings, "num_samples")
+        return sample_batch, settings["vllm_chunk_size"]
     model = load_model(model_dir, settings.get("dtype", "auto"))
     model.eval()
     sampler = hf_sampler(
@@ -323,7 +343,12 @@ def main(argv: list[str] | None = None) -> None:
             "prompt_token": tokenizer.convert_ids_to_tokens(prompt_id),
         }
     sample_batch, batch_size = make_sampler(
-        backend, args.model, tokenizer, settings, args.temperature
+        backend,
+        args.model,
+        tokenizer,
+        settings,
+        args.temperature,
+        max_prompt_tokens=max(len(prompt) for prompt in prompt_ids),
     )
     partial = PartialFile(
         args.out.with_name(args.out.name + ".partial.jsonl"),

@@ -13,84 +13,206 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
 
 class L2ToInitial:
-    name = "l2"
+    """sum((theta - theta0)^2) / n_params over the parameters that train.
 
-    def __init__(self, model):
-        # Parameter objects stay the same when a wrapper (DDP) is put around the model.
-        self.pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
-        self.num_params = sum(reference.numel() for _, reference in self.pairs)
+    The reference is taken by `setup` on the parameters the optimizer updates, after the
+    Trainer has wrapped the model and before a checkpoint is loaded: under FSDP2 these are
+    the sharded parameters (`fully_shard` replaces every parameter object), so each process
+    keeps only its own shard of theta0 and computes its shard's part of the sum. The value
+    is summed over the processes (one scalar all-reduce) while the gradient stays local:
+    each process's shard gets exactly d/dtheta of the global term. Under DDP (or one
+    process) every process holds whole parameters and computes the whole term."""
+
+    name = "l2"
+    separate_backward = False
+
+    def __init__(self):
+        self.pairs: list | None = None
+        self.num_params = 0
+        self.sharded = False
+
+    @property
+    def ready(self) -> bool:
+        return self.pairs is not None
+
+    def setup(self, parameters) -> None:
+        self.pairs = []
+        for parameter in parameters:
+            if not parameter.requires_grad:
+                continue
+            self.sharded = self.sharded or _is_dtensor(parameter)
+            self.pairs.append((parameter, _local(parameter).detach().clone()))
+            self.num_params += parameter.numel()  # a DTensor's numel is the whole tensor's
+        if not self.pairs:
+            raise ValueError("L2 toward the original weights: no parameter trains")
 
     def __call__(self, model, step: int, micro_step: int) -> torch.Tensor:
-        total = sum(((p - reference) ** 2).sum() for p, reference in self.pairs)
-        return total / self.num_params
+        if self.pairs is None:
+            raise RuntimeError("L2ToInitial.setup was not called before training")
+        local = sum(
+            ((_local(parameter).float() - reference.float()) ** 2).sum()
+            for parameter, reference in self.pairs
+        )
+        if self.sharded and dist.is_available() and dist.is_initialized():
+            total = local.detach().clone()
+            dist.all_reduce(total)
+            local = local + (total - local.detach())  # value: the global sum; gradient: local
+        return local / self.num_params
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _local(tensor):
+    """This process's shard of a DTensor (differentiable), the tensor itself otherwise."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
 class SyntheticBatches:
-    """Batches drawn from a pool in a seeded order that depends only on the position in
-    training, so a resumed run draws the same batches as an uninterrupted one."""
+    """The synthetic samples of each optimizer step, for the weighted-synthetic and
+    KL-to-base terms: `per_step` samples per optimizer step (round(ratio x train.batch_size):
+    the ratio holds for the global batch), split evenly over the processes, each process
+    taking its own disjoint slice and spreading it over its `accumulation` micro-steps (a
+    micro-step may get none when the slice is smaller than the accumulation steps; it is
+    then the same micro-step on every process, so no process runs a forward the others do
+    not). Positions in training map to the pool through a seeded permutation per pass over
+    the pool, so a resumed run draws the same samples as an uninterrupted one and the
+    samples of one step are distinct (unless the pool is smaller than a step)."""
 
-    def __init__(self, examples: list[dict], batch_size: int, seed: int, collator):
+    def __init__(
+        self,
+        examples: list[dict],
+        per_step: int,
+        accumulation: int,
+        seed: int,
+        collator,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if not examples:
             raise ValueError("no synthetic examples for the synthetic loss term")
+        if per_step < 1 or per_step % world:
+            raise ValueError(
+                f"{per_step} synthetic samples per optimizer step cannot be split evenly over "
+                f"{world} processes"
+            )
         self.examples = examples
-        self.batch_size = batch_size
+        self.per_step = per_step
+        self.per_process = per_step // world
+        self.accumulation = accumulation
         self.seed = seed
         self.collator = collator
+        self.rank = rank
+        self._order: tuple[int, list[int]] | None = None
 
-    def indices(self, position: int) -> list[int]:
-        size = len(self.examples)
-        out = []
-        for slot in range(position * self.batch_size, (position + 1) * self.batch_size):
-            cycle, offset = divmod(slot, size)
-            order = list(range(size))
+    def _pool_index(self, position: int) -> int:
+        cycle, offset = divmod(position, len(self.examples))
+        if self._order is None or self._order[0] != cycle:
+            order = list(range(len(self.examples)))
             random.Random(self.seed * 1_000_003 + cycle).shuffle(order)
-            out.append(order[offset])
-        return out
+            self._order = (cycle, order)
+        return self._order[1][offset]
 
-    def batch(self, position: int, device) -> dict:
-        batch = self.collator([self.examples[i] for i in self.indices(position)])
+    def indices(self, step: int, micro_step: int) -> list[int]:
+        """Pool indices of this process's samples at (optimizer step, micro-step)."""
+        low = self.per_process * micro_step // self.accumulation
+        high = self.per_process * (micro_step + 1) // self.accumulation
+        start = step * self.per_step + self.rank * self.per_process
+        return [self._pool_index(start + k) for k in range(low, high)]
+
+    def share(self, step: int, micro_step: int) -> float:
+        """This micro-step's share of the process's samples in the step (sums to 1)."""
+        return len(self.indices(step, micro_step)) / self.per_process
+
+    def batch(self, indices: list[int], device) -> dict:
+        batch = self.collator([self.examples[i] for i in indices])
         return {key: value.to(device) for key, value in batch.items()}
 
 
 class WeightedSyntheticLoss:
+    """NLL of the step's synthetic samples: each micro-step's mean token NLL weighted by
+    its share of the step's samples, so the gradient over a step (averaged over the
+    processes by DDP/FSDP) is that of the mean over all `per_step` samples. Run as its own
+    forward and backward after the task's (the two graphs never coexist)."""
+
     name = "synthetic_nll"
+    separate_backward = True
 
-    def __init__(self, batches: SyntheticBatches, accumulation: int):
+    def __init__(self, batches: SyntheticBatches):
         self.batches = batches
-        self.accumulation = accumulation
+        self.drawn: dict[int, list[int]] = {}
 
-    def __call__(self, model, step: int, micro_step: int) -> torch.Tensor:
-        device = next(model.parameters()).device
-        batch = self.batches.batch(step * self.accumulation + micro_step, device)
-        return model(**batch).loss
+    def draw(self, step: int, micro_step: int) -> list[int]:
+        indices = self.batches.indices(step, micro_step)
+        self.drawn.setdefault(step, []).extend(indices)
+        return indices
+
+    def __call__(self, model, step: int, micro_step: int):
+        """(term, share of the step), or (None, 0) for a micro-step without samples."""
+        indices = self.draw(step, micro_step)
+        if not indices:
+            return None, 0.0
+        batch = self.batches.batch(indices, _device(model))
+        return model(**batch).loss, len(indices) / self.batches.per_process
 
 
-def token_kl(base_logits, model_logits, labels) -> torch.Tensor:
-    """Mean over trained positions of KL(base || model) of the next-token distributions."""
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def token_kl(base_logits, model_logits, labels, chunk: int = 1024) -> torch.Tensor:
+    """Mean over trained positions of KL(base || model) of the next-token distributions,
+    in chunks of `chunk` positions so that the float32 log-probabilities of a long sequence
+    (8192 positions x a 128k vocabulary: 4 GB each) are never all held at once."""
     mask = labels[:, 1:] != IGNORE_INDEX
-    base = F.log_softmax(base_logits[:, :-1][mask].float(), dim=-1)
-    current = F.log_softmax(model_logits[:, :-1][mask].float(), dim=-1)
-    return F.kl_div(current, base, log_target=True, reduction="batchmean")
+    base_rows, model_rows = base_logits[:, :-1][mask], model_logits[:, :-1][mask]
+    total = model_rows.new_zeros((), dtype=torch.float32)
+    for start in range(0, base_rows.shape[0], chunk):
+        base = F.log_softmax(base_rows[start : start + chunk].float(), dim=-1)
+        current = F.log_softmax(model_rows[start : start + chunk].float(), dim=-1)
+        total = total + F.kl_div(current, base, log_target=True, reduction="sum")
+    return total / max(base_rows.shape[0], 1)
 
 
-class KLToBase:
+class KLToBase(WeightedSyntheticLoss):
+    """Token-level KL(base || model) on the step's synthetic samples against a frozen base
+    model; drawn, weighted and back-propagated like WeightedSyntheticLoss. Under FSDP the
+    base model is sharded like the model that trains (`setup`), so no process holds a
+    whole second copy of the weights."""
+
     name = "kl_to_base"
 
-    def __init__(self, batches: SyntheticBatches, accumulation: int, base_model):
-        self.batches = batches
-        self.accumulation = accumulation
+    def __init__(self, batches: SyntheticBatches, base_model):
+        super().__init__(batches)
         self.base_model = base_model.eval().requires_grad_(False)
 
-    def __call__(self, model, step: int, micro_step: int) -> torch.Tensor:
-        device = next(model.parameters()).device
-        batch = self.batches.batch(step * self.accumulation + micro_step, device)
+    def shard_base(self, accelerator) -> None:
+        """Shard the frozen base model over the processes as accelerate shards the model
+        that trains (FSDP2: one unit per decoder layer, weights loaded once by rank 0 when
+        cpu_ram_efficient_loading is on)."""
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        self.base_model = fsdp2_prepare_model(accelerator, self.base_model).eval()
+
+    def __call__(self, model, step: int, micro_step: int):
+        indices = self.draw(step, micro_step)
+        if not indices:
+            return None, 0.0
+        batch = self.batches.batch(indices, _device(model))
         labels = batch.pop("labels")
         with torch.no_grad():
             base_logits = self.base_model(**batch).logits
-        return token_kl(base_logits, model(**batch).logits, labels)
+        term = token_kl(base_logits, model(**batch).logits, labels)
+        return term, len(indices) / self.batches.per_process

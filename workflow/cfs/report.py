@@ -131,6 +131,8 @@ def build_differences(cells: list[Cell]) -> pd.DataFrame:
         own = [c for c in cells if c.info.get("model") == model and c.has_items()]
         references = {c.info["method"]: c for c in own if c.info["method"] in ("base", "plain")}
         for cell in own:
+            if cell.info["method"] == "base":
+                continue
             for versus, reference in references.items():
                 if reference is cell:
                     continue

@@ -37,8 +37,12 @@ from cfs.cli import SettingsError, require, run_stage, set_threads, stage_parser
 from cfs.distributed import (
     accumulation_steps,
     distributed_arguments,
+    fsdp_load_device,
     is_main_process,
     process_device,
+    process_rank,
+    reads_weights,
+    world_size,
 )
 from cfs.modeling import load_model, load_tokenizer
 from cfs.objectives import (
@@ -47,6 +51,15 @@ from cfs.objectives import (
     SyntheticBatches,
     WeightedSyntheticLoss,
 )
+from cfs.saving import (
+    cast_floating,
+    full_state_dict,
+    lora_layers,
+    merge_lora,
+    record_dtype,
+    save_dtype,
+)
+from cfs.study import TRAINERS
 
 log = logging.getLogger("cfs.train")
 IGNORE_INDEX = -100
@@ -110,6 +123,7 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device):
         )
     precision = settings.get("precision", "auto")
     use_bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+    distributed = distributed_arguments(settings)
     return TrainingArguments(
         output_dir=str(checkpoints),
         learning_rate=require(settings, "learning_rate"),
@@ -134,7 +148,10 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device):
         report_to="none",
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        **distributed_arguments(settings),
+        # recompute each layer's activations in the backward pass; under FSDP its own
+        # activation checkpointing does it (cfs.distributed.distributed_arguments)
+        activation_checkpointing=settings["gradient_checkpointing"] and not distributed.get("fsdp"),
+        **distributed,
     )
 
 
@@ -181,13 +198,10 @@ def checkpoint_to_resume(checkpoints: Path, fingerprint: str, barrier=lambda: No
     return get_last_checkpoint(str(checkpoints))
 
 
-METHODS = ("full", "lora", "l2", "weighted_synthetic", "kl_to_base")
-
-
 def method_settings(settings: dict) -> dict:
-    method = settings.get("method") or {"name": "full"}
-    if method.get("name") not in METHODS:
-        raise SettingsError(f"train method {method.get('name')!r} is not one of {METHODS}")
+    method = require(settings, "method")
+    if method.get("name") not in TRAINERS:
+        raise SettingsError(f"train method {method.get('name')!r} is not one of {TRAINERS}")
     return method
 
 
@@ -209,9 +223,11 @@ def training_collator(tokenizer, packing: bool):
     return padding_collator(tokenizer)
 
 
-def add_lora(model, method: dict):
+def add_lora(model, method: dict, seed: int):
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
+    set_seed(seed)  # the adapters' random init: the same in every process and every run
     rank = require(method, "rank")
     config = LoraConfig(
         r=rank,
@@ -223,18 +239,56 @@ def add_lora(model, method: dict):
     return get_peft_model(model, config)
 
 
+def trained_positions_only(inputs: dict) -> dict:
+    """The LM head (and the loss's log-softmax over the vocabulary) only at the positions
+    that predict a trained token: the same loss and gradients, without that work at prompt
+    positions (half the tokens of the default study's task examples). `logits_to_keep` is
+    a boolean (batch, length) mask; the labels, already shifted, are those positions' next
+    tokens."""
+    labels = inputs.get("labels")
+    if labels is None or "logits_to_keep" in inputs:
+        return inputs
+    following = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    keep = following != IGNORE_INDEX
+    kept = following[keep]
+    return {**inputs, "labels": kept, "shift_labels": kept, "logits_to_keep": keep}
+
+
+def skip_final_checkpoint():
+    """A callback: the Trainer also checkpoints at the last step, but fine_tune saves the
+    model right after and, without `keep_checkpoints`, deletes checkpoints/, so that write
+    is never read (for OLMo-1B ~14 GB of weights and AdamW state). It runs after the
+    Trainer's own DefaultFlowCallback, so its decision comes last."""
+    from transformers import TrainerCallback
+
+    class SkipFinalCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+            return control
+
+    return SkipFinalCheckpoint()
+
+
 def make_trainer_class():
     from transformers import Trainer
 
     class RegularizedTrainer(Trainer):
-        """The Trainer's own loss plus lambda times one regularising term, logged apart."""
+        """The Trainer's own loss plus lambda times one regularising term, logged apart.
+
+        L2 is added to the task loss (one backward). The synthetic terms run their own
+        forward and backward after the task's, so the two graphs never coexist in memory;
+        under DDP/FSDP the second backward's gradients are averaged over the processes like
+        the first's. The term is logged from a running on-device sum: no `.item()` (a
+        device sync) per micro-step, one per logging step."""
 
         def __init__(self, *args, regularizer=None, weight: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.regularizer = regularizer
             self.weight = weight
             self._position = (-1, 0)
-            self._term_values: list[float] = []
+            self._term_sum = None
+            self._term_share = 0.0
 
         def _micro_step(self) -> tuple[int, int]:
             step, micro = self._position
@@ -243,15 +297,62 @@ def make_trainer_class():
             self._position = (current, micro)
             return current, micro
 
+        def _trainable_parameters(self) -> list:
+            """The parameters the optimizer updates: under FSDP2, the sharded ones."""
+            if self.optimizer is not None:
+                return [p for group in self.optimizer.param_groups for p in group["params"]]
+            return [p for p in self.model.parameters() if p.requires_grad]
+
+        def _setup_regularizer(self) -> None:
+            """After the model is wrapped (sharded) and before a checkpoint is loaded: the
+            L2 reference must be the base weights, on the parameters that train."""
+            if isinstance(self.regularizer, L2ToInitial) and not self.regularizer.ready:
+                self.regularizer.setup(self._trainable_parameters())
+            if isinstance(self.regularizer, KLToBase) and self.is_fsdp_enabled:
+                if not getattr(self.regularizer, "_sharded", False):
+                    self.regularizer.shard_base(self.accelerator)
+                    self.regularizer._sharded = True
+
+        def create_scheduler(self, *args, **kwargs):
+            # called once the optimizer holds the wrapped (sharded) parameters, before an
+            # FSDP checkpoint is loaded
+            self._setup_regularizer()
+            return super().create_scheduler(*args, **kwargs)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # without FSDP a checkpoint is loaded before the model is wrapped: take the
+            # reference first (DDP keeps the parameter objects)
+            self._setup_regularizer()
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def _record_term(self, term: torch.Tensor, share: float) -> None:
+            value = term.detach().float() * share
+            self._term_sum = value if self._term_sum is None else self._term_sum + value
+            self._term_share += share
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = trained_positions_only(inputs)
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if self.regularizer is None:
+            if self.regularizer is None or self.regularizer.separate_backward:
                 return result
             loss, outputs = result if return_outputs else (result, None)
             term = self.regularizer(model, *self._micro_step())
-            self._term_values.append(term.detach().item())
+            self._record_term(term, 1.0)
             loss = loss + self.weight * term / self._accumulation_divisor(num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.regularizer is None or not self.regularizer.separate_backward:
+                return loss
+            with self.compute_loss_context_manager():
+                term, share = self.regularizer(model, *self._micro_step())
+            if term is None:  # no samples in this micro-step, on every process alike
+                return loss
+            scaled = self.weight * share * term
+            self.accelerator.backward(scaled)
+            self._record_term(term, share)
+            return loss + scaled.detach()
 
         def _accumulation_divisor(self, num_items_in_batch) -> int:
             # Where the task loss is already normalised over the whole accumulated batch,
@@ -264,31 +365,57 @@ def make_trainer_class():
             return self.current_gradient_accumulation_steps if scaled else 1
 
         def log(self, logs, start_time=None):
-            if self._term_values and "loss" in logs:
-                logs[self.regularizer.name] = sum(self._term_values) / len(self._term_values)
-                self._term_values = []
+            # every process logs at the same steps (the Trainer gathers the loss there)
+            if self._term_sum is not None and "loss" in logs:
+                mean = self._term_sum / self._term_share
+                if self.accelerator.num_processes > 1:
+                    mean = self.accelerator.reduce(mean, reduction="mean")
+                logs[self.regularizer.name] = mean.item()
+                self._term_sum, self._term_share = None, 0.0
             super().log(logs, start_time)
 
     return RegularizedTrainer
 
 
-def regularizer_for(method, model, model_dir, synthetic, tokenizer, settings, args, device):
+def regularizer_for(method, model_dir, synthetic, tokenizer, settings, args, device):
     name = method["name"]
     if name == "l2":
-        return L2ToInitial(model)
+        return L2ToInitial()  # the reference is taken once the model is wrapped
     if name in ("weighted_synthetic", "kl_to_base"):
         if synthetic is None:
             raise SettingsError(f"train method {name} needs synthetic samples (--synthetic)")
+        ratio, batch_size = require(method, "ratio"), require(settings, "batch_size")
+        per_step = round(ratio * batch_size)
+        if per_step < 1 or per_step % world_size():
+            raise SettingsError(
+                f"methods.{name}: ratio {ratio} x train.batch_size {batch_size} gives "
+                f"{per_step} synthetic samples per optimizer step; it must be at least 1 and "
+                f"a multiple of the {world_size()} processes (each draws its own share)"
+            )
         batches = SyntheticBatches(
             synthetic,
-            batch_size=max(1, round(require(method, "ratio") * args.per_device_train_batch_size)),
+            per_step=per_step,
+            accumulation=args.gradient_accumulation_steps,
             seed=require(settings, "seed"),
             collator=padding_collator(tokenizer),
+            rank=process_rank(),
+            world=world_size(),
         )
         if name == "weighted_synthetic":
-            return WeightedSyntheticLoss(batches, args.gradient_accumulation_steps)
-        base = load_model(model_dir, "float32" if device.type == "cpu" else "bfloat16", device)
-        return KLToBase(batches, args.gradient_accumulation_steps, base)
+            return WeightedSyntheticLoss(batches)
+        # Under FSDP the base model is loaded on the CPU and sharded with the model that
+        # trains (KLToBase.shard_base), never whole on one GPU.
+        if not reads_weights(args):
+            log.info(
+                "process %d: the model without its weights (rank 0 reads them)", process_rank()
+            )
+        base = load_model(
+            model_dir,
+            "float32" if device.type == "cpu" else "bfloat16",
+            fsdp_load_device(args, device),
+            weights=reads_weights(args),
+        )
+        return KLToBase(batches, base)
     return None
 
 
@@ -333,15 +460,22 @@ def fine_tune(
         synthetic_examples = load_synthetic(
             synthetic, require(method, "ratio"), len(examples), tokenizer, max_length
         )
-    model = load_model(model_dir, "float32", device)
+    # The arguments first: they join the process group, which loading under FSDP needs.
+    args = training_arguments(settings, checkpoints, device)
+    # Under FSDP the weights are read once (by rank 0; the others build the model on the
+    # meta device) and kept on the CPU until accelerate shards them onto the GPUs.
+    if not reads_weights(args):
+        log.info("process %d: the model without its weights (rank 0 reads them)", process_rank())
+    model = load_model(
+        model_dir, "float32", fsdp_load_device(args, device), weights=reads_weights(args)
+    )
     # No KV cache in training: with one, a packed row's attention would not be split
     # per sample (transformers builds the block-diagonal mask only without a cache).
     model.config.use_cache = False
     if method["name"] == "lora":
-        model = add_lora(model, method)
-    args = training_arguments(settings, checkpoints, device)
+        model = add_lora(model, method, require(settings, "seed"))
     regularizer = regularizer_for(
-        method, model, model_dir, synthetic_examples, tokenizer, settings, args, device
+        method, model_dir, synthetic_examples, tokenizer, settings, args, device
     )
     trainer = make_trainer_class()(
         model=model,
@@ -350,6 +484,7 @@ def fine_tune(
         data_collator=training_collator(tokenizer, settings.get("packing", False)),
         regularizer=regularizer,
         weight=method.get("lambda", 0.0),
+        callbacks=[] if settings["keep_checkpoints"] else [skip_final_checkpoint()],
     )
     fingerprint = run_fingerprint(model_dir, data, settings)
     if synthetic is not None:
@@ -369,7 +504,10 @@ def fine_tune(
         "num_synthetic_term_samples": len(synthetic_examples or []),
         "num_trained_tokens_per_epoch": count_trained_tokens(examples),
         "resumed_from": resume_from,
+        "fsdp": trainer.is_fsdp_enabled,
     }
+    if isinstance(regularizer, WeightedSyntheticLoss):
+        summary["synthetic_term"] = synthetic_draws(regularizer)
     save_fine_tuned(trainer, tokenizer, settings, data, summary, out)
     if is_main_process() and not settings.get("keep_checkpoints", False):
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -380,20 +518,45 @@ def count_trained_tokens(examples: list[dict]) -> int:
     return sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in examples)
 
 
+def synthetic_draws(term: WeightedSyntheticLoss) -> dict:
+    """What the synthetic term drew in this run, over all processes: samples per optimizer
+    step (configured: round(ratio x train.batch_size)) and how many of them were distinct."""
+    drawn = [term.drawn]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        drawn = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(drawn, term.drawn)
+    steps: dict[int, list[int]] = {}
+    for part in drawn:
+        for step, indices in part.items():
+            steps.setdefault(int(step), []).extend(indices)
+    counts = sorted({len(indices) for indices in steps.values()})
+    distinct = sorted({len(set(indices)) for indices in steps.values()})
+    return {
+        "samples_per_step": term.batches.per_step,
+        "steps": len(steps),
+        "drawn_per_step": counts,
+        "distinct_per_step": distinct,
+    }
+
+
 def save_fine_tuned(trainer, tokenizer, settings, data, summary, out: Path) -> None:
-    """A plain model folder whatever the method: LoRA adapters are merged into the weights.
-    Under FSDP every process takes part in gathering the full weights; the main one writes."""
-    state_dict = None
-    if trainer.is_fsdp_enabled:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    """A plain model folder whatever the method, in the save precision
+    (`train.save_precision`). Every process takes part in gathering the full weights (a
+    collective under FSDP); the main one then merges LoRA adapters into the gathered full
+    weights and writes (cfs.saving)."""
+    state_dict = full_state_dict(trainer)
     if not trainer.is_world_process_zero():
         return
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "get_base_model"):  # peft: merge the adapters into the weights
+        state_dict = merge_lora(state_dict, lora_layers(model))
+        model = model.get_base_model()
+    dtype = save_dtype(settings["save_precision"], trainer.args.bf16)
+    state_dict = cast_floating(state_dict, dtype)
     model.config.use_cache = True
     with atomic_path(out, directory=True) as tmp:
         model.save_pretrained(str(tmp), state_dict=state_dict)
+        record_dtype(tmp, dtype)
         tokenizer.save_pretrained(str(tmp))
         write_json(
             tmp / "train_log.json", {"summary": summary, "log_history": trainer.state.log_history}

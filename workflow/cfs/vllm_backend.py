@@ -7,9 +7,14 @@ is present, HF `generate` otherwise), `vllm` or `hf`. vLLM lives in its own envi
 Sampling settings map onto vLLM's `SamplingParams` one to one: temperature, top_p, top_k
 disabled (0, as for HF, where top_k=0 turns the filter off), max_tokens = max_new_tokens,
 stop_token_ids = the model's EOS ids, n = 1. Prompts are token ids (`TokensPrompt`), never
-text, so the context-free prompt is exactly the one token recorded. Every prompt gets its own
-seed, derived from (seed, prompt index): the context-free prompts are all the same token, and
-one shared seed would make every sample the same.
+text, so the context-free prompt is exactly the one token recorded.
+
+Seeding: one engine seed, no per-request seeds. vLLM samples requests that carry their own
+seed one by one with their own generators (slow at thousands of requests); requests without
+a seed draw from the engine's generator, so identical prompts still get distinct samples.
+The engine is seeded once per job with the seed of the first chunk it samples (cfs.generate
+passes (study seed, chunk index)): an uninterrupted run is reproducible, and a resumed one
+continues from a seed fixed by where it resumed.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from cfs.cli import SettingsError
 
 log = logging.getLogger("cfs.vllm_backend")
 BACKENDS = ("auto", "hf", "vllm")
-SEED_STRIDE = 1_000_003  # the same stride cfs.generate uses to seed HF batches
 
 
 def vllm_importable() -> bool:
@@ -66,9 +70,9 @@ def select_backend(requested: str) -> str:
     )
 
 
-def prompt_seed(seed: int, index: int) -> int:
-    """The seed of prompt `index`: distinct per prompt, and within vLLM's int64 range."""
-    return (seed * SEED_STRIDE + index) % (2**63 - 1)
+def engine_seed(seed: int) -> int:
+    """A seed within vLLM's int64 range."""
+    return seed % (2**63 - 1)
 
 
 def sampling_params(
@@ -76,10 +80,10 @@ def sampling_params(
     temperature: float,
     top_p: float,
     max_new_tokens: int,
-    seed: int,
     eos_token_ids: list[int],
 ):
-    """Our sampling settings as vLLM's `SamplingParams` (one prompt's)."""
+    """Our sampling settings as vLLM's `SamplingParams`, shared by every prompt of a call
+    (no per-request seed: the engine's seed governs)."""
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -91,7 +95,7 @@ def sampling_params(
         repetition_penalty=1.0,
         max_tokens=max_new_tokens,
         min_tokens=0,
-        seed=seed,
+        seed=None,
         stop_token_ids=list(eos_token_ids),
         ignore_eos=False,
         detokenize=False,  # the caller decodes the ids with the model's tokenizer
@@ -137,7 +141,7 @@ def engine(model_dir, *, dtype: str, tensor_parallel_size: int, max_model_len: i
             # `auto` means bfloat16 on a GPU, as for HF generate (cfs.modeling.pick_dtype)
             dtype="bfloat16" if dtype == "auto" else dtype,
             tensor_parallel_size=tensor_parallel_size,
-            seed=seed,
+            seed=engine_seed(seed),
             max_model_len=max_model_len,
             # Only our SamplingParams count, not the model's generation_config.json defaults.
             generation_config="vllm",
@@ -157,12 +161,15 @@ def generate_vllm(
     eos_token_ids: list[int],
     dtype: str = "auto",
     tensor_parallel_size: int = 1,
+    max_model_len: int | None = None,
 ) -> list[tuple[list[int], str]]:
     """Sample one continuation of every prompt (token ids) with vLLM; in prompt order,
     (generated ids, finish reason), the ids ending with the EOS when it stopped there.
 
-    Prompt i is sampled with its own seed, from (seed, i): a call repeated with the same
-    seed repeats its samples, so give each call (batch) of one run its own seed."""
+    `seed` seeds the engine when this call builds it (the first call of a job); later
+    calls continue from the engine's generator. `max_model_len` (default: this call's
+    longest prompt + max_new_tokens) is part of the engine's identity: pass the job's
+    longest, so that chunks of one job share one engine."""
     if not prompts:
         return []
     if not eos_token_ids:
@@ -173,19 +180,15 @@ def generate_vllm(
         model_dir,
         dtype=dtype,
         tensor_parallel_size=tensor_parallel_size,
-        max_model_len=max(len(prompt) for prompt in prompts) + max_new_tokens,
+        max_model_len=max_model_len or max(len(prompt) for prompt in prompts) + max_new_tokens,
         seed=seed,
     )
-    params = [
-        sampling_params(
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            seed=prompt_seed(seed, index),
-            eos_token_ids=eos_token_ids,
-        )
-        for index in range(len(prompts))
-    ]
+    params = sampling_params(
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos_token_ids,
+    )
     requests = [TokensPrompt(prompt_token_ids=list(prompt)) for prompt in prompts]
     outputs = llm.generate(requests, params, use_tqdm=True)
     if len(outputs) != len(prompts):

@@ -1,0 +1,76 @@
+"""Issue 11: the evaluation's lm-eval task names and metric filters are checked before any
+job runs; an error names the config key and the nearest known task name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cfs import task_check
+from cfs.cli import SettingsError, run_stage
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def index():
+    # the local tasks and lm-eval's built-in ones, indexed once (YAML only, no download)
+    return task_check.task_index(str(REPO / "tasks"))
+
+
+def settings(target, *forgetting):
+    return {"include_path": "tasks", "target": target, "forgetting": list(forgetting)}
+
+
+def test_the_paper_configs_tasks_are_known(index):
+    import yaml
+
+    for name in ("config.yaml", "olmo.yaml", "reasoning.yaml"):
+        evaluation = yaml.safe_load((REPO / "config" / name).read_text())["evaluation"]
+        record = task_check.check_tasks({"include_path": "tasks", **evaluation}, index)
+        assert all(not task["problems"] for task in record["tasks"]), name
+
+
+def test_a_misspelt_forgetting_task_names_the_key_and_the_nearest_task(index):
+    config = settings(
+        {"task": "cfs_arith", "metric": "exact_match,flexible-extract"},
+        {"task": "cfs_capitals", "metric": "acc,none"},
+        {"task": "hellaswagg", "metric": "acc_norm,none"},
+    )
+    with pytest.raises(SettingsError) as caught:
+        task_check.check_tasks(config, index)
+    message = str(caught.value)
+    assert "evaluation.forgetting[1].task" in message
+    assert "'hellaswagg'" in message and "nearest known task: 'hellaswag'" in message
+
+
+def test_a_wrong_filter_or_metric_names_the_key(index):
+    config = settings(
+        {"task": "gsm8k", "metric": "exact_match,flexible_extract"},
+        {"task": "arc_easy", "metric": "accuracy,none"},
+    )
+    with pytest.raises(SettingsError) as caught:
+        task_check.check_tasks(config, index)
+    message = str(caught.value)
+    assert "evaluation.target.metric 'exact_match,flexible_extract'" in message
+    assert "no filter 'flexible_extract'" in message and "flexible-extract" in message
+    assert "evaluation.forgetting[0].metric 'accuracy,none'" in message
+    assert "no metric 'accuracy'" in message
+
+
+def test_command_line_writes_the_record(tmp_path, index, monkeypatch, caplog):
+    monkeypatch.setattr(task_check, "task_index", lambda include_path: index)
+    out = tmp_path / "evaluation_tasks.json"
+    evaluation = settings(
+        {"task": "cfs_arith", "metric": "exact_match,flexible-extract"},
+        {"task": "cfs_animals", "metric": "acc_norm,none"},
+    )
+    argv = ["--settings", json.dumps(evaluation), "--out", str(out)]
+    run_stage(task_check.main, argv)
+    record = json.loads(out.read_text())
+    assert [task["task"] for task in record["tasks"]] == ["cfs_arith", "cfs_animals"]
+    evaluation["forgetting"][0]["task"] = "cfs_animal"
+    argv = ["--settings", json.dumps(evaluation), "--out", str(tmp_path / "other.json")]
+    with pytest.raises(SystemExit) as exit_code:
+        run_stage(task_check.main, argv)
+    assert exit_code.value.code == 1 and not (tmp_path / "other.json").exists()
+    assert "evaluation.forgetting[0].task" in caplog.text and "'cfs_animals'" in caplog.text

@@ -1,0 +1,114 @@
+"""The fine-tuned model as a plain transformers folder, whatever the method and however
+many processes trained it.
+
+Every process takes part in gathering the full state dict (under FSDP each holds a shard:
+the gather is a collective, so no process may return before it); the main process then
+merges LoRA adapters into the gathered full weights (W + scaling x B @ A, as peft's
+`merge_and_unload` does), casts to the save precision and writes. Nothing is merged on
+weights still sharded across the other processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+PEFT_PREFIX = "base_model.model."
+
+
+def full_state_dict(trainer) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the main process (an empty dict or a copy on the
+    others). A collective under FSDP: call it on every process."""
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {key: value.detach() for key, value in model.state_dict().items()}
+
+
+def lora_layers(model, adapter: str = "default") -> dict[str, tuple[float, bool]]:
+    """{module name: (scaling, fan_in_fan_out)} of every LoRA layer of a peft model."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.scaling:
+            if getattr(module, "use_dora", {}).get(adapter, False):
+                raise NotImplementedError("merging DoRA adapters into a state dict")
+            layers[state_dict_name(name)] = (
+                float(module.scaling[adapter]),
+                bool(module.fan_in_fan_out),
+            )
+    return layers
+
+
+def state_dict_name(module_name: str) -> str:
+    """A module's name as state dict keys spell it: without the wrappers that activation
+    checkpointing (FSDP's) and torch.compile insert, which state dicts leave out."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        module_name = module_name.replace(wrapper, "")
+    return module_name
+
+
+def merge_lora(
+    state_dict: dict[str, torch.Tensor], layers: dict[str, tuple[float, bool]], adapter="default"
+) -> dict[str, torch.Tensor]:
+    """A peft model's full state dict as the plain model's: for every LoRA layer
+    W <- W + scaling x (B @ A) (computed in float32), `base_layer.` and the peft prefix
+    dropped, adapter weights removed. A key the merge does not understand is an error."""
+    merged = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue
+        merged[key] = value
+    for name, (scaling, fan_in_fan_out) in layers.items():
+        weight_key = f"{name}.base_layer.weight"
+        down = state_dict[f"{name}.lora_A.{adapter}.weight"].float()
+        up = state_dict[f"{name}.lora_B.{adapter}.weight"].float()
+        delta = (up @ down) * scaling
+        if fan_in_fan_out:
+            delta = delta.T
+        weight = merged[weight_key]
+        merged[weight_key] = (weight.float() + delta).to(weight.dtype)
+    plain = {}
+    for key, value in merged.items():
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        name = name.replace(".base_layer.", ".")
+        if "lora_" in name or name in plain:
+            raise ValueError(f"cannot turn peft state dict key {key!r} into a plain model's")
+        plain[name] = value
+    return plain
+
+
+def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """Floating-point tensors in `dtype`; tensors that share storage (tied embeddings)
+    still share it afterwards, so save_pretrained still drops the tied copy."""
+    cast: dict = {}
+    out = {}
+    for key, value in state_dict.items():
+        if not value.is_floating_point() or value.dtype == dtype:
+            out[key] = value
+            continue
+        shared = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape)
+        if shared not in cast:
+            cast[shared] = value.to(dtype)
+        out[key] = cast[shared]
+    return out
+
+
+def save_dtype(name: str, trained_in_bf16: bool) -> torch.dtype:
+    """`train.save_precision`: `auto` is the training precision (bfloat16 when training in
+    bf16, float32 otherwise); `float32` or `bfloat16` force one."""
+    if name == "auto":
+        return torch.bfloat16 if trained_in_bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def record_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """save_pretrained writes the dtype of the model object (float32 master weights), not
+    that of the tensors written: correct config.json."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
