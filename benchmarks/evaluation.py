@@ -30,6 +30,7 @@ from _common import (
     report,
     require_model,
     rule_settings,
+    sample_context_free,
     set_threads,
     table,
 )
@@ -148,12 +149,12 @@ def heldout_samples(config, model_dir):
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], str(
             path.relative_to(REPO)
         )
-    from cfs.generate import context_free_prompt_id, generate_context_free
     from cfs.modeling import load_model, load_tokenizer
+    from cfs.tokens import context_free_prompt_id
 
     kl = config["evaluation"].get("kl", {})
     model, tokenizer = load_model(model_dir, "float32").eval(), load_tokenizer(model_dir)
-    samples = generate_context_free(
+    samples = sample_context_free(
         model,
         tokenizer,
         num_samples=kl.get("num_samples", 24),

@@ -47,6 +47,7 @@ from _common import (
     report,
     require_model,
     round_ratios,
+    sample_context_free,
     set_threads,
     table,
 )
@@ -79,13 +80,13 @@ def context_free_samples(config: dict, model_dir: Path, count: int) -> list[dict
         samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if len(samples) >= count:
             return samples[:count]
-    from cfs.generate import context_free_prompt_id, generate_context_free
     from cfs.modeling import load_model, load_tokenizer
+    from cfs.tokens import context_free_prompt_id
 
     print(f"  generating {count} context-free samples with the pipeline (none in results/)")
     model, tokenizer = load_model(model_dir, "float32").eval(), load_tokenizer(model_dir)
     generation = config.get("generation", {})
-    return generate_context_free(
+    return sample_context_free(
         model,
         tokenizer,
         num_samples=count,

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/generation.py [--quick] [--json out.json]
 
-- pipeline: `cfs.generate.generate_context_free` (batched HF `generate`, the settings of
+- pipeline: `_common.sample_context_free` (cfs.generate's batched HF `generate`, the settings of
   `generation:` in config/config.yaml) on the embedded default model (SmolLM2-135M, float32,
   CPU), counting the tokens it keeps (up to and including EOS);
 - naive: what a user would otherwise write — one prompt at a time through `model.generate`
@@ -38,6 +38,7 @@ from _common import (
     report,
     require_model,
     round_ratios,
+    sample_context_free,
     set_threads,
     table,
 )
@@ -46,7 +47,7 @@ GOAL_RATIO = 8.0
 
 
 def call_pipeline(model, tokenizer, settings: dict, num_samples: int, temperature: float):
-    from cfs.generate import context_free_prompt_id, generate_context_free
+    from cfs.tokens import context_free_prompt_id
 
     prompt_id = context_free_prompt_id(tokenizer, settings.get("prompt_token_id"))
     arguments = {
@@ -58,11 +59,11 @@ def call_pipeline(model, tokenizer, settings: dict, num_samples: int, temperatur
         "batch_size": settings["batch_size"],
         "prompt_token_id": prompt_id,
     }
-    accepted = inspect.signature(generate_context_free).parameters
+    accepted = inspect.signature(sample_context_free).parameters
     clock = ForwardClock(model)
     try:
         with Timer() as timer:
-            samples = generate_context_free(
+            samples = sample_context_free(
                 model, tokenizer, **{k: v for k, v in arguments.items() if k in accepted}
             )
     finally:
@@ -87,7 +88,7 @@ def call_pipeline(model, tokenizer, settings: dict, num_samples: int, temperatur
 def call_naive(model, tokenizer, settings: dict, num_samples: int, temperature: float):
     """One prompt at a time, the loop a user would write first."""
     import torch
-    from cfs.generate import context_free_prompt_id
+    from cfs.tokens import context_free_prompt_id
 
     prompt_id = context_free_prompt_id(tokenizer, settings.get("prompt_token_id"))
     eos = tokenizer.eos_token_id
@@ -132,7 +133,7 @@ def decode_inverse_cdf(model, tokenizer, settings: dict, num_samples: int, tempe
     (one exponential per vocabulary entry and row), stopping a batch when every row has
     ended; same prompts, batches and settings as the pipeline (top-p 1, no top-k)."""
     import torch
-    from cfs.generate import context_free_prompt_id
+    from cfs.tokens import context_free_prompt_id
     from transformers import DynamicCache
 
     prompt_id = context_free_prompt_id(tokenizer, settings.get("prompt_token_id"))
@@ -264,7 +265,7 @@ def main() -> None:
         )
     rows = [
         [
-            "pipeline (generate_context_free)",
+            "pipeline (sample_context_free)",
             f"{pipe['tokens']}",
             f"{pipe['seconds']:.2f}",
             f"{pipe['tokens_per_s']:.1f}",

@@ -6,7 +6,6 @@ import json
 
 import pytest
 from cfs.artifacts import (
-    DataError,
     atomic_path,
     provenance,
     read_json,
@@ -15,6 +14,7 @@ from cfs.artifacts import (
     write_json,
     write_jsonl,
 )
+from cfs.errors import DataError
 
 
 def test_read_jsonl_round_trips_write_jsonl(tmp_path):

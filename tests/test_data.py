@@ -8,7 +8,7 @@ import re
 
 import pytest
 from cfs import data
-from cfs.cli import SettingsError
+from cfs.errors import SettingsError
 from conftest import TEMPLATE, read_jsonl
 
 SETTINGS = {

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 from cfs import distributed
-from cfs.cli import SettingsError
 from cfs.data import arithmetic_problems, render
+from cfs.errors import SettingsError
 from conftest import (
     PACKAGE_DIR,
     TEMPLATE,
@@ -191,7 +191,7 @@ def test_fine_tune_rule_starts_one_process_per_gpu(tmp_path):
     config["study"].update(temperatures=[1.0], ratios=[0])
     config["models"]["tiny"]["resources"] = {"train_gpus": 2, "gpus": 1, "mem_mb": 16000}
     (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    result = run_snakemake(repo, "-n", "-p", "results/tiny/ratio0/model", timeout=300)
+    result = run_snakemake(repo, "-n", "-p", "results/tiny/ratio0/seed0/model", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     shell = result.stdout[result.stdout.index("rule fine_tune:") :]
     assert "if [ 2 -gt 1 ]" in shell and "torchrun --standalone --nproc-per-node 2" in shell

@@ -12,8 +12,8 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import tomllib
 
+import tomllib
 import yaml
 from conftest import PACKAGE_DIR, REPO
 

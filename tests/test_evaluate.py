@@ -12,9 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cfs import data, evaluate, generate
-from cfs.cli import SettingsError
+from cfs.errors import SettingsError
 from cfs.modeling import load_model, load_tokenizer
-from conftest import REPO, TEMPLATE, evaluation_settings, read_jsonl, write_jsonl
+from conftest import (
+    REPO,
+    TEMPLATE,
+    evaluation_settings,
+    read_jsonl,
+    sample_context_free,
+    write_jsonl,
+)
 
 MC_TASK = "cfs_test_mc"
 
@@ -22,7 +29,7 @@ MC_TASK = "cfs_test_mc"
 @pytest.fixture(scope="module")
 def heldout_samples(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir, "float32").eval(), load_tokenizer(tiny_model_dir)
-    samples = generate.generate_context_free(
+    samples = sample_context_free(
         model,
         tokenizer,
         num_samples=5,
@@ -195,7 +202,7 @@ def stage_runs(tiny_model_dir, perturbed_model_dir, tmp_path_factory):
     shutil.copytree(REPO / "tasks" / "target", root / "tasks" / "target")
     write_mc_task(root / "tasks" / MC_TASK)
     train, test = data.prepare_arithmetic(
-        {"num_train": 4, "num_test": 6, "seed": 0, "prompt_template": TEMPLATE}
+        {"num_train": 4, "num_test": 6, "seed": 0, "steps": 2, "prompt_template": TEMPLATE}
     )
     write_jsonl(root / "results" / "data" / "arith" / "test.jsonl", test)
     heldout = root / "heldout" / "context_free.jsonl"

@@ -6,9 +6,10 @@ import json
 
 import pytest
 from cfs import generate
-from cfs.cli import SettingsError
+from cfs.errors import SettingsError
 from cfs.modeling import load_model, load_tokenizer
-from conftest import read_jsonl
+from cfs.tokens import context_free_prompt_id, split_at_eos
+from conftest import read_jsonl, sample_context_free
 
 
 @pytest.fixture(scope="module")
@@ -24,29 +25,29 @@ def sample(model, tokenizer, **overrides):
         top_p=1.0,
         seed=0,
         batch_size=4,
-        prompt_token_id=generate.context_free_prompt_id(tokenizer),
+        prompt_token_id=context_free_prompt_id(tokenizer),
     )
     kwargs.update(overrides)
-    return generate.generate_context_free(model, tokenizer, **kwargs)
+    return sample_context_free(model, tokenizer, **kwargs)
 
 
 # --------------------------------------------------------------------------- prompt id
 
 
 def test_prompt_id_is_bos_when_the_tokenizer_has_one(tokenizer):
-    assert generate.context_free_prompt_id(tokenizer) == tokenizer.bos_token_id == 1
+    assert context_free_prompt_id(tokenizer) == tokenizer.bos_token_id == 1
 
 
 def test_prompt_id_is_end_of_document_without_bos(tokenizer_no_bos):
-    prompt_id = generate.context_free_prompt_id(tokenizer_no_bos)
+    prompt_id = context_free_prompt_id(tokenizer_no_bos)
     assert prompt_id == tokenizer_no_bos.eos_token_id
     assert tokenizer_no_bos.convert_ids_to_tokens(prompt_id) == "<|endoftext|>"
 
 
 def test_prompt_id_override_wins(tokenizer, tokenizer_no_bos):
-    assert generate.context_free_prompt_id(tokenizer, override=7) == 7
-    assert generate.context_free_prompt_id(tokenizer_no_bos, override=0) == 0
-    assert generate.context_free_prompt_id(tokenizer, override=None) == 1
+    assert context_free_prompt_id(tokenizer, override=7) == 7
+    assert context_free_prompt_id(tokenizer_no_bos, override=0) == 0
+    assert context_free_prompt_id(tokenizer, override=None) == 1
 
 
 def test_prompt_id_without_bos_or_eos_is_a_settings_error():
@@ -55,16 +56,16 @@ def test_prompt_id_without_bos_or_eos_is_a_settings_error():
         eos_token_id = None
 
     with pytest.raises(SettingsError, match="prompt_token_id"):
-        generate.context_free_prompt_id(Bare())
+        context_free_prompt_id(Bare())
 
 
 # --------------------------------------------------------------------------- split_at_eos
 
 
 def test_split_at_eos_keeps_up_to_first_eos():
-    assert generate.split_at_eos([5, 6, 2, 7, 2], {2}) == ([5, 6, 2], "eos")
-    assert generate.split_at_eos([5, 6, 7], {2}) == ([5, 6, 7], "length")
-    assert generate.split_at_eos([9, 3, 8], {2, 3}) == ([9, 3], "eos")
+    assert split_at_eos([5, 6, 2, 7, 2], {2}) == ([5, 6, 2], "eos")
+    assert split_at_eos([5, 6, 7], {2}) == ([5, 6, 7], "length")
+    assert split_at_eos([9, 3, 8], {2, 3}) == ([9, 3], "eos")
 
 
 # --------------------------------------------------------------------------- sampling

@@ -10,9 +10,8 @@ import sysconfig
 import pytest
 import torch
 from cfs import generate, mix, objectives, replay, train, wiseft
-from cfs.artifacts import DataError
-from cfs.cli import SettingsError
 from cfs.data import arithmetic_problems, render
+from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
 from conftest import TEMPLATE, model_weights, read_jsonl, train_settings, write_jsonl
 

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 from cfs import mix
-from cfs.artifacts import DataError
-from cfs.cli import SettingsError
+from cfs.errors import DataError, SettingsError
 from conftest import PACKAGE_DIR, read_jsonl, write_jsonl
 
 N_TASK, N_GENERATED = 12, 20

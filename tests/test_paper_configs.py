@@ -13,9 +13,9 @@ import re
 import pytest
 import yaml
 from cfs import data, evaluate
-from cfs.cli import SettingsError
-from cfs.generate import context_free_prompt_id
+from cfs.errors import SettingsError
 from cfs.modeling import load_tokenizer
+from cfs.tokens import context_free_prompt_id
 from conftest import (
     LLAMA_BOS_ID,
     OLMO_END_OF_DOC_ID,

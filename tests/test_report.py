@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from cfs import report
-from cfs.artifacts import DataError
+from cfs.errors import DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TARGET, FORGETTING = "cfs_arith", ["cfs_capitals", "cfs_animals"]

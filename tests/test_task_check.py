@@ -7,7 +7,8 @@ import json
 
 import pytest
 from cfs import task_check
-from cfs.cli import SettingsError, run_stage
+from cfs.cli import run_stage
+from cfs.errors import SettingsError
 from conftest import REPO
 
 

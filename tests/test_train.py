@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 from cfs import train
-from cfs.artifacts import DataError
-from cfs.cli import SettingsError
 from cfs.data import arithmetic_problems, render
+from cfs.errors import DataError, SettingsError
 from conftest import TEMPLATE, model_weights, train_settings, write_jsonl
 
 IGNORE = train.IGNORE_INDEX

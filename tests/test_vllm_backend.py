@@ -20,8 +20,8 @@ import types
 
 import pytest
 from cfs import vllm_backend
-from cfs.cli import SettingsError
-from cfs.generate import split_at_eos
+from cfs.errors import SettingsError
+from cfs.tokens import split_at_eos
 
 # SamplingParams' keyword arguments, as vLLM 0.33 documents them (vllm/sampling_params.py).
 DOCUMENTED_SAMPLING_PARAMS = {

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 
+from cfs.errors import DataError
+
 TRACKED_PACKAGES = (
     "cfs",
     "torch",
@@ -26,8 +28,12 @@ SECRET_ENV_KEYS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 SECRET_KEYS = {"token", "hf_token", "use_auth_token", "api_token", "password"}
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line) at fault."""
+def add_folder_fingerprint(digest, folder: Path) -> None:
+    """Add each file of `folder` (name, size, modification time) to the hash `digest`: a
+    model folder rewritten since (another model at the same path) changes the hash."""
+    for path in sorted(Path(folder).glob("*")):
+        if path.is_file():
+            digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
 
 
 class Records(list):

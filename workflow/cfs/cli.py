@@ -8,11 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from cfs.artifacts import DataError
-
-
-class SettingsError(ValueError):
-    """A stage was handed settings it cannot use; the message names the key."""
+from cfs.errors import DataError, SettingsError
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

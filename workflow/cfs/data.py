@@ -24,7 +24,8 @@ import random
 from pathlib import Path
 
 from cfs.artifacts import provenance, write_json, write_jsonl
-from cfs.cli import SettingsError, require, run_stage, stage_parser
+from cfs.cli import require, run_stage, stage_parser
+from cfs.errors import SettingsError
 
 log = logging.getLogger("cfs.data")
 

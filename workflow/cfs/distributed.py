@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from cfs.cli import SettingsError
+from cfs.errors import SettingsError
 
 
 def world_size() -> int:

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cfs.artifacts import (
-    DataError,
     provenance,
     read_json,
     read_jsonl,
@@ -32,8 +31,11 @@ from cfs.artifacts import (
     scrub_secrets,
     write_json,
 )
-from cfs.cli import SettingsError, require, run_stage, set_threads, stage_parser
-from cfs.modeling import load_model, pick_device
+from cfs.cli import require, run_stage, set_threads, stage_parser
+from cfs.errors import DataError, SettingsError
+from cfs.modeling import dtype_name, load_model, pick_device
+from cfs.objectives import token_kl
+from cfs.tokens import IGNORE_INDEX
 
 log = logging.getLogger("cfs.evaluate")
 
@@ -54,12 +56,7 @@ def lm_eval_model_args(model_dir: Path, settings: dict) -> tuple[str, dict]:
     extra = dict(settings["model_args"])
     if "pretrained" in extra:
         raise SettingsError("evaluation.model_args must not set `pretrained` (the stage does)")
-    device = pick_device()
-    args = {"pretrained": str(model_dir)}
-    dtype = settings["dtype"]
-    args["dtype"] = (
-        ("bfloat16" if device.type == "cuda" else "float32") if dtype in (None, "auto") else dtype
-    )
+    args = {"pretrained": str(model_dir), "dtype": dtype_name(settings["dtype"], pick_device())}
     if backend == "vllm":
         from cfs.vllm_backend import vllm_usable
 
@@ -332,13 +329,14 @@ def kl_to_base(base_model, model, samples: list[dict], batch_size: int = 8) -> d
     for start in tqdm(range(0, len(samples), batch_size), desc="KL to base", unit="batch"):
         input_ids, mask = pad_batch(samples[start : start + batch_size], pad_id=0)
         input_ids, mask = input_ids.to(device), mask.to(device)
-        base_logp = F.log_softmax(base_model(input_ids, attention_mask=mask).logits.float(), -1)
-        model_logp = F.log_softmax(model(input_ids, attention_mask=mask).logits.float(), -1)
+        base_logits = base_model(input_ids, attention_mask=mask).logits
+        model_logits = model(input_ids, attention_mask=mask).logits
         # position t predicts token t+1; only positions followed by a real token count
+        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+        kl_sum += token_kl(base_logits, model_logits, labels, reduction="sum").item()
         predicts_real = mask[:, 1:].bool()
-        base_logp, model_logp = base_logp[:, :-1][predicts_real], model_logp[:, :-1][predicts_real]
+        model_logp = F.log_softmax(model_logits[:, :-1][predicts_real].float(), -1)
         targets = input_ids[:, 1:][predicts_real]
-        kl_sum += (base_logp.exp() * (base_logp - model_logp)).sum().item()
         nll_sum += -model_logp.gather(-1, targets[:, None]).sum().item()
         count += targets.numel()
     if count == 0:

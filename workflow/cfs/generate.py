@@ -22,35 +22,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cfs.artifacts import provenance, read_jsonl, require_fields, write_json, write_jsonl
-from cfs.cli import SettingsError, require, run_stage, set_threads, stage_parser
+from cfs.artifacts import (
+    add_folder_fingerprint,
+    provenance,
+    read_jsonl,
+    require_fields,
+    write_json,
+    write_jsonl,
+)
+from cfs.cli import require, run_stage, set_threads, stage_parser
+from cfs.errors import SettingsError
 from cfs.modeling import load_model, load_tokenizer
+from cfs.tokens import batch_seed, context_free_prompt_id, split_at_eos
 
 log = logging.getLogger("cfs.generate")
-
-
-def context_free_prompt_id(tokenizer, override: int | None = None) -> int:
-    """The one token a context-free sample starts from: BOS, else end-of-document.
-
-    OLMo has no BOS; its documents are separated by <|endoftext|>, which is its EOS, so a
-    sample that follows it is a sample of a new document. Never an empty string."""
-    if override is not None:
-        return int(override)
-    if tokenizer.bos_token_id is not None:
-        return tokenizer.bos_token_id
-    if tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id
-    raise SettingsError(
-        "the tokenizer has neither a BOS nor an EOS token; set generation.prompt_token_id"
-    )
-
-
-def split_at_eos(row: list[int], eos_ids: set[int]) -> tuple[list[int], str]:
-    """Keep tokens up to and including the first EOS; the finish reason says which ended it."""
-    for position, token in enumerate(row):
-        if token in eos_ids:
-            return row[: position + 1], "eos"
-    return row, "length"
 
 
 def eos_token_ids(generation_config, tokenizer) -> set[int]:
@@ -68,11 +53,6 @@ def eos_token_ids(generation_config, tokenizer) -> set[int]:
     if not ids:
         raise SettingsError("the model has no end-of-sequence token id to stop sampling at")
     return ids
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """Each batch has its own seed, so a sample does not depend on the batches before it."""
-    return seed * 1_000_003 + batch_index
 
 
 @torch.no_grad()
@@ -184,33 +164,6 @@ def hf_sampler(model, tokenizer, *, temperature, top_p, max_new_tokens):
     return sample_batch
 
 
-def generate_context_free(
-    model,
-    tokenizer,
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    batch_size: int,
-    prompt_token_id: int,
-    partial: PartialFile | None = None,
-) -> list[dict]:
-    """`num_samples` continuations of the single prompt token, with HF generate."""
-    sample_batch = hf_sampler(
-        model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
-    )
-    outputs = sample_batches(
-        sample_batch,
-        [[prompt_token_id]] * num_samples,
-        batch_size=batch_size,
-        seed=seed,
-        partial=partial,
-        desc=f"context-free T={temperature}",
-    )
-    return context_free_records(outputs, prompt_token_id, tokenizer)
-
-
 def context_free_records(outputs, prompt_token_id: int, tokenizer) -> list[dict]:
     return [
         {
@@ -254,9 +207,7 @@ def contextual_records(outputs, prompts: list[str], prompt_ids, tokenizer) -> li
 def run_fingerprint(model_dir: Path, temperature: float, settings: dict, prompts) -> str:
     digest = hashlib.sha256(json.dumps([str(model_dir), temperature, settings]).encode())
     digest.update(json.dumps(prompts).encode())
-    for path in sorted(Path(model_dir).glob("*")):
-        if path.is_file():
-            digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    add_folder_fingerprint(digest, model_dir)
     return digest.hexdigest()
 
 

@@ -19,8 +19,9 @@ import logging
 import random
 from pathlib import Path
 
-from cfs.artifacts import DataError, provenance, read_jsonl, require_fields, write_json, write_jsonl
-from cfs.cli import SettingsError, require, run_stage, stage_parser
+from cfs.artifacts import provenance, read_jsonl, require_fields, write_json, write_jsonl
+from cfs.cli import require, run_stage, stage_parser
+from cfs.errors import DataError, SettingsError
 
 log = logging.getLogger("cfs.mix")
 TASK_FIELDS = ("prompt", "response")

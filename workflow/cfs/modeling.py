@@ -13,11 +13,17 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def dtype_name(name: str | None, device: torch.device | str) -> str:
+    """The dtype `name` stands for on `device`: `auto` (or None) is bfloat16 on a GPU and
+    float32 on the CPU (bf16 matmuls are slow there); any other name is itself."""
+    if name in (None, "auto"):
+        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return name
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on a GPU and float32 on the CPU (bf16 matmuls are slow there)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    """The torch dtype of `dtype_name(name, device)`."""
+    return DTYPES[dtype_name(name, device)]
 
 
 def load_model(

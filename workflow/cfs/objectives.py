@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from cfs.tokens import IGNORE_INDEX, batch_seed
 
 
 class L2ToInitial:
@@ -121,7 +121,7 @@ class SyntheticBatches:
         cycle, offset = divmod(position, len(self.examples))
         if self._order is None or self._order[0] != cycle:
             order = list(range(len(self.examples)))
-            random.Random(self.seed * 1_000_003 + cycle).shuffle(order)
+            random.Random(batch_seed(self.seed, cycle)).shuffle(order)
             self._order = (cycle, order)
         return self._order[1][offset]
 
@@ -172,10 +172,16 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def token_kl(base_logits, model_logits, labels, chunk: int = 1024) -> torch.Tensor:
-    """Mean over trained positions of KL(base || model) of the next-token distributions,
-    in chunks of `chunk` positions so that the float32 log-probabilities of a long sequence
-    (8192 positions x a 128k vocabulary: 4 GB each) are never all held at once."""
+def token_kl(
+    base_logits, model_logits, labels, chunk: int = 1024, reduction: str = "mean"
+) -> torch.Tensor:
+    """Mean (or, with reduction="sum", sum) over trained positions of KL(base || model) of
+    the next-token distributions: position t predicts token t+1, and counts where the label
+    of t+1 is not IGNORE_INDEX. In chunks of `chunk` positions so that the float32
+    log-probabilities of a long sequence (8192 positions x a 128k vocabulary: 4 GB each)
+    are never all held at once. cfs.evaluate measures the evaluation's KL with it too."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     mask = labels[:, 1:] != IGNORE_INDEX
     base_rows, model_rows = base_logits[:, :-1][mask], model_logits[:, :-1][mask]
     total = model_rows.new_zeros((), dtype=torch.float32)
@@ -183,7 +189,7 @@ def token_kl(base_logits, model_logits, labels, chunk: int = 1024) -> torch.Tens
         base = F.log_softmax(base_rows[start : start + chunk].float(), dim=-1)
         current = F.log_softmax(model_rows[start : start + chunk].float(), dim=-1)
         total = total + F.kl_div(current, base, log_target=True, reduction="sum")
-    return total / max(base_rows.shape[0], 1)
+    return total if reduction == "sum" else total / max(base_rows.shape[0], 1)
 
 
 class KLToBase(WeightedSyntheticLoss):

@@ -24,10 +24,11 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from cfs.artifacts import DataError, provenance, write_json, write_jsonl
-from cfs.cli import SettingsError, require, run_stage, stage_parser
-from cfs.generate import context_free_prompt_id
+from cfs.artifacts import provenance, write_json, write_jsonl
+from cfs.cli import require, run_stage, stage_parser
+from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_tokenizer
+from cfs.tokens import context_free_prompt_id
 
 log = logging.getLogger("cfs.replay")
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cfs.artifacts import DataError, atomic_path, read_json, write_json
+from cfs.artifacts import atomic_path, read_json, write_json
 from cfs.cli import run_stage
+from cfs.errors import DataError
 from cfs.statistics import CONFIDENCE, paired_difference, seed_interval, two_level_bootstrap
 from cfs.study import FIGURES, KNOB_LABELS, REPORT_ORDER
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
+from cfs.modeling import DTYPES
+
 PEFT_PREFIX = "base_model.model."
+SAVE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16")}  # train.save_precision
 
 
 def full_state_dict(trainer) -> dict[str, torch.Tensor]:
@@ -101,8 +104,8 @@ def save_dtype(name: str, trained_in_bf16: bool) -> torch.dtype:
     """`train.save_precision`: `auto` is the training precision (bfloat16 when training in
     bf16, float32 otherwise); `float32` or `bfloat16` force one."""
     if name == "auto":
-        return torch.bfloat16 if trained_in_bf16 else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+        name = "bfloat16" if trained_in_bf16 else "float32"
+    return SAVE_DTYPES[name]
 
 
 def record_dtype(folder: Path, dtype: torch.dtype) -> None:

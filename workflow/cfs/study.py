@@ -213,8 +213,7 @@ class Study:
         for name in self.config.get("methods", {}):
             if name not in configurable:
                 raise ValueError(
-                    f"config key methods.{name}: unknown method (known: "
-                    f"{', '.join(configurable)})"
+                    f"config key methods.{name}: unknown method (known: {', '.join(configurable)})"
                 )
         for name in self.methods:
             spec = METHODS[name]

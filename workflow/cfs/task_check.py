@@ -21,7 +21,8 @@ import logging
 from pathlib import Path
 
 from cfs.artifacts import provenance, write_json
-from cfs.cli import SettingsError, require, run_stage, stage_parser
+from cfs.cli import require, run_stage, stage_parser
+from cfs.errors import SettingsError
 
 log = logging.getLogger("cfs.task_check")
 

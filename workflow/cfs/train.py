@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from cfs.artifacts import (
-    DataError,
     Records,
+    add_folder_fingerprint,
     atomic_path,
     line_numbers,
     provenance,
@@ -33,7 +33,7 @@ from cfs.artifacts import (
     read_jsonl,
     write_json,
 )
-from cfs.cli import SettingsError, require, run_stage, set_threads, stage_parser
+from cfs.cli import require, run_stage, set_threads, stage_parser
 from cfs.distributed import (
     accumulation_steps,
     distributed_arguments,
@@ -44,6 +44,7 @@ from cfs.distributed import (
     reads_weights,
     world_size,
 )
+from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
 from cfs.objectives import (
     KLToBase,
@@ -60,9 +61,9 @@ from cfs.saving import (
     save_dtype,
 )
 from cfs.study import TRAINERS
+from cfs.tokens import IGNORE_INDEX
 
 log = logging.getLogger("cfs.train")
-IGNORE_INDEX = -100
 
 
 def task_example(record: dict, tokenizer, max_length: int) -> dict:
@@ -159,9 +160,7 @@ def run_fingerprint(model_dir: Path, data: Path, settings: dict) -> str:
     """What makes one training run: a checkpoint of another run must not be resumed."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(data.read_bytes())
-    for path in sorted(model_dir.glob("*")):
-        if path.is_file():
-            digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    add_folder_fingerprint(digest, model_dir)
     return digest.hexdigest()
 
 

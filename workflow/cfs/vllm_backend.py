@@ -23,7 +23,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from cfs.cli import SettingsError
+from cfs.errors import SettingsError
+from cfs.tokens import split_at_eos
 
 log = logging.getLogger("cfs.vllm_backend")
 BACKENDS = ("auto", "hf", "vllm")
@@ -104,11 +105,10 @@ def sampling_params(
 
 def finished_sample(output, eos_ids: set[int]) -> tuple[list[int], str]:
     """(token ids, "eos" | "length") for one vLLM completion: ids up to and including the
-    first EOS, the convention of cfs.generate.split_at_eos."""
-    ids = list(output.token_ids)
-    for position, token in enumerate(ids):
-        if token in eos_ids:
-            return ids[: position + 1], "eos"
+    first EOS, as cfs.tokens.split_at_eos cuts them."""
+    ids, reason = split_at_eos(list(output.token_ids), eos_ids)
+    if reason == "eos":
+        return ids, reason
     if output.finish_reason == "stop":
         # A stop token that vLLM did not leave in the ids (other versions' habit).
         if isinstance(output.stop_reason, int) and output.stop_reason in eos_ids:
@@ -129,6 +129,8 @@ def engine(model_dir, *, dtype: str, tensor_parallel_size: int, max_model_len: i
     the weights and profiles memory: minutes for a large model)."""
     from vllm import LLM
 
+    from cfs.modeling import dtype_name
+
     key = (str(Path(model_dir).resolve()), dtype, tensor_parallel_size, max_model_len)
     if _ENGINE.get("key") != key:
         _ENGINE.clear()  # drop the old engine before a new one claims the GPU memory
@@ -138,8 +140,8 @@ def engine(model_dir, *, dtype: str, tensor_parallel_size: int, max_model_len: i
         log.info("starting vLLM for %s (tensor parallel %d)", model_dir, tensor_parallel_size)
         _ENGINE["llm"] = LLM(
             model=str(model_dir),
-            # `auto` means bfloat16 on a GPU, as for HF generate (cfs.modeling.pick_dtype)
-            dtype="bfloat16" if dtype == "auto" else dtype,
+            # `auto` means bfloat16 on a GPU (vLLM runs on one), as for HF generate
+            dtype=dtype_name(dtype, "cuda"),
             tensor_parallel_size=tensor_parallel_size,
             seed=engine_seed(seed),
             max_model_len=max_model_len,

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from cfs.artifacts import DataError, atomic_path, provenance, write_json
-from cfs.cli import SettingsError, run_stage, set_threads, stage_parser
+from cfs.artifacts import atomic_path, provenance, write_json
+from cfs.cli import run_stage, set_threads, stage_parser
+from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
 
 log = logging.getLogger("cfs.wiseft")

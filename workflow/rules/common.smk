@@ -90,6 +90,17 @@ def final_outputs():
     return list(REPORT_TABLES.values()) + cell_cards() + figure_paths()
 
 
+def samples_file(kind, suffix=".jsonl"):
+    """A sample set's path pattern (cfs.study.SAMPLES), or its provenance file's."""
+    path = SAMPLES[kind].removesuffix(".jsonl") + suffix
+    return f"results/{{model}}/{path}"
+
+
+def method_model(name):
+    """The model path pattern of a method's cells, e.g. WiSE-FT's."""
+    return f"results/{{model}}/{METHODS[name].path}/seed{{seed}}/model"
+
+
 def task_data(split):
     return f"results/data/{config['task']['name']}/{split}.jsonl"
 

@@ -25,8 +25,8 @@ rule replay_chunks:
     input:
         model="results/models/{model}/base",
     output:
-        chunks="results/{model}/replay/seed{seed}/chunks.jsonl",
-        provenance="results/{model}/replay/seed{seed}/chunks.provenance.json",
+        chunks=samples_file("replay"),
+        provenance=samples_file("replay", ".provenance.json"),
     log:
         "results/logs/replay_chunks/{model}_seed{seed}.log",
     benchmark:

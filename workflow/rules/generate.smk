@@ -4,8 +4,8 @@ rule generate_context_free:
     input:
         model="results/models/{model}/base",
     output:
-        samples="results/{model}/temp{temperature}/seed{seed}/context_free.jsonl",
-        provenance="results/{model}/temp{temperature}/seed{seed}/context_free.provenance.json",
+        samples=samples_file("context_free"),
+        provenance=samples_file("context_free", ".provenance.json"),
     log:
         "results/logs/generate_context_free/{model}_temp{temperature}_seed{seed}.log",
     benchmark:
@@ -50,8 +50,8 @@ use rule generate_context_free as generate_contextual with:
         model="results/models/{model}/base",
         prompts=task_data("train"),
     output:
-        samples="results/{model}/contextual/temp{temperature}/seed{seed}/samples.jsonl",
-        provenance="results/{model}/contextual/temp{temperature}/seed{seed}/samples.provenance.json",
+        samples=samples_file("contextual"),
+        provenance=samples_file("contextual", ".provenance.json"),
     log:
         "results/logs/generate_contextual/{model}_temp{temperature}_seed{seed}.log",
     benchmark:

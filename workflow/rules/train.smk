@@ -34,9 +34,9 @@ rule fine_tune:
 rule interpolate_wiseft:
     input:
         base="results/models/{model}/base",
-        finetuned=f"results/{{model}}/{PLAIN_CELL}/seed{{seed}}/model",
+        finetuned=method_model("plain"),
     output:
-        model=directory("results/{model}/wiseft/alpha{alpha}/seed{seed}/model"),
+        model=directory(method_model("wiseft")),
     log:
         "results/logs/interpolate_wiseft/{model}_alpha{alpha}_seed{seed}.log",
     benchmark:
