@@ -271,6 +271,13 @@ def evaluation_settings(**overrides) -> dict:
     return {**settings, **overrides}
 
 
+def generation_settings(**overrides) -> dict:
+    """cfs.generate's settings as the rules hand them: config.generation whole (schema
+    defaults filled in), the seed and the model's dtype."""
+    settings = {**validated_config()["generation"], "seed": 0, "dtype": "auto"}
+    return {**settings, **overrides}
+
+
 def train_settings(**overrides) -> dict:
     """cfs.train's settings as the rules hand them: config.train whole (schema defaults
     filled in), the seed and the method (plain full fine-tuning unless overridden)."""

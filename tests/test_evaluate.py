@@ -18,6 +18,7 @@ from conftest import (
     REPO,
     TEMPLATE,
     evaluation_settings,
+    generation_settings,
     read_jsonl,
     sample_context_free,
     write_jsonl,
@@ -213,9 +214,7 @@ def stage_runs(tiny_model_dir, perturbed_model_dir, tmp_path_factory):
             "--temperature",
             "1.0",
             "--settings",
-            json.dumps(
-                {"num_samples": 3, "max_new_tokens": 6, "top_p": 1.0, "seed": 9, "batch_size": 3}
-            ),
+            json.dumps(generation_settings(num_samples=3, max_new_tokens=6, seed=9, batch_size=3)),
             "--out",
             str(heldout),
         ]

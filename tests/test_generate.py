@@ -9,7 +9,7 @@ from cfs import generate
 from cfs.errors import SettingsError
 from cfs.modeling import load_model, load_tokenizer
 from cfs.tokens import context_free_prompt_id, split_at_eos
-from conftest import read_jsonl, sample_context_free
+from conftest import generation_settings, read_jsonl, sample_context_free
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_temperature_changes_the_samples(loaded):
 
 
 def run_cli(model_dir, out, temperature="1.0", **settings):
-    base = {"num_samples": 5, "max_new_tokens": 8, "top_p": 1.0, "seed": 2, "batch_size": 2}
+    base = generation_settings(num_samples=5, max_new_tokens=8, seed=2, batch_size=2)
     base.update(settings)
     generate.main(
         [
@@ -208,7 +208,7 @@ def test_cli_missing_setting_names_it(tiny_model_dir, tmp_path):
                 "--temperature",
                 "1",
                 "--settings",
-                json.dumps({"max_new_tokens": 4, "top_p": 1.0, "seed": 0}),
+                json.dumps({k: v for k, v in generation_settings().items() if k != "num_samples"}),
                 "--out",
                 str(out),
             ]

@@ -13,7 +13,14 @@ from cfs import generate, mix, objectives, replay, train, wiseft
 from cfs.data import arithmetic_problems, render
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
-from conftest import TEMPLATE, model_weights, read_jsonl, train_settings, write_jsonl
+from conftest import (
+    TEMPLATE,
+    generation_settings,
+    model_weights,
+    read_jsonl,
+    train_settings,
+    write_jsonl,
+)
 
 SETTINGS = {
     **train_settings(),
@@ -296,7 +303,7 @@ def test_packed_and_padded_micro_batches_give_the_same_loss(tiny_model_dir, toke
 def test_contextual_samples_are_conditioned_on_the_task_prompts(tiny_model_dir, tmp_path):
     task = write_jsonl(tmp_path / "train.jsonl", task_records(3))
     out = tmp_path / "contextual" / "samples.jsonl"
-    settings = {"num_samples": 5, "max_new_tokens": 6, "top_p": 1.0, "seed": 0, "batch_size": 2}
+    settings = generation_settings(num_samples=5, max_new_tokens=6, batch_size=2)
     generate.main(
         ["--model", str(tiny_model_dir), "--temperature", "1.0", "--prompts", str(task)]
         + ["--settings", json.dumps(settings), "--out", str(out)]
@@ -318,7 +325,7 @@ def test_contextual_samples_are_conditioned_on_the_task_prompts(tiny_model_dir, 
 
 def test_context_free_samples_see_only_the_prompt_token(tiny_model_dir, tmp_path):
     out = tmp_path / "cf.jsonl"
-    settings = {"num_samples": 3, "max_new_tokens": 4, "top_p": 1.0, "seed": 0, "batch_size": 3}
+    settings = generation_settings(num_samples=3, max_new_tokens=4, batch_size=3)
     generate.main(
         ["--model", str(tiny_model_dir), "--temperature", "1.0"]
         + ["--settings", json.dumps(settings), "--out", str(out)]

@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 from cfs.data import arithmetic_problems, render
-from conftest import PACKAGE_DIR, TEMPLATE, model_weights, read_jsonl, train_settings, write_jsonl
+from conftest import (
+    PACKAGE_DIR,
+    TEMPLATE,
+    generation_settings,
+    model_weights,
+    read_jsonl,
+    train_settings,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +43,7 @@ TRAIN_SETTINGS = {
     "save_steps": 4,
     "logging_steps": 2,
 }
-GENERATION_SETTINGS = {
-    "num_samples": 160,
-    "max_new_tokens": 32,
-    "top_p": 1.0,
-    "batch_size": 4,
-    "seed": 3,
-    "prompt_token_id": None,
-}
+GENERATION_SETTINGS = generation_settings(num_samples=160, max_new_tokens=32, batch_size=4, seed=3)
 
 
 def stage_env() -> dict:

@@ -22,6 +22,7 @@ import pytest
 from cfs import vllm_backend
 from cfs.errors import SettingsError
 from cfs.tokens import split_at_eos
+from conftest import generation_settings
 
 # SamplingParams' keyword arguments, as vLLM 0.33 documents them (vllm/sampling_params.py).
 DOCUMENTED_SAMPLING_PARAMS = {
@@ -316,16 +317,9 @@ def test_vllm_generation_runs_in_chunks_and_resumes(
     (one context length) for the whole job."""
     from cfs import generate
 
-    settings = {
-        "num_samples": 10,
-        "max_new_tokens": 6,
-        "top_p": 1.0,
-        "batch_size": 32,
-        "vllm_chunk_size": 4,
-        "prompt_token_id": None,
-        "backend": "vllm",
-        "seed": 3,
-    }
+    settings = generation_settings(
+        num_samples=10, max_new_tokens=6, batch_size=32, vllm_chunk_size=4, backend="vllm", seed=3
+    )
     out = tmp_path / "context_free.jsonl"
     argv = ["--model", str(tiny_model_dir), "--temperature", "1.0", "--out", str(out)]
     argv += ["--settings", json.dumps(settings)]

@@ -245,18 +245,18 @@ def make_sampler(
                 max_new_tokens=max_new_tokens,
                 seed=seed,
                 eos_token_ids=eos_ids,
-                dtype=settings.get("dtype", "auto"),
-                tensor_parallel_size=settings.get("tensor_parallel_size", 1),
+                dtype=settings["dtype"],
+                tensor_parallel_size=settings["tensor_parallel_size"],
                 max_model_len=max_prompt_tokens + max_new_tokens,
             )
 
         return sample_batch, settings["vllm_chunk_size"]
-    model = load_model(model_dir, settings.get("dtype", "auto"))
+    model = load_model(model_dir, settings["dtype"])
     model.eval()
     sampler = hf_sampler(
         model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
     )
-    return sampler, settings.get("batch_size", 32)
+    return sampler, settings["batch_size"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SettingsError(f"temperature must be > 0, got {args.temperature}")
     from cfs.vllm_backend import select_backend
 
-    backend = select_backend(settings.get("backend", "auto"))
+    backend = select_backend(settings["backend"])
     tokenizer = load_tokenizer(args.model)
     num_samples = require(settings, "num_samples")
     extra: dict = {}

@@ -116,25 +116,25 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device):
     from transformers import TrainingArguments
 
     batch_size = require(settings, "batch_size")
-    micro_batch = min(settings.get("micro_batch_size", batch_size), batch_size)
+    micro_batch = min(settings["micro_batch_size"], batch_size)
     if batch_size % micro_batch:
         raise SettingsError(
             f"train.batch_size ({batch_size}) must be a multiple of "
             f"train.micro_batch_size ({micro_batch})"
         )
-    precision = settings.get("precision", "auto")
+    precision = settings["precision"]
     use_bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
     distributed = distributed_arguments(settings)
     return TrainingArguments(
         output_dir=str(checkpoints),
         learning_rate=require(settings, "learning_rate"),
-        lr_scheduler_type=settings.get("lr_scheduler", "cosine"),
-        warmup_steps=settings.get("warmup_ratio", 0.03),
-        weight_decay=settings.get("weight_decay", 0.0),
+        lr_scheduler_type=settings["lr_scheduler"],
+        warmup_steps=settings["warmup_ratio"],
+        weight_decay=settings["weight_decay"],
         num_train_epochs=require(settings, "epochs"),
         per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=accumulation_steps(batch_size, micro_batch),
-        max_grad_norm=settings.get("max_grad_norm", 1.0),
+        max_grad_norm=settings["max_grad_norm"],
         seed=require(settings, "seed"),
         data_seed=require(settings, "seed"),
         # Random batches: grouping by length would put task examples and (shorter)
@@ -142,9 +142,9 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device):
         train_sampling_strategy="random",
         bf16=use_bf16,
         use_cpu=device.type == "cpu",
-        logging_steps=settings.get("logging_steps", 5),
+        logging_steps=settings["logging_steps"],
         save_strategy="steps",
-        save_steps=settings.get("save_steps", 50),
+        save_steps=settings["save_steps"],
         save_total_limit=1,
         report_to="none",
         dataloader_num_workers=0,
@@ -480,7 +480,7 @@ def fine_tune(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(examples),
-        data_collator=training_collator(tokenizer, settings.get("packing", False)),
+        data_collator=training_collator(tokenizer, settings["packing"]),
         regularizer=regularizer,
         weight=method.get("lambda", 0.0),
         callbacks=[] if settings["keep_checkpoints"] else [skip_final_checkpoint()],
@@ -508,7 +508,7 @@ def fine_tune(
     if isinstance(regularizer, WeightedSyntheticLoss):
         summary["synthetic_term"] = synthetic_draws(regularizer)
     save_fine_tuned(trainer, tokenizer, settings, data, summary, out)
-    if is_main_process() and not settings.get("keep_checkpoints", False):
+    if is_main_process() and not settings["keep_checkpoints"]:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return summary
 
