@@ -90,7 +90,8 @@ def test_gpu_site_values_reach_every_gpu_stage_job_and_no_other(tmp_path):
     env = snakemake_env({"CFS_SLURM_GPU_PARTITION": "gpu", "CFS_SLURM_GPU_MODEL": "a100"})
     result = run_snakemake(repo, "-n", "all", timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:]
-    jobs = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?:\n\n|\Z)", result.stdout, re.M | re.S)
+    blocks = re.split(r"^(?=(?:local)?rule \w+:)", result.stdout, flags=re.M)
+    jobs = [(re.match(r"(?:local)?rule (\w+):", b).group(1), b) for b in blocks[1:]]
     gpu_stage_rules = {
         "generate_context_free",
         "generate_heldout",
