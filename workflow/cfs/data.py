@@ -18,6 +18,7 @@ Two kinds of source:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -104,26 +105,22 @@ def _price_change(rng: random.Random) -> tuple[str, str, int]:
     return question, response, answer
 
 
-def _gain(rng: random.Random) -> tuple[str, str, int]:
+def _one_step(rng: random.Random, subtract: bool) -> tuple[str, str, int]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start, gain = rng.randint(2, 20), rng.randint(2, 9)
-    answer = start + gain
-    question = f"{name} has {start} {item} and gets {gain} more. How many {item} now?"
-    return question, f"{start} + {gain} = {answer}.", answer
-
-
-def _give_away(rng: random.Random) -> tuple[str, str, int]:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    answer, given = rng.randint(2, 20), rng.randint(2, 9)
-    start = answer + given
-    question = f"{name} has {start} {item} and gives away {given}. How many {item} now?"
-    return question, f"{start} - {given} = {answer}.", answer
+    first, second = rng.randint(2, 20), rng.randint(2, 9)
+    if subtract:
+        start, answer = first + second, first
+        question = f"{name} has {start} {item} and gives away {second}. How many {item} now?"
+        return question, f"{start} - {second} = {answer}.", answer
+    answer = first + second
+    question = f"{name} has {first} {item} and gets {second} more. How many {item} now?"
+    return question, f"{first} + {second} = {answer}.", answer
 
 
 # Two-step stories (GSM8K-style), and one-step ones a 135M model can learn in minutes.
 PROBLEM_KINDS = {
     2: (_gain_then_loss, _groups_plus_extra, _share_equally, _price_change),
-    1: (_gain, _give_away),
+    1: (functools.partial(_one_step, subtract=False), functools.partial(_one_step, subtract=True)),
 }
 
 
