@@ -298,28 +298,3 @@ def round_ratios(runs: dict[str, list], numerator: str, denominator: str, value)
         "min": min(ratios),
         "max": max(ratios),
     }
-
-
-def sample_context_free(
-    model,
-    tokenizer,
-    *,
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    batch_size: int,
-    prompt_token_id: int,
-) -> list[dict]:
-    """`num_samples` context-free samples of an HF model loaded here, with the functions
-    `python -m cfs.generate` runs (HF sampler, seeded batches, the same records)."""
-    from cfs.generate import context_free_records, hf_sampler, sample_batches
-
-    sample_batch = hf_sampler(
-        model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
-    )
-    outputs = sample_batches(
-        sample_batch, [[prompt_token_id]] * num_samples, batch_size=batch_size, seed=seed
-    )
-    return context_free_records(outputs, prompt_token_id, tokenizer)

@@ -30,10 +30,10 @@ from _common import (
     report,
     require_model,
     rule_settings,
-    sample_context_free,
     set_threads,
     table,
 )
+from cfs.generate import sample_context_free
 
 
 class PositionCounter:

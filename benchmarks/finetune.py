@@ -47,10 +47,10 @@ from _common import (
     report,
     require_model,
     round_ratios,
-    sample_context_free,
     set_threads,
     table,
 )
+from cfs.generate import sample_context_free
 
 GOAL_NON_PADDING = 0.95
 GOAL_OVERHEAD = 0.20

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/generation.py [--quick] [--json out.json]
 
-- pipeline: `_common.sample_context_free` (cfs.generate's batched HF `generate`, the settings of
+- pipeline: `cfs.generate.sample_context_free` (the batched HF `generate`, the settings of
   `generation:` in config/config.yaml) on the embedded default model (SmolLM2-135M, float32,
   CPU), counting the tokens it keeps (up to and including EOS);
 - naive: what a user would otherwise write — one prompt at a time through `model.generate`
@@ -38,10 +38,10 @@ from _common import (
     report,
     require_model,
     round_ratios,
-    sample_context_free,
     set_threads,
     table,
 )
+from cfs.generate import sample_context_free
 
 GOAL_RATIO = 8.0
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from cfs import data, evaluate, generate
 from cfs.errors import SettingsError
+from cfs.generate import sample_context_free
 from cfs.modeling import load_model, load_tokenizer
 from conftest import (
     REPO,
@@ -20,7 +21,6 @@ from conftest import (
     evaluation_settings,
     generation_settings,
     read_jsonl,
-    sample_context_free,
     write_jsonl,
 )
 

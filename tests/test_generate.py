@@ -7,9 +7,10 @@ import json
 import pytest
 from cfs import generate
 from cfs.errors import SettingsError
+from cfs.generate import sample_context_free
 from cfs.modeling import load_model, load_tokenizer
 from cfs.tokens import context_free_prompt_id, split_at_eos
-from conftest import generation_settings, read_jsonl, sample_context_free
+from conftest import generation_settings, read_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -177,6 +177,30 @@ def context_free_records(outputs, prompt_token_id: int, tokenizer) -> list[dict]
     ]
 
 
+def sample_context_free(
+    model,
+    tokenizer,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    batch_size: int,
+    prompt_token_id: int,
+) -> list[dict]:
+    """`num_samples` context-free samples of an HF model already loaded, with the functions
+    `python -m cfs.generate` runs (HF sampler, seeded batches, the same records): for
+    tests and benchmarks that hold the model in memory."""
+    sample_batch = hf_sampler(
+        model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+    )
+    outputs = sample_batches(
+        sample_batch, [[prompt_token_id]] * num_samples, batch_size=batch_size, seed=seed
+    )
+    return context_free_records(outputs, prompt_token_id, tokenizer)
+
+
 def contextual_prompts(task: list[dict], num_samples: int) -> list[str]:
     """The fine-tuning prompts in order, cycled to `num_samples`: a ratio <= 1 uses
     distinct prompts, as context-free samples are distinct draws."""
