@@ -265,70 +265,87 @@ def test_unchanged_config_schedules_nothing(pipeline):
     assert stats == {}, output[-3000:]
 
 
-def test_new_temperature_schedules_only_its_jobs(pipeline):
+# summary_table, figures and `all` run again after any change that reruns a cell
+REPORTING = {"summary_table": 1, "figures": 1, "all": 1}
+
+
+def scheduled_after(pipeline, name, change):
+    """Job counts of a dry run after `change(config)` on a copy of the pipeline's config."""
     assert pipeline["result"].returncode == 0
     config = copy.deepcopy(pipeline["config"])
-    config["study"]["temperatures"] = [0.7, 1.0, 1.3]
-    stats, output = dry_run(pipeline, "plus_temperature.yaml", config)
-    assert stats == {
-        "generate_context_free": 1,
-        "mix_at_ratio": 1,
-        "fine_tune": 1,
-        "evaluate_finetuned": 1,
-        "summarise_seeds": 1,
-        "summary_table": 1,
-        "figures": 1,
-        "all": 1,
-    }, output[-3000:]
+    change(config)
+    return dry_run(pipeline, name, config)
+
+
+def test_new_temperature_schedules_only_its_jobs(pipeline):
+    stats, output = scheduled_after(
+        pipeline,
+        "plus_temperature.yaml",
+        lambda config: config["study"].update(temperatures=[0.7, 1.0, 1.3]),
+    )
+    once = ("generate_context_free", "mix_at_ratio", "fine_tune", "evaluate_finetuned")
+    assert stats == {**dict.fromkeys(once, 1), "summarise_seeds": 1, **REPORTING}, output[-3000:]
     assert f"results/{MODEL}/temp1.3/ratio0.5/seed0/eval.json" in output
 
 
 def test_new_seed_schedules_only_its_jobs(pipeline):
     """A second seed replicates every cell's generation, mixing, training and eval; the
     base eval, the held-out samples and the task split stay as they are."""
-    assert pipeline["result"].returncode == 0
-    config = copy.deepcopy(pipeline["config"])
-    config["study"]["seeds"] = [0, 1]
-    stats, output = dry_run(pipeline, "plus_seed.yaml", config)
+    stats, output = scheduled_after(
+        pipeline, "plus_seed.yaml", lambda config: config["study"].update(seeds=[0, 1])
+    )
+    per_cell = ("mix_at_ratio", "fine_tune", "evaluate_finetuned", "summarise_seeds")
     assert stats == {
         "generate_context_free": 2,
-        "mix_at_ratio": 3,
-        "fine_tune": 3,
-        "evaluate_finetuned": 3,
-        "summarise_seeds": 3,
-        "summary_table": 1,
-        "figures": 1,
-        "all": 1,
+        **dict.fromkeys(per_cell, 3),
+        **REPORTING,
     }, output[-3000:]
     assert f"results/{MODEL}/temp1/ratio0.5/seed1/eval.json" in output
 
 
 def test_new_ratio_reuses_the_generations(pipeline):
-    assert pipeline["result"].returncode == 0
-    config = copy.deepcopy(pipeline["config"])
-    config["study"]["ratios"] = [0, 0.25, 0.5]
-    stats, output = dry_run(pipeline, "plus_ratio.yaml", config)
-    assert stats == {
-        "mix_at_ratio": 2,
-        "fine_tune": 2,
-        "evaluate_finetuned": 2,
-        "summarise_seeds": 2,
-        "summary_table": 1,
-        "figures": 1,
-        "all": 1,
-    }, output[-3000:]
+    stats, output = scheduled_after(
+        pipeline, "plus_ratio.yaml", lambda config: config["study"].update(ratios=[0, 0.25, 0.5])
+    )
+    per_cell = ("mix_at_ratio", "fine_tune", "evaluate_finetuned", "summarise_seeds")
+    assert stats == {**dict.fromkeys(per_cell, 2), **REPORTING}, output[-3000:]
 
 
 def test_changed_training_setting_reruns_training_and_evaluation_only(pipeline):
-    assert pipeline["result"].returncode == 0
-    config = copy.deepcopy(pipeline["config"])
-    config["train"]["learning_rate"] = 1e-3
-    stats, output = dry_run(pipeline, "new_lr.yaml", config)
+    stats, output = scheduled_after(
+        pipeline, "new_lr.yaml", lambda config: config["train"].update(learning_rate=1e-3)
+    )
+    per_cell = ("fine_tune", "evaluate_finetuned", "summarise_seeds")
+    assert stats == {**dict.fromkeys(per_cell, 3), **REPORTING}, output[-3000:]
+
+
+def acc_norm_everywhere(config):
+    for entry in config["evaluation"]["forgetting"]:
+        entry["metric"] = "acc_norm,none"
+
+
+def test_changed_evaluation_metric_reruns_the_evaluations_only(pipeline):
+    """The task check reruns on its new settings; no model is rebuilt or fine-tuned again."""
+    stats, output = scheduled_after(pipeline, "new_metric.yaml", acc_norm_everywhere)
     assert stats == {
-        "fine_tune": 3,
-        "evaluate_finetuned": 3,
-        "summarise_seeds": 3,
-        "summary_table": 1,
-        "figures": 1,
-        "all": 1,
+        "check_evaluation_tasks": 1,
+        "evaluate_base": 1,
+        **dict.fromkeys(("evaluate_finetuned", "summarise_seeds"), 3),
+        **REPORTING,
     }, output[-3000:]
+
+
+def test_a_misspelt_evaluation_task_stops_the_study_before_any_model_job(
+    tiny_model_dir, tmp_path_factory
+):
+    """The task check is the first job (highest priority), though no model job waits on it."""
+    repo = copy_repo(tmp_path_factory.mktemp("typo") / "repo")
+    config = tiny_config(tiny_model_dir, repo)
+    config["evaluation"]["forgetting"][0]["task"] = "cfs_capitalz"
+    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run_snakemake(repo, "--cores", "1", timeout=300)
+    assert result.returncode != 0
+    log = (repo / "results" / "logs" / "check_evaluation_tasks.log").read_text()
+    assert "evaluation.forgetting[0].task" in log and "cfs_capitals" in log
+    assert not (repo / "results" / "models").exists()
+    assert not (repo / "results" / "data").exists()

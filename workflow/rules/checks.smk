@@ -1,4 +1,6 @@
-# Checks that run before any other job (every other job waits on their outputs).
+# Checks that run before any other job: the highest priority among the first ready jobs.
+# Only the jobs that use what a check checks wait on its output, so a changed evaluation
+# setting reruns the check and the evaluations, not the models.
 
 
 # The evaluation's lm-eval task names (built-in and under evaluation.include_path) and
@@ -11,6 +13,7 @@ rule check_evaluation_tasks:
         "results/checks/evaluation_tasks.json",
     log:
         "results/logs/check_evaluation_tasks.log",
+    priority: 100
     conda:
         "../../envs/cfs.yaml"
     params:

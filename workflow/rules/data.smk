@@ -1,6 +1,4 @@
 rule prepare_task_data:
-    input:
-        checks="results/checks/evaluation_tasks.json",
     output:
         train="results/data/{task}/train.jsonl",
         test="results/data/{task}/test.jsonl",

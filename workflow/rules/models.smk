@@ -1,6 +1,4 @@
 rule prepare_model:
-    input:
-        checks="results/checks/evaluation_tasks.json",
     output:
         directory("results/models/{model}/base"),
     log:
