@@ -152,6 +152,27 @@ def test_verdicts_answer_each_claim(tmp_path):
     assert ratio in by
 
 
+def test_verdicts_carry_the_kl_to_base_difference_paired_by_seed(tmp_path):
+    paths = write_study(tmp_path)
+    # KL to base 0.2 (context-free T1 r1) against plain's 0.6, plus seed noise on plain
+    for seed, (path, noise) in enumerate(zip(paths["ratio0"], (0.0, 0.1, -0.1), strict=True)):
+        record = json.loads(path.read_text())
+        record["metrics"]["kl_to_base"] = 0.6 + noise
+        assert record["provenance"]["seed"] == seed
+        path.write_text(json.dumps(record))
+    verdicts = report.build_verdicts(report.read_cells(all_paths(paths)))
+    row = verdicts.set_index("comparison").loc["context_free T1 r1 - plain"]
+    differences = np.array([0.2 - 0.6, 0.2 - 0.7, 0.2 - 0.5])
+    half = 4.302653 * differences.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
+    assert row.kl_to_base_difference == pytest.approx(-0.4)
+    assert (row.kl_low, row.kl_high) == pytest.approx((-0.4 - half, -0.4 + half), rel=1e-5)
+    # a constant KL gap between cells: exactly that gap, no width
+    replay = verdicts.set_index("comparison").loc["context_free T1 r1 - replay r1"]
+    assert (replay.kl_to_base_difference, replay.kl_low, replay.kl_high) == pytest.approx(
+        (0.1, 0.1, 0.1)
+    )
+
+
 def test_identical_cells_are_inconclusive(tmp_path):
     same = {
         "ratio0": ("plain", {"ratio": 0.0}, 0.5, 0.5, 0.1),

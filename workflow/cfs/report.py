@@ -27,7 +27,13 @@ import pandas as pd
 from cfs.artifacts import atomic_path, read_json, write_json
 from cfs.cli import run_stage
 from cfs.errors import DataError
-from cfs.statistics import CONFIDENCE, paired_difference, seed_interval, two_level_bootstrap
+from cfs.statistics import (
+    CONFIDENCE,
+    paired_difference,
+    paired_seed_difference,
+    seed_interval,
+    two_level_bootstrap,
+)
 from cfs.study import FIGURES, KNOB_LABELS, REPORT_ORDER
 
 log = logging.getLogger("cfs.report")
@@ -125,6 +131,11 @@ def compare(a: Cell, b: Cell, metric: str) -> tuple[float, float, float]:
     return paired_difference(a.items(), b.items(), a.task_names(metric))
 
 
+def compare_per_seed(a: Cell, b: Cell, metric: str) -> tuple[float, float, float]:
+    values = [[record["metrics"].get(metric) for record in cell.records] for cell in (a, b)]
+    return paired_seed_difference(*values)
+
+
 def build_differences(cells: list[Cell]) -> pd.DataFrame:
     """Each cell minus plain fine-tuning and minus base, per model and item metric."""
     rows = []
@@ -218,13 +229,15 @@ def claim_comparisons(cells: list[Cell]):
 
 def build_verdicts(cells: list[Cell]) -> pd.DataFrame:
     """The paper's claims, one row per comparison, on the forgetting average (higher keeps
-    more) with the target's change beside it."""
+    more) with the target's and KL to base's changes beside it: a score can rise because the
+    model sharpens, and KL to base tells whether the model also stayed near base."""
     rows = []
     for model in sorted({c.info.get("model") for c in cells}):
         own = [c for c in cells if c.info.get("model") == model and c.has_items()]
         for claim, better, worse in claim_comparisons(own):
             difference, low, high = compare(better, worse, "forgetting_avg")
             target, target_low, target_high = compare(better, worse, "target")
+            kl, kl_low, kl_high = compare_per_seed(better, worse, "kl_to_base")
             directional = claim not in ("temperature_matters", "ratio_matters")
             rows.append(
                 {
@@ -238,11 +251,15 @@ def build_verdicts(cells: list[Cell]) -> pd.DataFrame:
                     "target_difference": target,
                     "target_low": target_low,
                     "target_high": target_high,
+                    "kl_to_base_difference": kl,
+                    "kl_low": kl_low,
+                    "kl_high": kl_high,
                     "num_seeds": len(better.records),
                 }
             )
     columns = ["model", "claim", "comparison", "forgetting_avg_difference", "low", "high"]
-    columns += ["verdict", "target_difference", "target_low", "target_high", "num_seeds"]
+    columns += ["verdict", "target_difference", "target_low", "target_high"]
+    columns += ["kl_to_base_difference", "kl_low", "kl_high", "num_seeds"]
     return pd.DataFrame(rows, columns=columns)
 
 

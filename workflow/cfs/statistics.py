@@ -94,3 +94,17 @@ def paired_difference(
         a, b = aligned([s[task] for s in cell_a], [s[task] for s in cell_b], task)
         tables.append(np.broadcast_to(a, (count, a.shape[1])) - b)
     return two_level_bootstrap(tables)
+
+
+def paired_seed_difference(
+    values_a: list[float], values_b: list[float]
+) -> tuple[float, float, float]:
+    """(mean, low, high) of a - b for a metric with one number per seed (KL to base), seeds
+    paired by position (a single value, the base model's, pairs with every seed): the
+    Student t interval of the per-seed differences."""
+    count = max(len(values_a), len(values_b))
+    if len(values_a) not in (1, count) or len(values_b) not in (1, count):
+        raise ValueError(f"cannot pair {len(values_a)} seeds with {len(values_b)}")
+    a = np.broadcast_to(np.asarray(values_a, dtype=float), count)
+    b = np.broadcast_to(np.asarray(values_b, dtype=float), count)
+    return seed_interval(list(a - b))
