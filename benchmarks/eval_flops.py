@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
-from _common import REPO, table
+from _common import DEFAULT_CONFIG, DEFAULT_MODEL, REPO, load_config, require_model, table
 
 
 def requests(task_names: list[str], include_path: str) -> dict[str, list]:
@@ -60,22 +61,21 @@ def loglikelihood_positions(tokenizer, arguments: list) -> int:
 
 
 def main() -> None:
-    import yaml
     from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="results/models/smollm2/base")
-    parser.add_argument("--config", default="config/config.yaml")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--params", type=float, default=134.5e6)
     parser.add_argument("--seconds-target", type=float)
     parser.add_argument("--seconds-forgetting", type=float)
     args = parser.parse_args()
     os.chdir(REPO)
-    evaluation = yaml.safe_load(open(args.config))["evaluation"]
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    evaluation = load_config(args.config)["evaluation"]
+    tokenizer = AutoTokenizer.from_pretrained(require_model(args.model))
     target = evaluation["target"]["task"]
     forgetting = [entry["task"] for entry in evaluation["forgetting"]]
-    built = requests([target, *forgetting], evaluation.get("include_path", "tasks"))
+    built = requests([target, *forgetting], evaluation["include_path"])
     prefill, decode = target_positions(tokenizer, built[target], evaluation["batch_size"])
     loglik = sum(loglikelihood_positions(tokenizer, built[name]) for name in forgetting)
     rows = []

@@ -79,6 +79,14 @@ def aligned(items_a: dict, items_b: dict, where: str) -> tuple[np.ndarray, np.nd
     )
 
 
+def paired_seed_count(seeds_a: list, seeds_b: list) -> int:
+    """Seeds pair by position; a single replicate (the base model) pairs with every seed."""
+    count = max(len(seeds_a), len(seeds_b))
+    if len(seeds_a) not in (1, count) or len(seeds_b) not in (1, count):
+        raise ValueError(f"cannot pair {len(seeds_a)} seeds with {len(seeds_b)}")
+    return count
+
+
 def paired_difference(
     cell_a: list[dict], cell_b: list[dict], tasks: list[str]
 ) -> tuple[float, float, float]:
@@ -86,9 +94,7 @@ def paired_difference(
 
     cell_*: per seed, {task: {item id: score}}. Seeds are paired by position; a cell with
     one replicate (the base model) is compared with every seed of the other."""
-    count = max(len(cell_a), len(cell_b))
-    if len(cell_a) not in (1, count) or len(cell_b) not in (1, count):
-        raise ValueError(f"cannot pair {len(cell_a)} seeds with {len(cell_b)}")
+    count = paired_seed_count(cell_a, cell_b)
     tables = []
     for task in tasks:
         a, b = aligned([s[task] for s in cell_a], [s[task] for s in cell_b], task)
@@ -102,9 +108,7 @@ def paired_seed_difference(
     """(mean, low, high) of a - b for a metric with one number per seed (KL to base), seeds
     paired by position (a single value, the base model's, pairs with every seed): the
     Student t interval of the per-seed differences."""
-    count = max(len(values_a), len(values_b))
-    if len(values_a) not in (1, count) or len(values_b) not in (1, count):
-        raise ValueError(f"cannot pair {len(values_a)} seeds with {len(values_b)}")
+    count = paired_seed_count(values_a, values_b)
     a = np.broadcast_to(np.asarray(values_a, dtype=float), count)
     b = np.broadcast_to(np.asarray(values_b, dtype=float), count)
     return seed_interval(list(a - b))
