@@ -5,9 +5,10 @@
 
 Each job runs as the pipeline runs it: `python -m cfs.train` / `python -m cfs.evaluate` in a
 fresh process with --threads = the cores, the default study's settings (config/config.yaml,
-schema defaults filled in, seed 0; plain fine-tuning on the 64 arithmetic examples; the base
-eval). "before" runs the code and config of git revision --before (`git archive`), "after"
-the working tree; the two alternate round by round and each keeps its best round.
+schema defaults filled in, seed 0; plain fine-tuning on the task's training examples; the base
+eval). "before" runs the code of git revision --before (`git archive`), "after" the working
+tree's; both run the working tree's settings and data, so only the code differs. The two
+alternate round by round and each keeps its best round.
 
 Reported per job: wall seconds (start-up included), for fine-tuning the tokens through the
 model per second of the Trainer's loop and of the whole job, for evaluation the positions
@@ -125,11 +126,11 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def plain_set(workdir: Path) -> Path:
-    """The plain fine-tune's set: the 64 arithmetic task examples."""
-    source = REPO / "results" / "data" / "arith" / "train.jsonl"
+def plain_set(task: str, workdir: Path) -> Path:
+    """The plain fine-tune's set: the task's training examples, as the pipeline wrote them."""
+    source = REPO / "results" / "data" / task / "train.jsonl"
     if not source.is_file():
-        sys.exit("no task data: run `.venv/bin/snakemake --cores 2 results/data/arith/train.jsonl`")
+        sys.exit(f"no task data: run `.venv/bin/snakemake --cores 2 {source.relative_to(REPO)}`")
     records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     path = workdir / "plain.jsonl"
     path.write_text("".join(json.dumps({**r, "kind": "task"}) + "\n" for r in records))
@@ -214,7 +215,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="cfs-bench-speed-"))
     before_root = code_at(args.before, workdir / "before")
     roots = {"before": before_root, "after": REPO}
-    configs = {name: config_of(root) for name, root in roots.items()}
+    config = config_of(REPO)
     print(f"machine limit ({args.threads} threads): timing matmuls ...", flush=True)
     limit = machine_limit(args.limit_seconds)
     print(
@@ -224,24 +225,27 @@ def main() -> None:
     from cfs.modeling import load_tokenizer
     from cfs.train import build_examples
 
-    data = plain_set(workdir)
+    data = plain_set(config["task"]["name"], workdir)
     tokenizer = load_tokenizer(model_dir)
     variants = {}
     tokens_per_epoch = sum(
         len(example["input_ids"])
         for example in build_examples(
-            [json.loads(line) for line in data.read_text().splitlines()], tokenizer, 128, "x"
+            [json.loads(line) for line in data.read_text().splitlines()],
+            tokenizer,
+            config["train"]["max_length"],
+            "x",
         )
     )
     settings = {}
     for name, root in roots.items():
         if "train" in stages:
-            settings[f"train {name}"] = train_settings(configs[name], args.epochs)
+            settings[f"train {name}"] = train_settings(config, args.epochs)
             variants[f"fine-tune {name}"] = fine_tune_job(
                 root, model_dir, data, settings[f"train {name}"], args.threads, workdir
             )
         if "eval" in stages:
-            settings[f"eval {name}"] = eval_settings(configs[name])
+            settings[f"eval {name}"] = eval_settings(config)
             variants[f"eval {name}"] = eval_job(
                 root, model_dir, settings[f"eval {name}"], args.threads, workdir
             )

@@ -166,6 +166,22 @@ def test_default_config_dry_run_schedules_the_whole_grid(repo):
     assert f"results/{model}/ratio0/eval.json" in result.stdout
 
 
+def test_the_quick_overlay_runs_seed_zero_of_two_default_cells(repo):
+    quick = yaml.safe_load((REPO / "config" / "quick.yaml").read_text())
+    config = default_config()
+    config["study"].update(quick["study"])  # what --configfile does with the overlay
+    result = run_snakemake(repo, "-n", "--configfile", "config/quick.yaml", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    stats = job_stats(result.stdout)
+    assert stats.pop("figures") == 1
+    assert stats == expected_default_jobs(config)
+    assert stats["fine_tune"] == 2 and stats["evaluate_finetuned"] == 2
+    # the default's own seed-0 paths, so a later full run reuses these jobs
+    for cell in ("ratio0", "temp1/ratio1"):
+        assert f"results/smollm2/{cell}/seed0/eval.json" in result.stdout
+    assert "seed1" not in result.stdout and "temp0.7" not in result.stdout
+
+
 def test_three_seeds_replicate_every_cell(repo):
     config = copy.deepcopy(default_config())
     config["study"]["seeds"] = [0, 1, 2]
