@@ -198,6 +198,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--stages", default="train,eval")
     parser.add_argument("--epochs", type=float, help="override train.epochs (default: config)")
+    parser.add_argument(
+        "--after-precision",
+        choices=["auto", "float32", "bfloat16"],
+        help="train.precision of the 'after' fine-tune only (with --before HEAD: bf16 vs fp32)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--limit-seconds", type=float, default=1.0, help="machine limit timing")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -241,6 +246,8 @@ def main() -> None:
     for name, root in roots.items():
         if "train" in stages:
             settings[f"train {name}"] = train_settings(config, args.epochs)
+            if name == "after" and args.after_precision:
+                settings["train after"]["precision"] = args.after_precision
             variants[f"fine-tune {name}"] = fine_tune_job(
                 root, model_dir, data, settings[f"train {name}"], args.threads, workdir
             )
