@@ -61,7 +61,7 @@ def loglikelihood_positions(tokenizer, arguments: list) -> int:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
+    from cfs.modeling import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(REPO)
     evaluation = load_config(args.config)["evaluation"]
-    tokenizer = AutoTokenizer.from_pretrained(require_model(args.model))
+    tokenizer = load_tokenizer(require_model(args.model))
     target = evaluation["target"]["task"]
     forgetting = [entry["task"] for entry in evaluation["forgetting"]]
     built = requests([target, *forgetting], evaluation["include_path"])

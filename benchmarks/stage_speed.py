@@ -36,6 +36,7 @@ from _common import (
     REPO,
     alternate,
     best,
+    load_config,
     machine,
     quiet,
     report,
@@ -58,16 +59,6 @@ def code_at(revision: str, into: Path) -> Path:
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
-
-
-def config_of(root: Path) -> dict:
-    """config/config.yaml of a checkout with the schema's defaults filled in."""
-    import yaml
-    from snakemake.utils import validate
-
-    config = yaml.safe_load((root / "config" / "config.yaml").read_text())
-    validate(config, str(root / "workflow" / "schemas" / "config.schema.yaml"))
-    return config
 
 
 def train_settings(config: dict, epochs: float | None) -> dict:
@@ -220,7 +211,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="cfs-bench-speed-"))
     before_root = code_at(args.before, workdir / "before")
     roots = {"before": before_root, "after": REPO}
-    config = config_of(REPO)
+    config = load_config()
     print(f"machine limit ({args.threads} threads): timing matmuls ...", flush=True)
     limit = machine_limit(args.limit_seconds)
     print(
