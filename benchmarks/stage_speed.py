@@ -1,7 +1,7 @@
 """Fine-tuning and evaluation jobs of the default study, before and after (issue 13).
 
     .venv/bin/python benchmarks/stage_speed.py [--before HEAD] [--rounds 2] [--stages train,eval]
-        [--epochs E] [--json out.json]
+        [--epochs E] [--after-precision bfloat16] [--before-eval-batch-size 32] [--json out.json]
 
 Each job runs as the pipeline runs it: `python -m cfs.train` / `python -m cfs.evaluate` in a
 fresh process with --threads = the cores, the default study's settings (config/config.yaml,
@@ -194,6 +194,11 @@ def main() -> None:
         choices=["auto", "float32", "bfloat16"],
         help="train.precision of the 'after' fine-tune only (with --before HEAD: bf16 vs fp32)",
     )
+    parser.add_argument(
+        "--before-eval-batch-size",
+        type=int,
+        help="evaluation.batch_size of the 'before' eval only (32: the setting before issue 13)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--limit-seconds", type=float, default=1.0, help="machine limit timing")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -244,6 +249,8 @@ def main() -> None:
             )
         if "eval" in stages:
             settings[f"eval {name}"] = eval_settings(config)
+            if name == "before" and args.before_eval_batch_size:
+                settings["eval before"]["batch_size"] = args.before_eval_batch_size
             variants[f"eval {name}"] = eval_job(
                 root, model_dir, settings[f"eval {name}"], args.threads, workdir
             )
