@@ -264,8 +264,8 @@ def run_raw_loop(model_dir: Path, batches: list[dict], settings: dict) -> dict:
 def run_padded_baseline(model_dir: Path, records: list[dict], settings: dict, workdir: Path):
     """Every example padded to max_length; the stock Trainer and its default collator."""
     import torch
+    from cfs.examples import build_examples
     from cfs.modeling import load_model, load_tokenizer
-    from cfs.train import build_examples
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments, default_data_collator
 

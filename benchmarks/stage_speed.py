@@ -62,7 +62,7 @@ def code_at(revision: str, into: Path) -> Path:
 
 
 def train_settings(config: dict, epochs: float | None) -> dict:
-    settings = {**config["train"], "seed": 0, "method": {"name": "full"}}
+    settings = {**config["train"], "seed": 0, "method": {"name": "plain", "ratio": 0.0}}
     return settings if epochs is None else {**settings, "epochs": epochs}
 
 
@@ -223,8 +223,8 @@ def main() -> None:
         f"  fp32 {limit['float32'] / 1e9:.0f} GFLOP/s, bf16 {limit['bfloat16'] / 1e9:.0f} GFLOP/s;"
         f" model {params / 1e6:.1f} M parameters; {args.threads} threads; before = {args.before}"
     )
+    from cfs.examples import build_examples
     from cfs.modeling import load_tokenizer
-    from cfs.train import build_examples
 
     data = plain_set(config["task"]["name"], workdir)
     tokenizer = load_tokenizer(model_dir)

@@ -214,7 +214,6 @@ def copy_repo(dest: Path) -> Path:
     """The files Snakemake needs (Snakefile, workflow/, config/, tasks/), nothing built."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / "Snakefile", dest / "Snakefile")
-    shutil.copy2(REPO / "all", dest / "all")  # see the file: `--configfile X all` as typed
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
     for name in ("workflow", "config", "tasks"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
@@ -238,12 +237,41 @@ def validated_config(config: dict | None = None) -> dict:
     return config
 
 
+STAGE_KEYS = ("seed", "dtype", "cell", "kl")  # what the rules add to config.evaluation
+
+
 def evaluation_settings(**overrides) -> dict:
-    """cfs.evaluate's settings as the rules hand them: config.evaluation whole (schema
-    defaults filled in), the seed, the model's dtype and the cell."""
-    settings = {**validated_config()["evaluation"], "seed": 0, "dtype": "auto"}
+    """cfs.evaluate's settings as the rules hand them (common.smk: eval_settings):
+    config.evaluation with `overrides` merged in and the schema's defaults filled in, minus
+    the held-out samples' settings, plus the seed, the model's dtype and the cell (and,
+    when given, the KL batch size of a fine-tuned model's eval)."""
+    stage = {key: overrides.pop(key) for key in STAGE_KEYS if key in overrides}
+    config = default_config()
+    config["evaluation"].update(overrides)
+    evaluation = validated_config(config)["evaluation"]
+    evaluation.pop("kl")
+    settings = {**evaluation, "seed": 0, "dtype": "auto"}
     settings["cell"] = {"model": "tiny", "method": "base"}
-    return {**settings, **overrides}
+    return {**settings, **stage}
+
+
+def task_entry(**entry) -> dict:
+    """An evaluation task entry with the schema's defaults for its options."""
+    return evaluation_settings(target=entry)["target"]
+
+
+def task_settings(**task) -> dict:
+    """cfs.data's settings as the rules hand them: `task` with the schema's defaults."""
+    config = default_config()
+    config["task"] = task
+    return validated_config(config)["task"]
+
+
+def model_settings(**model) -> dict:
+    """cfs.prepare_model's settings as the rules hand them (common.smk: prepare_settings)."""
+    config = default_config()
+    config["models"] = {"tiny": model}
+    return {k: v for k, v in validated_config(config)["models"]["tiny"].items() if k != "dtype"}
 
 
 def generation_settings(**overrides) -> dict:
@@ -256,8 +284,24 @@ def generation_settings(**overrides) -> dict:
 def train_settings(**overrides) -> dict:
     """cfs.train's settings as the rules hand them: config.train whole (schema defaults
     filled in), the seed and the method (plain full fine-tuning unless overridden)."""
-    settings = {**validated_config()["train"], "seed": 0, "method": {"name": "full"}}
+    settings = {**validated_config()["train"], "seed": 0, "method": {"name": "plain", "ratio": 0.0}}
     return {**settings, **overrides}
+
+
+def method_options(name: str, section: dict) -> dict:
+    """methods.<name> as the schema fills it in from `section`, without its sweeps: what
+    every cell of the method shares (cfs.study.Study.method_options)."""
+    from cfs.study import Study
+
+    config = default_config()
+    config.setdefault("methods", {})[name] = section
+    return Study(validated_config(config)).method_options(name)
+
+
+def replay_settings(corpus: dict, **overrides) -> dict:
+    """cfs.replay's settings as the rules hand them (common.smk: replay_settings)."""
+    settings = {**method_options("replay", {"corpus": corpus}), "prompt_token_id": None}
+    return {**settings, "num_chunks": 8, "chunk_tokens": 16, "seed": 0, **overrides}
 
 
 def snakemake_env(extra: dict | None = None) -> dict:

@@ -269,8 +269,9 @@ def test_optional_sections_fall_back_to_schema_defaults(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     train_line = next(line for line in result.stdout.splitlines() if "cfs.train" in line)
     assert '"epochs": 2' in train_line and '"max_length": 128' in train_line
-    eval_line = next(line for line in result.stdout.splitlines() if "cfs.evaluate" in line)
-    assert '"limit": null' in eval_line and '"kl": {"batch_size": 8' in eval_line
+    evals = [line for line in result.stdout.splitlines() if "cfs.evaluate" in line]
+    fine_tuned = next(line for line in evals if "--base-model" in line)
+    assert '"limit": null' in fine_tuned and '"kl": {"batch_size": 8}' in fine_tuned
 
 
 def test_ratio_zero_cell_cannot_be_requested_under_a_temperature(repo):

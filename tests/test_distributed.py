@@ -109,10 +109,11 @@ SETTINGS = {
     "seed": 0,
     "save_steps": 100,
     "logging_steps": 1,
+    "mixing": "augment",  # the mixed set's examples in random batches
 }
 
 
-def fine_tune(launcher: list[str], model_dir: Path, data: Path, root: Path) -> dict:
+def fine_tune(launcher, model_dir: Path, data: Path, root: Path, settings=None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(PACKAGE_DIR), OMP_NUM_THREADS="1")
     command = launcher + [
         "-m",
@@ -122,7 +123,7 @@ def fine_tune(launcher: list[str], model_dir: Path, data: Path, root: Path) -> d
         "--data",
         str(data),
         "--settings",
-        json.dumps(SETTINGS),
+        json.dumps(settings or SETTINGS),
         "--threads",
         "1",
         "--checkpoints",
@@ -200,3 +201,32 @@ def test_fine_tune_rule_starts_one_process_per_gpu(tmp_path):
     # CPU stages ask for no GPU whatever the model's GPUs
     assert any("gpu=0" in line for line in resources), resources
     shutil.rmtree(repo)
+
+
+@pytest.mark.slow
+def test_equal_step_mixing_over_two_processes_keeps_the_step_composition(tiny_model_dir, tmp_path):
+    """Two processes share each optimizer step's block: together they train its 4 task
+    examples and 2 samples, step after step, as one process does."""
+    records = [
+        {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
+        for r in render(arithmetic_problems(8, seed=3), TEMPLATE)
+    ]
+    records += [
+        {
+            "kind": "context_free",
+            "prompt_token_id": 1,
+            "token_ids": [30 + i, 31 + i, 2],
+            "finish_reason": "eos",
+        }
+        for i in range(4)
+    ]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    settings = {**SETTINGS, "mixing": "equal_steps"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    one = fine_tune([sys.executable], tiny_model_dir, data, tmp_path / "one", settings)
+    two = fine_tune(
+        torchrun + ["--nproc-per-node", "2"], tiny_model_dir, data, tmp_path / "two", settings
+    )
+    for run in (one, two):
+        # 8 task examples x 2 epochs in steps of 4, each with its 2 samples
+        assert run["log"]["summary"]["examples_per_step"] == [[4, 6]] * 4

@@ -8,6 +8,7 @@ import json
 import random
 
 from cfs import evaluate
+from conftest import task_entry
 
 TASK_YAML = """task: cfs_shuffled
 dataset_path: json
@@ -52,7 +53,7 @@ def test_tasks_are_built_after_seeding(tmp_path):
     (folder / "utils.py").write_text(UTILS)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     # num_fewshot makes cfs.evaluate build the Task object itself (configured_task)
-    entry = {"task": "cfs_shuffled", "metric": "acc,none", "num_fewshot": 0}
+    entry = task_entry(task="cfs_shuffled", metric="acc,none", num_fewshot=0)
     orders = []
     for state in (1, 2):  # whatever drew from `random` before (another task, a library)
         random.seed(state)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from cfs import data, evaluate, generate
+from cfs import data, evaluate, generate, heldout
 from cfs.errors import SettingsError
 from cfs.generate import sample_context_free
 from cfs.modeling import load_model, load_tokenizer
@@ -115,12 +115,12 @@ def test_kl_direction_is_base_to_model(tiny_model_dir, perturbed_model_dir, held
     assert forward != pytest.approx(backward, rel=1e-6)
 
 
-def test_pad_batch_right_pads_and_masks():
+def test_heldout_batches_right_pad_and_mask():
     samples = [
         {"prompt_token_id": 1, "token_ids": [5, 6, 7]},
         {"prompt_token_id": 1, "token_ids": [8]},
     ]
-    ids, mask = evaluate.pad_batch(samples, pad_id=0)
+    ((ids, mask),) = heldout.padded_batches(samples, batch_size=2)
     assert ids.tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
 

@@ -40,7 +40,7 @@ LORA = {"rank": 4, "alpha": None, "dropout": 0.0, "target_modules": ["q_proj", "
 # on where a second forward runs (and for LoRA, whose frozen inputs it trips on); one
 # run saves in bfloat16.
 RUNS = [
-    ("full", {"name": "full"}, {}),
+    ("full", {"name": "plain", "ratio": 0.0}, {}),
     ("lora", {"name": "lora", **LORA}, {"gradient_checkpointing": True}),
     ("l2", {"name": "l2", "lambda": 1000.0}, {"save_precision": "bfloat16"}),
     (

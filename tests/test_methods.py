@@ -9,15 +9,17 @@ import sysconfig
 
 import pytest
 import torch
-from cfs import generate, mix, objectives, replay, train, wiseft
+from cfs import examples, generate, mix, objectives, replay, train, wiseft
 from cfs.data import arithmetic_problems, render
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
+from cfs.study import SAMPLE_KINDS
 from conftest import (
     TEMPLATE,
     generation_settings,
     model_weights,
     read_jsonl,
+    replay_settings,
     train_settings,
     write_jsonl,
 )
@@ -248,10 +250,10 @@ def test_synthetic_batches_depend_only_on_position():
 def test_kl_term_is_zero_when_the_model_is_the_base(tiny_model_dir, tokenizer):
     base = load_model(tiny_model_dir, "float32")
     same = load_model(tiny_model_dir, "float32")
-    examples = train.build_examples(
+    built = examples.build_examples(
         [{**sample, "kind": "context_free"} for sample in cf_samples(4)], tokenizer, 64, "x"
     )
-    batches = objectives.SyntheticBatches(examples, 2, 1, 0, train.padding_collator(tokenizer))
+    batches = objectives.SyntheticBatches(built, 2, 1, 0, examples.padding_collator(tokenizer))
     term = objectives.KLToBase(batches, base_model=base)
     value, share = term(same, 0, 0)
     assert value.item() == pytest.approx(0.0, abs=1e-6) and share == 1.0
@@ -288,11 +290,11 @@ def test_packed_and_padded_micro_batches_give_the_same_loss(tiny_model_dir, toke
     model = load_model(tiny_model_dir, "float32")
     model.config.use_cache = False
     records = task_records(3) + [{**s, "kind": "context_free"} for s in cf_samples(2)]
-    examples = train.build_examples(records, tokenizer, 64, "x")
-    padded = train.training_collator(tokenizer, packing=False)(examples)
-    packed = train.training_collator(tokenizer, packing=True)(examples)
+    built = examples.build_examples(records, tokenizer, 64, "x")
+    padded = examples.training_collator(tokenizer, packing=False)(built)
+    packed = examples.training_collator(tokenizer, packing=True)(built)
     assert packed["input_ids"].shape[0] == 1
-    assert packed["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in examples)
+    assert packed["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in built)
     with torch.no_grad():
         torch.testing.assert_close(model(**packed).loss, model(**padded).loss)
 
@@ -337,7 +339,7 @@ def test_context_free_samples_see_only_the_prompt_token(tiny_model_dir, tmp_path
 
 def test_contextual_training_example_masks_the_prompt(tokenizer):
     record = {"prompt_token_ids": [5, 6, 7], "token_ids": [8, 9, 2], "finish_reason": "eos"}
-    example = train.contextual_example(record, max_length=64)
+    example = examples.sample_example(record, SAMPLE_KINDS["contextual"], max_length=64)
     assert example["input_ids"] == [5, 6, 7, 8, 9, 2]
     assert example["labels"] == [-100, -100, -100, 8, 9, 2]
 
@@ -348,7 +350,7 @@ def test_mix_keeps_each_kinds_fields():
     ] * 2
     mixed = mix.mix_at_ratio(task_records(4), contextual, 0.5, seed=0, kind="contextual")
     synthetic = [r for r in mixed if r["kind"] == "contextual"]
-    assert len(synthetic) == 2 and set(synthetic[0]) == {"kind", *mix.SAMPLE_FIELDS["contextual"]}
+    assert len(synthetic) == 2 and set(synthetic[0]) == {"kind", *SAMPLE_KINDS["contextual"].fields}
 
 
 # --------------------------------------------------------------------------- generation resume
@@ -409,10 +411,9 @@ def test_replay_chunks_are_shaped_like_context_free_samples(tokenizer, tmp_path)
 
 def test_replay_from_the_python_standard_library(tiny_model_dir, tmp_path):
     out = tmp_path / "chunks.jsonl"
-    settings = {"corpus": {"python_stdlib": "*.py"}, "num_chunks": 6, "chunk_tokens": 12}
+    settings = replay_settings({"python_stdlib": "*.py"}, num_chunks=6, chunk_tokens=12)
     replay.main(
-        ["--model", str(tiny_model_dir), "--settings", json.dumps({**settings, "seed": 0})]
-        + ["--out", str(out)]
+        ["--model", str(tiny_model_dir), "--settings", json.dumps(settings)] + ["--out", str(out)]
     )
     chunks = read_jsonl(out)
     assert len(chunks) == 6
@@ -420,8 +421,7 @@ def test_replay_from_the_python_standard_library(tiny_model_dir, tmp_path):
     assert all(c["source"].startswith(stdlib) and c["source"].endswith(".py") for c in chunks)
     again = tmp_path / "again.jsonl"
     replay.main(
-        ["--model", str(tiny_model_dir), "--settings", json.dumps({**settings, "seed": 0})]
-        + ["--out", str(again)]
+        ["--model", str(tiny_model_dir), "--settings", json.dumps(settings)] + ["--out", str(again)]
     )
     assert read_jsonl(again) == chunks  # seeded document order
     mixed = mix.mix_at_ratio(task_records(4), chunks, 1.0, seed=0, kind="replay")
@@ -430,4 +430,4 @@ def test_replay_from_the_python_standard_library(tiny_model_dir, tmp_path):
 
 def test_replay_without_a_corpus_source_names_the_key():
     with pytest.raises(SettingsError, match="methods.replay.corpus"):
-        list(replay.documents({}, 0))
+        list(replay.documents(replay_settings({})["corpus"], 0))

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 from cfs import hub
-from conftest import PACKAGE_DIR, copy_repo, run_snakemake, snakemake_env
+from conftest import (
+    PACKAGE_DIR,
+    copy_repo,
+    model_settings,
+    run_snakemake,
+    snakemake_env,
+    task_settings,
+)
 
 SECRET = "hf_cfsTestSecretTokenNotToBeWritten0123"
 MODEL_ID = "allenai/OLMo-1B-hf"
@@ -83,11 +90,11 @@ def test_uncached_hub_model_fails_fast_with_what_to_do(tmp_path, offline):
     out = tmp_path / "results" / "models" / "olmo" / "base"
     result, elapsed = run_stage(
         [
-            "cfs.models",
+            "cfs.prepare_model",
             "--model",
             "olmo",
             "--settings",
-            json.dumps({"hub_id": MODEL_ID}),
+            json.dumps(model_settings(hub_id=MODEL_ID)),
             "--out",
             str(out),
         ],
@@ -101,15 +108,15 @@ def test_uncached_hub_model_fails_fast_with_what_to_do(tmp_path, offline):
 
 @pytest.mark.parametrize("offline", [True, False], ids=["offline-mode", "no-network"])
 def test_uncached_hub_dataset_fails_fast_with_what_to_do(tmp_path, offline):
-    settings = {
-        "source": "hub",
-        "dataset": DATASET_ID,
-        "fields": {"query": "query", "response": "response"},
-        "prompt_template": "### Instruction:\n{query}\n\n### Response:\n",
-        "num_train": 10,
-        "num_test": 2,
-        "seed": 0,
-    }
+    settings = task_settings(
+        name="metamathqa",
+        source="hub",
+        dataset=DATASET_ID,
+        prompt_template="### Instruction:\n{query}\n\n### Response:\n",
+        num_train=10,
+        num_test=2,
+        seed=0,
+    )
     train = tmp_path / "results" / "data" / "metamathqa" / "train.jsonl"
     result, elapsed = run_stage(
         [
@@ -171,11 +178,11 @@ def test_cached_hub_model_is_used_offline(tiny_model_dir, tmp_path):
     out = tmp_path / "base"
     result, _ = run_stage(
         [
-            "cfs.models",
+            "cfs.prepare_model",
             "--model",
             "tiny",
             "--settings",
-            json.dumps({"hub_id": "cfs-tests/tiny-olmo"}),
+            json.dumps(model_settings(hub_id="cfs-tests/tiny-olmo")),
             "--out",
             str(out),
         ],
@@ -188,7 +195,7 @@ def test_cached_hub_model_is_used_offline(tiny_model_dir, tmp_path):
         assert copied.is_file() and not copied.is_symlink()
         assert copied.read_bytes() == path.read_bytes()
     provenance = (out / "cfs_provenance.json").read_text()
-    assert json.loads(provenance)["settings"] == {"hub_id": "cfs-tests/tiny-olmo"}
+    assert json.loads(provenance)["settings"] == model_settings(hub_id="cfs-tests/tiny-olmo")
     assert SECRET not in provenance and SECRET not in result.stderr
 
 

@@ -26,6 +26,8 @@ from conftest import (
     job_stats,
     read_jsonl,
     run_snakemake,
+    task_entry,
+    task_settings,
     write_jsonl,
 )
 from test_config import expected_default_jobs
@@ -72,7 +74,7 @@ def expected_grid_jobs(config: dict) -> dict[str, int]:
 def test_full_grid_dry_run_builds_offline_with_grid_counts(repo, name):
     config = effective_config(name)
     # typed as in the brief: --configfile first, then the target
-    result = run_snakemake(repo, "-n", "--configfile", PAPER_CONFIGS[name], "all", timeout=300)
+    result = run_snakemake(repo, "-n", "all", "--configfile", PAPER_CONFIGS[name], timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     stats = job_stats(result.stdout)
     assert stats.pop("figures") == 1
@@ -137,8 +139,8 @@ def test_stage_settings_come_from_the_setting_file(repo):
     data_line = stage_line(result.stdout, "cfs.data")
     for text in ('"source": "hub"', '"dataset": "meta-math/MetaMathQA"', '"num_train": 100000'):
         assert text in data_line
-    assert "cfs.models --model olmo" in result.stdout
-    assert '"hub_id": "allenai/OLMo-1B-hf"' in stage_line(result.stdout, "cfs.models")
+    assert "cfs.prepare_model --model olmo" in result.stdout
+    assert '"hub_id": "allenai/OLMo-1B-hf"' in stage_line(result.stdout, "cfs.prepare_model")
     assert '"backend": "auto"' in stage_line(result.stdout, "cfs.generate", "/temp0.7/")
     train_line = stage_line(result.stdout, "cfs.train")
     assert '"learning_rate": 1e-05' in train_line and '"max_length": 1024' in train_line
@@ -266,17 +268,20 @@ def medical_rows(count: int) -> list[dict]:
 
 
 def local_settings(data_files, **extra) -> dict:
-    return {
-        "source": "local",
-        "data_files": data_files,
-        "fields": FIELDS,
-        "prompt_template": R1_PROMPT,
-        "response_template": R1_RESPONSE,
-        "num_train": 12,
-        "num_test": 5,
-        "seed": 4,
-        **extra,
-    }
+    return task_settings(
+        **{
+            "name": "med",
+            "source": "local",
+            "data_files": data_files,
+            "fields": FIELDS,
+            "prompt_template": R1_PROMPT,
+            "response_template": R1_RESPONSE,
+            "num_train": 12,
+            "num_test": 5,
+            "seed": 4,
+            **extra,
+        }
+    )
 
 
 def run_data_stage(settings: dict, out_dir) -> tuple[list[dict], list[dict], dict]:
@@ -326,14 +331,15 @@ def test_default_fields_are_query_and_response(tmp_path, monkeypatch):
     rows = [{"query": f"q{n}", "response": f"r{n}\nThe answer is: {n}"} for n in range(10)]
     rows.append({"query": "", "response": "no question"})  # skipped: empty query
     write_jsonl(tmp_path / "mm.jsonl", rows)
-    settings = {
-        "source": "local",
-        "data_files": ["mm.jsonl"],
-        "prompt_template": "### Instruction:\n{query}\n\n### Response:\n",
-        "num_train": 20,
-        "num_test": 1,
-        "seed": 0,
-    }
+    settings = task_settings(
+        name="mm",
+        source="local",
+        data_files=["mm.jsonl"],
+        prompt_template="### Instruction:\n{query}\n\n### Response:\n",
+        num_train=20,
+        num_test=1,
+        seed=0,
+    )
     train, test, _ = run_data_stage(settings, tmp_path / "out")
     assert len(train) == 10 and test == []
     assert all(r["response"].startswith("r") for r in train)
@@ -437,8 +443,9 @@ def test_repeats_average_each_questions_answers_into_pass_at_1(
         forgetting=[{"task": other, "metric": "exact_match,digit"}],  # greedy, 1 answer
         batch_size=4,
         dtype="float32",
+        backend="hf",  # the stock model, whose generate_until is replaced above
     )
-    scores, items, harness = evaluate.run_lm_eval(tiny_model_dir, settings)
+    scores, items, harness, _ = evaluate.run_lm_eval(tiny_model_dir, settings)
     sampled = [request for request in seen if request.task_name == name]
     assert len(sampled) == 4 * 3  # 4 questions x 3 answers
     assert all(request.args[1]["temperature"] == 0.6 for request in sampled)
@@ -471,8 +478,11 @@ def test_repeats_on_a_log_likelihood_task_is_refused(tmp_path):
     )
     manager = evaluate.local_task_manager(str(tmp_path / "tasks"), ["cfs_test_mc2"])
     with pytest.raises(SettingsError, match="not generative"):
-        evaluate.configured_task(manager, {"task": "cfs_test_mc2", "repeats": 4})
-    assert evaluate.configured_task(manager, {"task": "cfs_test_mc2"}) == "cfs_test_mc2"
+        evaluate.configured_task(
+            manager, task_entry(task="cfs_test_mc2", metric="acc,none", repeats=4)
+        )
+    entry = task_entry(task="cfs_test_mc2", metric="acc,none")
+    assert evaluate.configured_task(manager, entry) == "cfs_test_mc2"
 
 
 def test_lm_eval_backend_and_model_args(tiny_model_dir):
@@ -480,7 +490,7 @@ def test_lm_eval_backend_and_model_args(tiny_model_dir):
         tiny_model_dir,
         evaluation_settings(dtype="float32", model_args={"think_end_token": "</think>"}),
     )
-    assert backend == "hf"
+    assert backend == "cfs-hf"  # the schema's default
     assert args == {
         "pretrained": str(tiny_model_dir),
         "dtype": "float32",

@@ -1,80 +1,114 @@
-"""End to end: the whole Snakemake DAG on a tiny random model and a tiny grid, in a copy of
-the repository; then dry runs that check the DAG is the cache (adding a grid value
-schedules only the jobs it needs; an unchanged config schedules nothing)."""
+"""End to end through Snakemake itself: a tiny study with every method (and a toy method
+added to cfs.study by the test, as a user would add one) runs to completion on a tiny
+random model; then one value is added to each sweep in turn and Snakemake runs again,
+executing exactly the jobs that value needs; a second study shares the results/ folder
+without touching the first's jobs; an added forgetting task computes only its own
+requests."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import re
+import sys
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_repo, default_config, job_stats, read_jsonl, run_snakemake, write_jsonl
+from conftest import copy_repo, default_config, read_jsonl, run_snakemake
 
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny"
-FALLBACK_TASK = "cfs_test_mc"
 THREADED_RULES = (
     "generate_context_free",
     "generate_heldout",
+    "generate_contextual",
     "fine_tune",
     "evaluate_base",
     "evaluate_finetuned",
 )
+TOY = (
+    "METHODS['toy'] = Method('toy', 'toy/temp{temperature}/ratio{ratio}/lambda{lambda}', "
+    "'context_free', trains='weighted_synthetic', claim='the toy keeps less than "
+    "context-free data', paired_on=('temperature', 'ratio'))"
+)
+FORGETTING = ["cfs_capitals", "cfs_antonyms", "cfs_categories"]
+ADDED_TASK = "cfs_animals"
 
 
-def local_task_names(tasks_dir):
-    names = set()
-    for path in tasks_dir.rglob("*.yaml"):
-        match = re.search(r"^task:\s*(\S+)\s*$", path.read_text(), re.M)
-        if match:
-            names.add(match.group(1))
-    return names
-
-
-def write_fallback_task(tasks_dir):
-    folder = tasks_dir / FALLBACK_TASK
-    rows = [
-        {"question": f"Is {n} even?", "choices": ["yes", "no"], "label": n % 2} for n in range(8)
-    ]
-    write_jsonl(folder / "test.jsonl", rows)
-    (folder / f"{FALLBACK_TASK}.yaml").write_text(
-        f"task: {FALLBACK_TASK}\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: tasks/{FALLBACK_TASK}/test.jsonl\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n"
-    )
-    return [{"task": FALLBACK_TASK, "metric": "acc,none"}]
-
-
-def tiny_config(model_dir, repo):
+def tiny_config(model_dir, repo=None):
+    """A tiny study of plain fine-tuning and context-free data on the tiny model; `repo`
+    is not read (the local forgetting tasks are in every copy of the repository)."""
     config = default_config()
     config["study"] = {
         "models": [MODEL],
         "temperatures": [0.7, 1.0],
         "ratios": [0, 0.5],
         "seeds": [0],
+        "methods": ["context_free"],
     }
+    config["methods"] = {}
     config["models"] = {MODEL: {"local_path": str(model_dir)}}
     config["task"].update(num_train=16, num_test=8)
     config["generation"].update(num_samples=8, max_new_tokens=12, batch_size=8)
     config["train"].update(epochs=1, batch_size=4, micro_batch_size=4, max_length=64)
     evaluation = config["evaluation"]
-    evaluation["limit"] = 4
-    evaluation["batch_size"] = 8
+    evaluation.update(limit=4, batch_size=8)
+    evaluation["forgetting"] = [{"task": t, "metric": "p_correct,none"} for t in FORGETTING]
     evaluation.setdefault("kl", {}).update(num_samples=4, max_new_tokens=12)
-    # keep the configured forgetting tasks that exist in tasks/; a local stand-in otherwise
-    present = local_task_names(repo / "tasks")
-    forgetting = [entry for entry in evaluation["forgetting"] if entry["task"] in present]
-    evaluation["forgetting"] = forgetting or write_fallback_task(repo / "tasks")
     return config
+
+
+def every_method_config(model_dir):
+    """Every method (and the toy), one knob value each; the methods besides context-free
+    data keep knob lists of their own, so a value added to a study-wide sweep adds
+    context-free cells only."""
+    config = tiny_config(model_dir)
+    config["study"].update(
+        temperatures=[1.0],
+        methods=[
+            "context_free",
+            "contextual",
+            "replay",
+            "lora",
+            "l2",
+            "wiseft",
+            "weighted_synthetic",
+            "kl_to_base",
+            "toy",
+        ],
+    )
+    synthetic = {"temperatures": [1.0], "ratios": [0.5]}
+    config["methods"] = {
+        "contextual": dict(synthetic),
+        "replay": {"corpus": {"python_stdlib": "*.py"}, "ratios": [0.5]},
+        "lora": {"ranks": [4], "target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-2},
+        "l2": {"lambdas": [1000]},
+        "wiseft": {"alphas": [0.5]},
+        "weighted_synthetic": {**synthetic, "lambdas": [0.5]},
+        "kl_to_base": {**synthetic, "lambdas": [1.0]},
+        "toy": {**synthetic, "lambdas": [2.0]},
+    }
+    config["train"]["logging_steps"] = 1  # each regulariser's term is in the log
+    config["train"]["curve_every"] = 2
+    return config
+
+
+def add_toy_method(repo):
+    study = repo / "workflow" / "cfs" / "study.py"
+    study.write_text(study.read_text() + "\n" + TOY + "\n")
+
+
+def run(repo, config, name="config/config.yaml", *args, timeout=900):
+    (repo / name).write_text(yaml.safe_dump(config, sort_keys=False))
+    threads = [f"{rule}=1" for rule in THREADED_RULES]
+    extra = [] if name == "config/config.yaml" else ["--configfile", name]
+    return run_snakemake(
+        repo, "--cores", "2", "--set-threads", *threads, *extra, *args, timeout=timeout
+    )
 
 
 def failure_report(repo, result):
@@ -87,252 +121,333 @@ def failure_report(repo, result):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_model_dir, tokenizer, tmp_path_factory):
+def study(tiny_model_dir, tokenizer, tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    config = tiny_config(tiny_model_dir, repo)
-    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    # every task prompt must leave room for response tokens within train.max_length
-    from cfs.data import arithmetic_problems
-
-    longest = max(
-        len(tokenizer(config["task"]["prompt_template"].format(query=p["query"]))["input_ids"])
-        for p in arithmetic_problems(24, seed=0)
-    )
-    assert longest < config["train"]["max_length"], "fixture tokenizer too coarse"
-    # One thread per job, so two single-threaded jobs (most of their time is imports and
-    # lm-eval's task index) share the 2 cores instead of queueing behind each other.
-    one_thread = [f"{rule}=1" for rule in THREADED_RULES]
-    result = run_snakemake(repo, "--cores", "2", "--set-threads", *one_thread, timeout=1200)
+    add_toy_method(repo)
+    config = every_method_config(tiny_model_dir)
+    result = run(repo, config, timeout=1500)
     return {
         "repo": repo,
         "results": repo / "results",
         "config": config,
         "result": result,
         "bos": tokenizer.bos_token_id,
+        "grammar": study_module(repo),
     }
 
 
-CELLS = ["base", "ratio0", "temp0.7/ratio0.5", "temp1/ratio0.5"]
+def executed(output: str) -> dict[str, set[str]]:
+    """{rule: first output of each job} of the jobs a Snakemake run executed."""
+    jobs: dict[str, set[str]] = {}
+    for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", output, re.M):
+        found = re.search(r"^    output: ([^,\n]+)", body, re.M)
+        jobs.setdefault(rule, set()).add(found.group(1) if found else "")
+    jobs.pop("all", None)
+    return jobs
+
+
+def study_module(repo):
+    """The repository copy's cfs.study, with the toy method the test added to it."""
+    spec = importlib.util.spec_from_file_location(
+        "copied_study", repo / "workflow" / "cfs" / "study.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def grid_jobs(config, grammar) -> dict[str, set[str]]:
+    """The jobs of a study's cells and samples, from the grammar (a cfs.study module):
+    what adding a value must add, rule by rule."""
+    METHODS, SAMPLE_KINDS, parse_cell = grammar.METHODS, grammar.SAMPLE_KINDS, grammar.parse_cell
+    fmt = grammar.fmt
+    study = grammar.Study(config)
+    generator = {
+        "context_free": "generate_context_free",
+        "contextual": "generate_contextual",
+        "replay": "replay_chunks",
+    }
+    jobs: dict[str, set[str]] = {}
+    for cell in study.cells():
+        knobs = parse_cell(cell)
+        spec = METHODS[knobs["method"]]
+        jobs.setdefault("summarise_seeds", set()).add(f"results/{MODEL}/{cell}/eval.json")
+        for seed in study.seeds:
+            folder = f"results/{MODEL}/{cell}/seed{seed}"
+            if spec.mixes or spec.name == "plain":
+                jobs.setdefault("mix_at_ratio", set()).add(f"{folder}/train.jsonl")
+            rule = "fine_tune" if spec.trains else "interpolate_wiseft"
+            jobs.setdefault(rule, set()).add(f"{folder}/model")
+            jobs.setdefault("evaluate_finetuned", set()).add(f"{folder}/eval.json")
+            if spec.samples:
+                fields = {k: fmt(v) for k, v in knobs.items() if k != "method"}
+                path = SAMPLE_KINDS[spec.samples].path.format(seed=seed, **fields)
+                jobs.setdefault(generator[spec.samples], set()).add(f"results/{MODEL}/{path}")
+    return jobs
+
+
+REPORTING = {
+    "summary_table": {"results/studies/default/summary.csv"},
+    "figures": {f"results/studies/default/figures/{MODEL}_vs_temperature.png"},
+}
+
+
+def new_jobs(before, after, grammar) -> dict[str, set[str]]:
+    old, new = grid_jobs(before, grammar), grid_jobs(after, grammar)
+    added = {rule: new[rule] - old.get(rule, set()) for rule in new}
+    # a cell with a new seed is summarised again over its seeds
+    added["summarise_seeds"] = {
+        path.rsplit("/seed", 1)[0] + "/eval.json" for path in added["evaluate_finetuned"]
+    }
+    return {rule: paths for rule, paths in added.items() if paths} | REPORTING
 
 
 def seed_eval(cell, seed=0):
-    return (
-        f"results/{MODEL}/{cell}/eval.json"
-        if cell == "base"
-        else (f"results/{MODEL}/{cell}/seed{seed}/eval.json")
-    )
+    if cell == "base":
+        return f"results/{MODEL}/base/eval.json"
+    return f"results/{MODEL}/{cell}/seed{seed}/eval.json"
 
 
-def test_pipeline_runs_to_completion(pipeline):
-    result = pipeline["result"]
-    assert result.returncode == 0, failure_report(pipeline["repo"], result)
+CELLS = {
+    "base": "base",
+    "ratio0": "plain",
+    "temp1/ratio0.5": "context_free",
+    "contextual/temp1/ratio0.5": "contextual",
+    "replay/ratio0.5": "replay",
+    "lora/rank4": "lora",
+    "l2/lambda1000": "l2",
+    "wiseft/alpha0.5": "wiseft",
+    "cf_weighted/temp1/ratio0.5/lambda0.5": "weighted_synthetic",
+    "kl_to_base/temp1/ratio0.5/lambda1": "kl_to_base",
+    "toy/temp1/ratio0.5/lambda2": "toy",
+}
 
 
-def test_summary_has_one_finite_row_per_cell(pipeline):
-    results = pipeline["results"]
-    table = pd.read_csv(results / "summary.csv")
-    assert len(table) == 4
-    assert sorted(table["method"]) == ["base", "context_free", "context_free", "plain"]
-    assert set(table["model"]) == {MODEL}
-    cf = table[table["method"] == "context_free"]
-    assert sorted(cf["temperature"]) == [0.7, 1.0]
-    assert set(cf["ratio"]) == {0.5}
-    assert table.loc[table["method"] == "plain", "ratio"].tolist() == [0.0]
+# --------------------------------------------------------------------------- one run
+
+
+def test_every_method_runs_to_completion(study):
+    assert study["result"].returncode == 0, failure_report(study["repo"], study["result"])
+    jobs = executed(study["result"].stdout)
+    grid = grid_jobs(study["config"], study["grammar"])
+    assert {rule: jobs.get(rule) for rule in grid} == grid
+    assert len(jobs["generate_context_free"]) == 1  # shared by context-free, weighted, KL, toy
+
+
+def test_summary_has_one_finite_row_per_cell(study):
+    table = pd.read_csv(study["results"] / "studies" / "default" / "summary.csv")
+    assert sorted(table["eval_paths"]) == sorted(seed_eval(c) for c in CELLS)
+    by_path = dict(zip(table["eval_paths"], table["method"], strict=True))
+    assert {cell: by_path[seed_eval(cell)] for cell in CELLS} == CELLS
     for column in ("target", "forgetting_avg", "kl_to_base"):
         assert all(math.isfinite(v) for v in table[column]), column
     assert table.loc[table["method"] == "base", "kl_to_base"].tolist() == [0.0]
     assert (table.loc[table["method"] != "base", "kl_to_base"] > 0).all()
-    assert sorted(table["eval_paths"]) == sorted(seed_eval(c) for c in CELLS)
-    assert set(table["num_seeds"]) == {1}
-    for entry in pipeline["config"]["evaluation"]["forgetting"]:
-        assert f"forgetting:{entry['task']}" in table.columns
+    knobs = table.set_index("method")
+    assert knobs.loc["lora", "rank"] == 4 and knobs.loc["l2", "lambda"] == 1000
+    assert knobs.loc["wiseft", "alpha"] == 0.5
+    assert knobs.loc["weighted_synthetic", "label"] == "weighted_synthetic T1 r0.5 λ0.5"
+    assert knobs.loc["toy", "label"] == "toy T1 r0.5 λ2"
+    for task in FORGETTING:
+        assert f"forgetting:{task}" in table.columns
 
 
-def test_eval_files_have_metrics_base_and_provenance(pipeline):
-    results, bos = pipeline["results"], pipeline["bos"]
+def test_verdicts_answer_the_claims_of_every_method_with_one(study):
+    verdicts = pd.read_csv(study["results"] / "studies" / "default" / "verdicts.csv")
+    comparisons = dict(zip(verdicts["comparison"], verdicts["claim"], strict=True))
+    assert comparisons == {
+        "context_free T1 r0.5 - plain": "context-free data forgets less than plain fine-tuning",
+        "context_free T1 r0.5 - contextual T1 r0.5": (
+            "contextual synthetic data keeps less than context-free data"
+        ),
+        "context_free T1 r0.5 - replay r0.5": (
+            "pretraining replay keeps less than context-free data"
+        ),
+        "context_free T1 r0.5 - kl_to_base T1 r0.5 λ1": (
+            "context-free data approximates the exact KL penalty"
+        ),
+        "context_free T1 r0.5 - toy T1 r0.5 λ2": "the toy keeps less than context-free data",
+    }
+    assert set(verdicts["kl_verdict"]) <= {"supported", "contradicted", "inconclusive"}
+    approximates = verdicts[verdicts["claim"].str.contains("approximates")].iloc[0]
+    assert approximates["margin"] > 0 and approximates["kl_margin"] > 0
+    assert set(verdicts["verdict"]) <= {"supported", "contradicted", "inconclusive"}
+    differences = pd.read_csv(study["results"] / "studies" / "default" / "differences.csv")
+    assert set(differences["method"]) == set(CELLS.values()) - {"base"}
+
+
+def test_every_figure_is_drawn(study):
+    from cfs.study import FIGURES
+
+    for name in FIGURES:
+        path = study["results"] / "studies" / "default" / "figures" / f"{MODEL}_{name}.png"
+        assert path.read_bytes().startswith(b"\x89PNG"), path
+        assert path.stat().st_size > 5000, path
+
+
+def test_every_fine_tune_logged_its_forgetting_curve(study):
+    for cell, method in CELLS.items():
+        if method in ("base", "wiseft"):
+            continue
+        curves = pd.read_csv(study["results"] / MODEL / cell / "seed0" / "model" / "curves.csv")
+        assert curves["step"].tolist()[:2] == [0, 2], cell
+        assert abs(curves["kl_to_base"].iloc[0]) <= 1e-6, cell
+
+
+def test_eval_files_have_metrics_base_and_provenance(study):
+    results, bos = study["results"], study["bos"]
     base_metrics = json.loads((results / MODEL / "base" / "eval.json").read_text())["metrics"]
     for cell in CELLS:
         record = json.loads((results.parent / seed_eval(cell)).read_text())
-        metrics = record["metrics"]
         for key in ("target", "forgetting_avg", "kl_to_base"):
-            assert math.isfinite(metrics[key]), (cell, key)
+            assert math.isfinite(record["metrics"][key]), (cell, key)
         prov = record["provenance"]
-        assert prov["seed"] == 0
+        assert prov["seed"] == 0 and prov["settings"]["limit"] == 4
         for package in ("torch", "transformers", "lm_eval", "snakemake"):
             assert prov["packages"].get(package), (cell, package)
-        assert prov["settings"]["limit"] == 4
+        assert set(record["requests"]["per_task"]) == {"cfs_add_sub", *FORGETTING}
         if cell == "base":
             assert record["cell"] == {"model": MODEL, "method": "base"}
             continue
         assert record["base"] == base_metrics
-        assert math.isfinite(metrics["heldout_nll"])
-        assert metrics["heldout_tokens"] > 0
+        assert record["metrics"]["heldout_tokens"] > 0
         assert prov["heldout_provenance"]["prompt_token_id"] == bos
-        assert prov["model_provenance"]["stage"] == "fine_tune"
-        # the cell's card: its seeds' mean and interval, and each seed's eval
         card = json.loads((results / MODEL / cell / "eval.json").read_text())
-        assert card["seeds"] == [0]
-        assert card["metrics"]["target"] == metrics["target"]
-        assert card["per_seed"][0]["eval"] == seed_eval(cell)
-        assert set(record["items"]) == {record["tasks"]["target"], *record["tasks"]["forgetting"]}
+        assert card["seeds"] == [0] and card["per_seed"][0]["eval"] == seed_eval(cell)
+        assert card["metrics"]["target"] == record["metrics"]["target"]
 
 
-def test_figures_exist(pipeline):
-    for name in ("vs_temperature", "vs_ratio", "tradeoff"):
-        path = pipeline["results"] / "figures" / f"{MODEL}_{name}.png"
-        assert path.is_file(), path
-        assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 5000
-
-
-def test_generations_record_the_prompt_token(pipeline):
-    results, bos = pipeline["results"], pipeline["bos"]
-    for temperature in ("0.7", "1"):
-        folder = results / MODEL / f"temp{temperature}" / "seed0"
-        samples = read_jsonl(folder / "context_free.jsonl")
-        prov = json.loads((folder / "context_free.provenance.json").read_text())
-        assert len(samples) == 8
-        assert {s["prompt_token_id"] for s in samples} == {bos}
-        assert prov["prompt_token_id"] == bos
-        assert prov["temperature"] == float(temperature)
-        assert all(len(s["token_ids"]) <= 12 for s in samples)
-    heldout = read_jsonl(results / MODEL / "heldout" / "context_free.jsonl")
-    heldout_prov = json.loads(
-        (results / MODEL / "heldout" / "context_free.provenance.json").read_text()
+def test_each_method_trained_what_it_should(study):
+    results = study["results"] / MODEL
+    mixed = read_jsonl(results / "contextual" / "temp1" / "ratio0.5" / "seed0" / "train.jsonl")
+    assert sum(r["kind"] == "contextual" for r in mixed) == 8
+    replayed = read_jsonl(results / "replay" / "ratio0.5" / "seed0" / "train.jsonl")
+    assert sum(r["kind"] == "replay" for r in replayed) == 8
+    generated = read_jsonl(results / "temp1" / "seed0" / "context_free.jsonl")
+    assert {s["prompt_token_id"] for s in generated} == {study["bos"]}
+    cf_mixed = read_jsonl(results / "temp1" / "ratio0.5" / "seed0" / "train.jsonl")
+    synthetic = [r["token_ids"] for r in cf_mixed if r["kind"] == "context_free"]
+    assert sorted(synthetic) == sorted(s["token_ids"] for s in generated[:8])
+    for cell, method, term in (
+        ("l2/lambda1000", "l2", "l2"),
+        ("cf_weighted/temp1/ratio0.5/lambda0.5", "weighted_synthetic", "synthetic_nll"),
+        ("kl_to_base/temp1/ratio0.5/lambda1", "kl_to_base", "kl_to_base"),
+        ("toy/temp1/ratio0.5/lambda2", "toy", "synthetic_nll"),
+    ):
+        log = json.loads((results / cell / "seed0" / "model" / "train_log.json").read_text())
+        assert log["summary"]["method"] == method, cell
+        assert any(term in entry for entry in log["log_history"]), cell
+        assert not (results / cell / "seed0" / "checkpoints").exists()
+    prov = json.loads(
+        (results / "lora" / "rank4" / "seed0" / "model" / "cfs_provenance.json").read_text()
     )
-    assert len(heldout) == 4
-    assert heldout_prov["prompt_token_id"] == bos
-    assert heldout_prov["seed"] != 0  # its own seed, not the training generations'
-
-
-def test_mixed_sets_hold_the_first_generated_samples(pipeline):
-    results = pipeline["results"]
-    assert len(read_jsonl(results / MODEL / "ratio0" / "seed0" / "train.jsonl")) == 16
-    for temperature in ("0.7", "1"):
-        cell = results / MODEL / f"temp{temperature}"
-        mixed = read_jsonl(cell / "ratio0.5" / "seed0" / "train.jsonl")
-        generated = read_jsonl(cell / "seed0" / "context_free.jsonl")
-        synthetic = [r["token_ids"] for r in mixed if r["kind"] == "context_free"]
-        assert len(mixed) == 24 and len(synthetic) == 8
-        assert sorted(synthetic) == sorted(s["token_ids"] for s in generated[:8])
-
-
-def test_fine_tuned_models_are_complete_and_checkpoints_gone(pipeline):
-    results = pipeline["results"]
-    for cell in CELLS[1:]:
-        model_dir = results / MODEL / cell / "seed0" / "model"
-        log = json.loads((model_dir / "train_log.json").read_text())
-        assert math.isfinite(log["summary"]["train_loss"])
-        assert (model_dir / "cfs_provenance.json").is_file()
-        assert not (results / MODEL / cell / "seed0" / "checkpoints").exists()
-    leftovers = [p for p in results.rglob(".*") if p.name != ".snakemake_timestamp"]
+    assert prov["settings"]["method"]["name"] == "lora"
+    assert prov["settings"]["learning_rate"] == 1e-2
+    wise = json.loads((results / "wiseft" / "alpha0.5" / "seed0" / "eval.json").read_text())
+    assert wise["provenance"]["model_provenance"]["stage"] == "wiseft"
+    leftovers = [p for p in study["results"].rglob(".*") if p.name != ".snakemake_timestamp"]
     assert leftovers == [], leftovers
 
 
-def test_every_job_wrote_a_log(pipeline):
-    logs = pipeline["results"] / "logs"
-    for rule in (
-        "prepare_model",
-        "prepare_task_data",
-        "generate_context_free",
-        "generate_heldout",
-        "mix_at_ratio",
-        "fine_tune",
-        "evaluate_base",
-        "evaluate_finetuned",
-        "summarise_seeds",
-        "summary_table",
-    ):
+def test_every_job_wrote_a_log(study):
+    logs = study["results"] / "logs"
+    for rule in grid_jobs(study["config"], study["grammar"]) | REPORTING:
         assert list(logs.glob(f"{rule}*")) or list(logs.glob(f"{rule}/**/*")), rule
 
 
-# --------------------------------------------------------------------------- DAG as cache
+# --------------------------------------------------------------------------- the DAG is the cache
 
 
-def dry_run(pipeline, name=None, config=None):
-    args = ["-n"]
-    if config is not None:
-        path = pipeline["repo"] / name
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        args += ["--configfile", name]
-    result = run_snakemake(pipeline["repo"], *args, timeout=300)
+def test_unchanged_config_executes_nothing(study):
+    result = run(study["repo"], study["config"])
     assert result.returncode == 0, result.stdout[-3000:]
-    return job_stats(result.stdout), result.stdout
+    assert "Nothing to be done" in result.stdout, result.stdout[-3000:]
 
 
-def test_unchanged_config_schedules_nothing(pipeline):
-    assert pipeline["result"].returncode == 0
-    stats, output = dry_run(pipeline)
-    assert stats == {}, output[-3000:]
+def add_value(key, value):
+    """A change adding `value` to the sweep at `key` (a dotted path into the config)."""
+
+    def change(config):
+        *parents, last = key.split(".")
+        section = config
+        for part in parents:
+            section = section[part]
+        section[last] = [*section[last], value]
+
+    return change
 
 
-# summary_table, figures and `all` run again after any change that reruns a cell
-REPORTING = {"summary_table": 1, "figures": 1, "all": 1}
+# The seed last: going back to one seed afterwards summarises every cell over it again.
+ADDITIONS = {
+    "temperature": add_value("study.temperatures", 0.7),
+    "ratio": add_value("study.ratios", 0.25),
+    "lora_rank": add_value("methods.lora.ranks", 8),
+    "l2_lambda": add_value("methods.l2.lambdas", 10),
+    "weighted_synthetic_lambda": add_value("methods.weighted_synthetic.lambdas", 2.0),
+    "wiseft_alpha": add_value("methods.wiseft.alphas", 0.25),
+    "seed": add_value("study.seeds", 1),
+}
 
 
-def scheduled_after(pipeline, name, change):
-    """Job counts of a dry run after `change(config)` on a copy of the pipeline's config."""
-    assert pipeline["result"].returncode == 0
-    config = copy.deepcopy(pipeline["config"])
-    change(config)
-    return dry_run(pipeline, name, config)
+@pytest.mark.parametrize("value", list(ADDITIONS))
+def test_one_added_value_executes_only_its_jobs(study, value):
+    """Each run adds one value to the study (the values of earlier runs are not in it):
+    exactly that value's generations, mixes, fine-tunes and evaluations execute, with the
+    table and figures; no job of an existing cell runs again."""
+    assert study["result"].returncode == 0
+    config = copy.deepcopy(study["config"])
+    ADDITIONS[value](config)
+    result = run(study["repo"], config, f"plus_{value}.yaml")
+    assert result.returncode == 0, failure_report(study["repo"], result)
+    expected = new_jobs(study["config"], config, study["grammar"])
+    assert executed(result.stdout) == expected, result.stdout[-5000:]
 
 
-def test_new_temperature_schedules_only_its_jobs(pipeline):
-    stats, output = scheduled_after(
-        pipeline,
-        "plus_temperature.yaml",
-        lambda config: config["study"].update(temperatures=[0.7, 1.0, 1.3]),
-    )
-    once = ("generate_context_free", "mix_at_ratio", "fine_tune", "evaluate_finetuned")
-    assert stats == {**dict.fromkeys(once, 1), "summarise_seeds": 1, **REPORTING}, output[-3000:]
-    assert f"results/{MODEL}/temp1.3/ratio0.5/seed0/eval.json" in output
+def test_a_second_study_in_the_same_results_leaves_the_first_as_it_is(study, tiny_model_dir):
+    """Another study (its own name, model key and evaluation settings) runs into the same
+    results/ folder; the first study then has nothing to do, and its tables are its own."""
+    settle = run(study["repo"], study["config"])  # back to the first study as it is
+    assert settle.returncode == 0, failure_report(study["repo"], settle)
+    tables = study["results"] / "studies" / "default"
+    before = {path.name: path.read_bytes() for path in tables.glob("*.csv")}
+    other = copy.deepcopy(study["config"])
+    other["study"].update(name="other", models=["tiny_b"], ratios=[0], methods=[])
+    other["models"] = {"tiny_b": {"local_path": str(tiny_model_dir)}}
+    other["evaluation"]["forgetting"] = [{"task": "cfs_capitals", "metric": "acc,none"}]
+    other["evaluation"]["limit"] = 3
+    result = run(study["repo"], other, "other_study.yaml")
+    assert result.returncode == 0, failure_report(study["repo"], result)
+    assert (study["results"] / "studies" / "other" / "summary.csv").is_file()
+    again = run(study["repo"], study["config"])
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "Nothing to be done" in again.stdout, again.stdout[-3000:]
+    assert {path.name: path.read_bytes() for path in tables.glob("*.csv")} == before
 
 
-def test_new_seed_schedules_only_its_jobs(pipeline):
-    """A second seed replicates every cell's generation, mixing, training and eval; the
-    base eval, the held-out samples and the task split stay as they are."""
-    stats, output = scheduled_after(
-        pipeline, "plus_seed.yaml", lambda config: config["study"].update(seeds=[0, 1])
-    )
-    per_cell = ("mix_at_ratio", "fine_tune", "evaluate_finetuned", "summarise_seeds")
-    assert stats == {
-        "generate_context_free": 2,
-        **dict.fromkeys(per_cell, 3),
+def test_an_added_forgetting_task_computes_only_its_requests(study):
+    """Every model is evaluated again (each eval.json must hold the new task), but each
+    evaluation computes only the new task's requests: the others come from its cache."""
+    config = copy.deepcopy(study["config"])
+    config["evaluation"]["forgetting"].append({"task": ADDED_TASK, "metric": "p_correct,none"})
+    result = run(study["repo"], config, "plus_task.yaml")
+    assert result.returncode == 0, failure_report(study["repo"], result)
+    jobs = executed(result.stdout)
+    grid = grid_jobs(config, study["grammar"])
+    assert jobs.pop("check_evaluation_tasks") and len(jobs.pop("evaluate_base")) == 1
+    assert jobs == {
+        "evaluate_finetuned": grid["evaluate_finetuned"],
+        "summarise_seeds": grid["summarise_seeds"],
         **REPORTING,
-    }, output[-3000:]
-    assert f"results/{MODEL}/temp1/ratio0.5/seed1/eval.json" in output
+    }
+    for cell in CELLS:
+        record = json.loads((study["repo"] / seed_eval(cell)).read_text())
+        counts = record["requests"]["per_task"]
+        assert set(counts) == {"cfs_add_sub", *FORGETTING, ADDED_TASK}
+        assert record["requests"]["computed"] == counts[ADDED_TASK] > 0, cell
 
 
-def test_new_ratio_reuses_the_generations(pipeline):
-    stats, output = scheduled_after(
-        pipeline, "plus_ratio.yaml", lambda config: config["study"].update(ratios=[0, 0.25, 0.5])
-    )
-    per_cell = ("mix_at_ratio", "fine_tune", "evaluate_finetuned", "summarise_seeds")
-    assert stats == {**dict.fromkeys(per_cell, 2), **REPORTING}, output[-3000:]
-
-
-def test_changed_training_setting_reruns_training_and_evaluation_only(pipeline):
-    stats, output = scheduled_after(
-        pipeline, "new_lr.yaml", lambda config: config["train"].update(learning_rate=1e-3)
-    )
-    per_cell = ("fine_tune", "evaluate_finetuned", "summarise_seeds")
-    assert stats == {**dict.fromkeys(per_cell, 3), **REPORTING}, output[-3000:]
-
-
-def acc_norm_everywhere(config):
-    for entry in config["evaluation"]["forgetting"]:
-        entry["metric"] = "acc_norm,none"
-
-
-def test_changed_evaluation_metric_reruns_the_evaluations_only(pipeline):
-    """The task check reruns on its new settings; no model is rebuilt or fine-tuned again."""
-    stats, output = scheduled_after(pipeline, "new_metric.yaml", acc_norm_everywhere)
-    assert stats == {
-        "check_evaluation_tasks": 1,
-        "evaluate_base": 1,
-        **dict.fromkeys(("evaluate_finetuned", "summarise_seeds"), 3),
-        **REPORTING,
-    }, output[-3000:]
+# --------------------------------------------------------------------------- bad input
 
 
 def test_a_misspelt_evaluation_task_stops_the_study_before_any_model_job(
@@ -340,12 +455,13 @@ def test_a_misspelt_evaluation_task_stops_the_study_before_any_model_job(
 ):
     """The task check is the first job (highest priority), though no model job waits on it."""
     repo = copy_repo(tmp_path_factory.mktemp("typo") / "repo")
-    config = tiny_config(tiny_model_dir, repo)
+    config = tiny_config(tiny_model_dir)
     config["evaluation"]["forgetting"][0]["task"] = "cfs_capitalz"
     (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     result = run_snakemake(repo, "--cores", "1", timeout=300)
     assert result.returncode != 0
-    log = (repo / "results" / "logs" / "check_evaluation_tasks.log").read_text()
-    assert "evaluation.forgetting[0].task" in log and "cfs_capitals" in log
+    (log,) = (repo / "results" / "logs" / "checks").rglob("*.log")
+    text = log.read_text()
+    assert "evaluation.forgetting[0].task" in text and "cfs_capitals" in text
     assert not (repo / "results" / "models").exists()
     assert not (repo / "results" / "data").exists()

@@ -9,8 +9,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from cfs import report
+from cfs import figures, report
 from cfs.errors import DataError
+from cfs.study import FIGURES, METHODS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TARGET, FORGETTING = "cfs_arith", ["cfs_capitals", "cfs_animals"]
@@ -138,17 +139,16 @@ def test_verdicts_answer_each_claim(tmp_path):
     cells = report.read_cells(all_paths(write_study(tmp_path)))
     verdicts = report.build_verdicts(cells)
     by = {(row.claim, row.comparison): row.verdict for row in verdicts.itertuples()}
-    claims = report.CLAIMS
-    assert by[(claims["forgets_less"], "context_free T1 r1 - plain")] == "supported"
-    contextual = (claims["contextual_less_effective"], "context_free T1 r1 - contextual T1 r1")
+    claim = {name: spec.claim for name, spec in METHODS.items() if spec.claim}
+    assert by[(claim["plain"], "context_free T1 r1 - plain")] == "supported"
+    contextual = (claim["contextual"], "context_free T1 r1 - contextual T1 r1")
     assert by[contextual] == "supported"
     # replay keeps 0.9 against 0.85: not less effective here
-    replay = by[(claims["replay_less_effective"], "context_free T1 r1 - replay r1")]
+    replay = by[(claim["replay"], "context_free T1 r1 - replay r1")]
     assert replay in ("contradicted", "inconclusive")
-    assert by[(claims["temperature_matters"], "context_free T1 r1 - context_free T0.7 r1")] == (
-        "supported"
-    )
-    ratio = (claims["ratio_matters"], "context_free T1 r1 - context_free T1 r0.5")
+    temperature = (report.sweep_claim("temperature"), "context_free T1 r1 - context_free T0.7 r1")
+    assert by[temperature] == "supported"
+    ratio = (report.sweep_claim("ratio"), "context_free T1 r1 - context_free T1 r0.5")
     assert ratio in by
 
 
@@ -237,12 +237,13 @@ def test_cell_card_over_seeds(tmp_path):
 
 def draw(tmp_path, paths):
     summary = report.build_summary(all_paths(paths))
-    return report.write_figures(summary, tmp_path / "figures")
+    differences = report.build_differences(report.read_cells(all_paths(paths)))
+    return figures.write_figures(summary, tmp_path / "figures", differences=differences)
 
 
 def test_figures_with_several_values_per_axis(tmp_path):
     written = draw(tmp_path, write_study(tmp_path / "r"))
-    assert {p.name for p in written} == {f"tiny_{name}.png" for name in report.FIGURES}
+    assert {p.name for p in written} == {f"tiny_{name}.png" for name in FIGURES}
     for path in written:
         content = path.read_bytes()
         assert content.startswith(PNG_MAGIC) and len(content) > 5000
@@ -253,7 +254,7 @@ def test_ratio_curves_start_at_plain_fine_tuning_with_error_bars(tmp_path):
 
     matplotlib.use("Agg")
     summary = report.build_summary(all_paths(write_study(tmp_path)))
-    figure = report._sweep_figure(summary, "ratio", "temperature", "t")
+    figure = figures._sweep_figure(summary, "ratio", "temperature", "t")
     axis = figure.axes[1]  # forgetting average
     plain = summary[summary["method"] == "plain"].iloc[0]
     curves = [c for c in axis.containers if c.get_label().startswith("temperature")]
@@ -271,7 +272,7 @@ def test_an_axis_with_one_value_draws_no_line(tmp_path):
     matplotlib.use("Agg")
     one = {"temp1/ratio1": CELLS["temp1/ratio1"]}  # no plain: one point per curve
     summary = report.build_summary(all_paths(write_study(tmp_path, cells=one)))
-    figure = report._sweep_figure(summary, "temperature", "ratio", "t")
+    figure = figures._sweep_figure(summary, "temperature", "ratio", "t")
     curves = [c for c in figure.axes[0].containers if c.get_label().startswith("ratio")]
     assert curves and all(c.lines[0].get_linestyle() == "None" for c in curves)
 
@@ -279,7 +280,7 @@ def test_an_axis_with_one_value_draws_no_line(tmp_path):
 def test_figures_with_one_seed_and_plain_fine_tuning_only(tmp_path):
     plain = {"ratio0": CELLS["ratio0"]}
     written = draw(tmp_path, write_study(tmp_path / "r", seeds=(0,), cells=plain))
-    assert len(written) == len(report.FIGURES)
+    assert len(written) == len(FIGURES)
     summary = report.build_summary(all_paths(write_study(tmp_path / "s", seeds=(0,))))
     assert math.isnan(summary["kl_to_base_low"].iloc[1])  # t interval needs two seeds
 

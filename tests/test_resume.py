@@ -42,6 +42,7 @@ TRAIN_SETTINGS = {
     "seed": 0,
     "save_steps": 4,
     "logging_steps": 2,
+    "mixing": "augment",  # the mixed set's examples in random batches, 3 epochs
 }
 GENERATION_SETTINGS = generation_settings(num_samples=160, max_new_tokens=32, batch_size=4, seed=3)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from cfs.study import FIGURES
 from conftest import REPO, copy_repo, run_snakemake, snakemake_env
 from test_pipeline import MODEL, failure_report, tiny_config
 
@@ -279,11 +280,11 @@ def slurm_jobs(run) -> list[dict]:
 def test_slurm_run_completes(slurm_run):
     result = slurm_run["result"]
     assert result.returncode == 0, failure_report(slurm_run["repo"], result)
-    results = slurm_run["repo"] / "results"
-    table = pd.read_csv(results / "summary.csv")
+    report = slurm_run["repo"] / "results" / "studies" / "default"
+    table = pd.read_csv(report / "summary.csv")
     assert sorted(table["method"]) == ["base", "context_free"]
-    for name in ("vs_temperature", "vs_ratio", "tradeoff"):
-        assert (results / "figures" / f"{MODEL}_{name}.png").is_file()
+    for name in FIGURES:
+        assert (report / "figures" / f"{MODEL}_{name}.png").is_file(), name
 
 
 def test_every_job_went_through_slurm(slurm_run):

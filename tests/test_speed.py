@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cfs import train
+from cfs import examples, train
 from cfs.data import arithmetic_problems, render
 from conftest import TEMPLATE, train_settings, write_jsonl
 
-IGNORE = train.IGNORE_INDEX
+IGNORE = examples.IGNORE_INDEX
 
 
 def task_set(path, count=4):
@@ -25,8 +25,8 @@ def packed_batch(tokenizer, count=3):
         {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
         for r in render(arithmetic_problems(count, seed=4), TEMPLATE)
     ]
-    examples = train.build_examples(records, tokenizer, 64, "x")
-    return train.training_collator(tokenizer, packing=True)(examples)
+    built = examples.build_examples(records, tokenizer, 64, "x")
+    return examples.training_collator(tokenizer, packing=True)(built)
 
 
 @pytest.mark.parametrize(("packing", "lora"), [(True, False), (False, False), (True, True)])
@@ -39,8 +39,8 @@ def test_trained_positions_only_gives_the_same_loss_and_gradients(
         {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
         for r in render(arithmetic_problems(3, seed=4), TEMPLATE)
     ]
-    examples = train.build_examples(records, tokenizer, 64, "x")
-    batch = train.training_collator(tokenizer, packing=packing)(examples)
+    built = examples.build_examples(records, tokenizer, 64, "x")
+    batch = examples.training_collator(tokenizer, packing=packing)(built)
     model = load_model(tiny_model_dir, "float32")
     model.config.use_cache = False
     head = model.lm_head
@@ -57,7 +57,7 @@ def test_trained_positions_only_gives_the_same_loss_and_gradients(
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     full_loss, full_grads = loss_and_grads(batch)
-    kept_loss, kept_grads = loss_and_grads(train.trained_positions_only(batch))
+    kept_loss, kept_grads = loss_and_grads(examples.trained_positions_only(batch))
     torch.testing.assert_close(kept_loss, full_loss)
     for kept, full in zip(kept_grads, full_grads, strict=True):
         torch.testing.assert_close(kept, full, rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from cfs import evaluate, generate, objectives, tokens, train, vllm_backend
+from cfs import evaluate, examples, generate, heldout, objectives, tokens, vllm_backend
 from cfs.artifacts import add_folder_fingerprint
 from cfs.modeling import dtype_name, pick_dtype
 
@@ -33,7 +33,7 @@ def test_split_at_eos_is_the_one_vllm_cuts_with():
 
 
 def test_ignore_index_is_defined_once():
-    assert train.IGNORE_INDEX is tokens.IGNORE_INDEX is objectives.IGNORE_INDEX == -100
+    assert examples.IGNORE_INDEX is tokens.IGNORE_INDEX is objectives.IGNORE_INDEX == -100
 
 
 def test_dtype_auto_is_bfloat16_on_gpu_float32_on_cpu():
@@ -69,8 +69,11 @@ class Logits(torch.nn.Module):
     def device(self):
         return self.anchor.device
 
-    def forward(self, input_ids, attention_mask=None):
-        return type("Out", (), {"logits": self.table[input_ids]})()
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=None):
+        logits = self.table[input_ids]
+        if logits_to_keep is not None:  # a (batch, length) mask, as transformers takes it
+            logits = logits[logits_to_keep]
+        return type("Out", (), {"logits": logits})()
 
 
 def test_evaluation_kl_is_the_regulariser_token_kl():
@@ -81,7 +84,7 @@ def test_evaluation_kl_is_the_regulariser_token_kl():
         {"prompt_token_id": 1, "token_ids": [5]},
     ]
     result = evaluate.kl_to_base(base, model, samples, batch_size=2)
-    input_ids, mask = evaluate.pad_batch(samples, pad_id=0)
+    ((input_ids, mask),) = heldout.padded_batches(samples, batch_size=2)
     labels = input_ids.masked_fill(mask == 0, tokens.IGNORE_INDEX)
     expected = objectives.token_kl(base.table[input_ids], model.table[input_ids], labels)
     assert result["heldout_tokens"] == 4

@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from cfs import train
+from cfs import examples, train
 from cfs.data import arithmetic_problems, render
 from cfs.errors import DataError, SettingsError
+from cfs.study import SAMPLE_KINDS
 from conftest import TEMPLATE, model_weights, train_settings, write_jsonl
 
-IGNORE = train.IGNORE_INDEX
+IGNORE = examples.IGNORE_INDEX
 
 
 def task_record():
@@ -30,7 +31,7 @@ def ids(tokenizer, text):
 def test_task_example_masks_prompt_and_trains_response_plus_eos(tokenizer):
     record = task_record()
     prompt, response = ids(tokenizer, record["prompt"]), ids(tokenizer, record["response"])
-    example = train.task_example(record, tokenizer, max_length=512)
+    example = examples.task_example(record, tokenizer, max_length=512)
     assert example["input_ids"] == prompt + response + [tokenizer.eos_token_id]
     assert example["labels"][: len(prompt)] == [IGNORE] * len(prompt)
     assert example["labels"][len(prompt) :] == response + [tokenizer.eos_token_id]
@@ -38,7 +39,7 @@ def test_task_example_masks_prompt_and_trains_response_plus_eos(tokenizer):
 
 
 def test_task_example_has_no_doubled_bos(tokenizer):
-    example = train.task_example(task_record(), tokenizer, max_length=512)
+    example = examples.task_example(task_record(), tokenizer, max_length=512)
     assert example["input_ids"].count(tokenizer.bos_token_id) <= 1
 
 
@@ -46,7 +47,7 @@ def test_task_example_truncates_both_fields_to_max_length(tokenizer):
     record = task_record()
     prompt = ids(tokenizer, record["prompt"])
     max_length = len(prompt) + 3
-    example = train.task_example(record, tokenizer, max_length=max_length)
+    example = examples.task_example(record, tokenizer, max_length=max_length)
     assert len(example["input_ids"]) == len(example["labels"]) == max_length
     response = ids(tokenizer, record["response"])
     assert example["labels"][len(prompt) :] == response[:3]
@@ -63,7 +64,7 @@ def test_context_free_eos_sample_trains_every_token():
         "token_ids": [40, 41, 42, 2],
         "finish_reason": "eos",
     }
-    example = train.context_free_example(record, max_length=64)
+    example = examples.sample_example(record, SAMPLE_KINDS["context_free"], max_length=64)
     assert example["input_ids"] == [1, 40, 41, 42, 2]
     assert example["labels"] == [IGNORE, 40, 41, 42, 2]
 
@@ -75,7 +76,7 @@ def test_context_free_length_sample_gets_no_eos_appended():
         "token_ids": [40, 41, 42, 43],
         "finish_reason": "length",
     }
-    example = train.context_free_example(record, max_length=64)
+    example = examples.sample_example(record, SAMPLE_KINDS["context_free"], max_length=64)
     assert example["input_ids"] == [0, 40, 41, 42, 43]
     assert example["labels"] == [IGNORE, 40, 41, 42, 43]
     assert example["labels"].count(IGNORE) == 1
@@ -88,7 +89,7 @@ def test_context_free_truncated_to_max_length():
         "token_ids": list(range(10, 30)),
         "finish_reason": "length",
     }
-    example = train.context_free_example(record, max_length=8)
+    example = examples.sample_example(record, SAMPLE_KINDS["context_free"], max_length=8)
     assert example["input_ids"] == [1] + list(range(10, 17))
     assert example["labels"] == [IGNORE] + list(range(10, 17))
 
@@ -104,27 +105,27 @@ def test_build_examples_dispatches_on_kind(tokenizer):
         "finish_reason": "length",
     }
     records = [task_record(), cf]
-    examples = train.build_examples(records, tokenizer, 128, "mixed.jsonl")
-    assert examples[0] == train.task_example(records[0], tokenizer, 128)
-    assert examples[1] == {"input_ids": [1, 50, 51], "labels": [IGNORE, 50, 51]}
+    built = examples.build_examples(records, tokenizer, 128, "mixed.jsonl")
+    assert built[0] == examples.task_example(records[0], tokenizer, 128)
+    assert built[1] == {"input_ids": [1, 50, 51], "labels": [IGNORE, 50, 51]}
 
 
 def test_unknown_kind_names_file_and_line(tokenizer):
     records = [task_record(), {"kind": "pretraining", "text": "x"}]
     with pytest.raises(DataError, match=r"mixed\.jsonl:2: .*pretraining"):
-        train.build_examples(records, tokenizer, 128, "mixed.jsonl")
+        examples.build_examples(records, tokenizer, 128, "mixed.jsonl")
 
 
 def test_missing_kind_names_file_and_line(tokenizer):
     with pytest.raises(DataError, match=r"data\.jsonl:1:"):
-        train.build_examples([{"prompt": "p", "response": "r"}], tokenizer, 128, "data.jsonl")
+        examples.build_examples([{"prompt": "p", "response": "r"}], tokenizer, 128, "data.jsonl")
 
 
 def test_example_with_nothing_to_train_is_rejected(tokenizer):
     record = task_record()
     prompt_length = len(ids(tokenizer, record["prompt"]))
     with pytest.raises(DataError, match=r"set\.jsonl:1: no trainable tokens"):
-        train.build_examples([record], tokenizer, prompt_length, "set.jsonl")
+        examples.build_examples([record], tokenizer, prompt_length, "set.jsonl")
 
 
 def test_batch_size_not_multiple_of_micro_batch_names_both_keys(tmp_path):
@@ -189,6 +190,7 @@ def fine_tuned(tiny_model_dir, tmp_path_factory):
         "seed": 0,
         "save_steps": 1,
         "logging_steps": 1,
+        "mixing": "augment",  # 8 examples in 2 steps of 4
     }
     checkpoints, out = root / "checkpoints", root / "model"
     train.main(
@@ -231,8 +233,8 @@ def test_fine_tune_counts_trained_tokens(fine_tuned, tokenizer):
     from cfs.artifacts import read_jsonl
 
     records = read_jsonl(fine_tuned["data"])
-    examples = train.build_examples(records, tokenizer, 64, "x")
-    expected = sum(sum(label != IGNORE for label in ex["labels"]) for ex in examples)
+    built = examples.build_examples(records, tokenizer, 64, "x")
+    expected = sum(sum(label != IGNORE for label in ex["labels"]) for ex in built)
     summary = json.loads((fine_tuned["out"] / "train_log.json").read_text())["summary"]
     assert summary["num_trained_tokens_per_epoch"] == expected
 

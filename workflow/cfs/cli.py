@@ -16,16 +16,29 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--settings",
         type=parse_settings,
-        default={},
+        default=Settings(),
         help="the stage's settings as a JSON object (the Snakemake rule passes config values)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     return parser
 
 
-def parse_settings(text: str) -> dict:
+class Settings(dict):
+    """A stage's settings, as the rules hand them: every key is there, with the schema's
+    default where the config left it out (workflow/schemas/config.schema.yaml holds every
+    default). A stage indexes them; `get` with a fallback of its own would be a second
+    default, so it is refused."""
+
+    def get(self, key, default=None):
+        raise SettingsError(
+            f"a stage read setting {key!r} with a fallback; defaults live in "
+            "workflow/schemas/config.schema.yaml: index the setting instead"
+        )
+
+
+def parse_settings(text: str) -> Settings:
     try:
-        settings = json.loads(text)
+        settings = json.loads(text, object_hook=Settings)
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"--settings is not valid JSON: {error}") from None
     if not isinstance(settings, dict):

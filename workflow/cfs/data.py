@@ -158,8 +158,6 @@ def prepare_arithmetic(settings: dict) -> tuple[list[dict], list[dict]]:
 
 # --------------------------------------------------------------------------- any dataset
 
-DEFAULT_FIELDS = {"query": "query", "response": "response"}
-DEFAULT_RESPONSE_TEMPLATE = "{response}"
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -199,7 +197,7 @@ def load_split(settings: dict, split: str):
         data_files = require(settings, "data_files")
         builder = local_builder(data_files)
         if not isinstance(data_files, dict):
-            data_files = {settings.get("split", "train"): data_files}
+            data_files = {settings["split"]: data_files}
         if split not in data_files:
             raise SettingsError(
                 f"task.data_files has no split '{split}' (has: {', '.join(data_files)})"
@@ -222,9 +220,9 @@ def load_split(settings: dict, split: str):
     try:
         return datasets.load_dataset(
             repo_id,
-            name=settings.get("dataset_config"),
+            name=settings["dataset_config"],
             split=split,
-            revision=settings.get("revision"),
+            revision=settings["revision"],
         )
     except ValueError as error:
         if "split" in str(error).lower():
@@ -237,7 +235,7 @@ def load_split(settings: dict, split: str):
 
 
 def field_map(settings: dict) -> dict[str, str]:
-    fields = dict(settings.get("fields") or DEFAULT_FIELDS)
+    fields = dict(require(settings, "fields"))
     if "query" not in fields:
         raise SettingsError(
             "task.fields must map `query` to a dataset column (the text {query} in "
@@ -295,16 +293,16 @@ def prepare_dataset(settings: dict) -> tuple[list[dict], list[dict], dict]:
     are skipped."""
     fields = field_map(settings)
     prompt_template = require(settings, "prompt_template")
-    response_template = settings.get("response_template") or DEFAULT_RESPONSE_TEMPLATE
-    if not settings.get("response_template") and "response" not in fields:
+    response_template = require(settings, "response_template")
+    if "{response}" in response_template and "response" not in fields:
         raise SettingsError(
             "task.fields has no `response`; map it, or set task.response_template from the "
             "mapped fields (e.g. '{reasoning}\\n</think>\\n\\n{answer}')"
         )
-    num_train, num_test = require(settings, "num_train"), settings.get("num_test") or 0
+    num_train, num_test = require(settings, "num_train"), require(settings, "num_test")
     seed = require(settings, "seed")
-    split = settings.get("split") or "train"
-    test_split = settings.get("test_split")
+    split = require(settings, "split")
+    test_split = require(settings, "test_split")
     train_data = load_split(settings, split)
     check_columns(train_data, fields, f"split '{split}'")
     records = shuffled_records(train_data, fields, prompt_template, response_template, seed)

@@ -1,7 +1,8 @@
 """Evaluate a model: lm-eval on the target and forgetting tasks, plus the per-token KL
 from the base model to this model on held-out context-free samples of the base model.
 
-lm-eval runs with the backend of `evaluation.backend` (hf, or vllm on a GPU), recorded in
+lm-eval runs with the backend of `evaluation.backend` (cfs-hf: lm-eval's HF model computing
+each position once, cfs.lm_eval_model; hf: lm-eval's own; or vllm on a GPU), recorded in
 eval.json with every other harness setting; a post eval must match its base eval's. Per task,
 `repeats` samples k answers per question and averages their scores into pass@1, `gen_kwargs`
 and `num_fewshot` override the task's own, `apply_chat_template` wraps its prompts.
@@ -20,7 +21,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cfs.artifacts import (
@@ -33,14 +33,17 @@ from cfs.artifacts import (
 )
 from cfs.cli import require, run_stage, set_threads, stage_parser
 from cfs.errors import DataError, SettingsError
+from cfs.heldout import kl_and_nll_sums, padded_batches, predicted_logprobs
+from cfs.heldout import summarise as heldout_summary
+from cfs.lm_eval_model import PositionCounter
 from cfs.modeling import dtype_name, load_model, pick_device
-from cfs.objectives import token_kl
-from cfs.tokens import IGNORE_INDEX
+from cfs.request_cache import cache_prefix, cached_requests
 
 log = logging.getLogger("cfs.evaluate")
 
 
-LM_EVAL_BACKENDS = ("hf", "vllm")
+LM_EVAL_BACKENDS = ("cfs-hf", "hf", "vllm")
+HF_BACKENDS = ("cfs-hf", "hf")
 TASK_OPTIONS = ("repeats", "gen_kwargs", "num_fewshot", "apply_chat_template")
 
 
@@ -63,7 +66,7 @@ def lm_eval_model_args(model_dir: Path, settings: dict) -> tuple[str, dict]:
         if not vllm_usable():
             raise SettingsError(
                 "evaluation.backend is 'vllm' but vLLM cannot run here (it needs the vllm "
-                "package, envs/vllm.yaml, and a CUDA GPU); set evaluation.backend to 'hf'"
+                "package, envs/vllm.yaml, and a CUDA GPU); set evaluation.backend to 'cfs-hf'"
             )
         args["seed"] = require(settings, "seed")
     return backend, {**args, **extra}
@@ -73,7 +76,17 @@ def task_entries(settings: dict) -> list[dict]:
     """The target and forgetting entries, each {task, metric, and per-task options}."""
     entries = [require(settings, "target"), *require(settings, "forgetting")]
     default_chat = settings["apply_chat_template"]
-    return [{"apply_chat_template": default_chat, **entry} for entry in entries]
+    return [
+        {
+            **entry,
+            "apply_chat_template": (
+                default_chat
+                if entry["apply_chat_template"] is None
+                else entry["apply_chat_template"]
+            ),
+        }
+        for entry in entries
+    ]
 
 
 def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> dict:
@@ -89,7 +102,7 @@ def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> 
             {key: value for key, value in model_args.items() if key != "pretrained"}
         ),
         "tasks": {
-            entry["task"]: {key: entry.get(key) for key in TASK_OPTIONS}
+            entry["task"]: {key: entry[key] for key in TASK_OPTIONS}
             for entry in task_entries(settings)
         },
     }
@@ -162,9 +175,9 @@ def configured_task(task_manager, entry: dict):
     `num_fewshot`, `gen_kwargs` (merged over the task's generation_kwargs) and `repeats`
     (answers sampled per question, averaged into pass@1)."""
     name = entry["task"]
-    repeats = entry.get("repeats") or 1
-    gen_kwargs = entry.get("gen_kwargs") or {}
-    num_fewshot = entry.get("num_fewshot")
+    repeats = entry["repeats"]
+    gen_kwargs = entry["gen_kwargs"]
+    num_fewshot = entry["num_fewshot"]
     if repeats == 1 and not gen_kwargs and num_fewshot is None:
         return name
     if hasattr(task_manager, "load"):
@@ -215,14 +228,15 @@ def build_tasks(task_manager, entries: list[dict], seed: int) -> list:
     return [configured_task(task_manager, entry) for entry in entries]
 
 
-def run_lm_eval(model_dir: Path, settings: dict) -> tuple[dict[str, dict], dict]:
-    """Run lm-eval on every task; return ({task: {metric: value}}, the harness settings).
+def run_lm_eval(model_dir: Path, settings: dict, cache_folder: Path | None = None):
+    """Run lm-eval on every task; return ({task: {metric: value}}, {task: {item: score}},
+    the harness settings, {"total", "computed"} request counts).
 
-    The backend (hf or vllm) comes from `evaluation.backend`; one model instance serves every
+    The backend (cfs-hf, hf or vllm) comes from `evaluation.backend`; one model serves every
     task. Tasks run in groups by `apply_chat_template` (a per-task option: reasoning
-    benchmarks want the chat template, log-likelihood multiple choice usually not). No
-    request cache: lm-eval's cache is keyed by request, not by model, and would hand the
-    first checkpoint's answers to every later one."""
+    benchmarks want the chat template, log-likelihood multiple choice usually not). With a
+    `cache_folder`, finished requests are kept there (cfs.request_cache), keyed to this model
+    folder and harness: a rerun computes only what is not cached."""
     import lm_eval
     from lm_eval.api.registry import get_model
 
@@ -232,10 +246,16 @@ def run_lm_eval(model_dir: Path, settings: dict) -> tuple[dict[str, dict], dict]
     backend, model_args = lm_eval_model_args(model_dir, settings)
     batch_size = settings["batch_size"]
     extra = {"batch_size": batch_size, "max_batch_size": None}
-    if backend == "hf":
+    if backend in HF_BACKENDS:
         extra["device"] = str(pick_device())
+    if backend == "cfs-hf":
+        import cfs.lm_eval_model  # noqa: F401 - registers the backend with lm-eval
     log.info("lm-eval backend %s, model_args %s", backend, scrub_secrets(model_args))
     lm = get_model(backend).create_from_arg_obj(model_args, extra)
+    counter = PositionCounter(lm.model) if backend in HF_BACKENDS else None
+    harness = lm_eval_harness_settings(settings, backend, model_args)
+    prefix = cache_prefix(cache_folder, model_dir, harness) if cache_folder else None
+    cached_before = cached_requests(prefix) if prefix else 0
     results: dict = {}
     samples: dict = {}
     for chat in (False, True):
@@ -247,7 +267,7 @@ def run_lm_eval(model_dir: Path, settings: dict) -> tuple[dict[str, dict], dict]
             tasks=build_tasks(task_manager, group, require(settings, "seed")),
             task_manager=task_manager,
             apply_chat_template=chat,
-            use_cache=None,
+            use_cache=str(prefix) if prefix else None,
             log_samples=True,  # per-item scores, for paired intervals (cfs.statistics)
             bootstrap_iters=0,
             limit=settings["limit"],
@@ -269,11 +289,20 @@ def run_lm_eval(model_dir: Path, settings: dict) -> tuple[dict[str, dict], dict]
         }
         for task in tasks
     }
-    return (
-        scores,
-        item_scores(samples, entries),
-        lm_eval_harness_settings(settings, backend, model_args),
-    )
+    requests = {"per_task": count_requests(samples)}
+    if counter is not None:  # what the model computed, padding included
+        requests.update(counter.remove())
+    if prefix:
+        requests["computed"] = cached_requests(prefix) - cached_before
+    return scores, item_scores(samples, entries), harness, requests
+
+
+def count_requests(samples: dict[str, list[dict]]) -> dict[str, int]:
+    """Each task's requests, from lm-eval's logged samples (one per item and filter)."""
+    return {
+        task: sum(len(sample["arguments"]) for sample in {s["doc_id"]: s for s in logged}.values())
+        for task, logged in samples.items()
+    }
 
 
 def item_scores(samples: dict[str, list[dict]], entries: list[dict]) -> dict[str, dict]:
@@ -309,39 +338,20 @@ def metric(task_scores: dict[str, dict], task: str, name: str) -> float:
         ) from None
 
 
-def pad_batch(samples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [[sample["prompt_token_id"], *sample["token_ids"]] for sample in samples]
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        input_ids[index, : len(row)] = torch.tensor(row)
-        mask[index, : len(row)] = 1
-    return input_ids, mask
-
-
 @torch.no_grad()
 def kl_to_base(base_model, model, samples: list[dict], batch_size: int = 8) -> dict[str, float]:
     """Mean over sampled tokens of KL(p_base(.|x<t) || p_model(.|x<t)), and the model's
     mean negative log-likelihood of those tokens (the quantity the paper's term minimises)."""
-    kl_sum, nll_sum, count = 0.0, 0.0, 0
-    device = model.device
-    for start in tqdm(range(0, len(samples), batch_size), desc="KL to base", unit="batch"):
-        input_ids, mask = pad_batch(samples[start : start + batch_size], pad_id=0)
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        base_logits = base_model(input_ids, attention_mask=mask).logits
-        model_logits = model(input_ids, attention_mask=mask).logits
-        # position t predicts token t+1; only positions followed by a real token count
-        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-        kl_sum += token_kl(base_logits, model_logits, labels, reduction="sum").item()
-        predicts_real = mask[:, 1:].bool()
-        model_logp = F.log_softmax(model_logits[:, :-1][predicts_real].float(), -1)
-        targets = input_ids[:, 1:][predicts_real]
-        nll_sum += -model_logp.gather(-1, targets[:, None]).sum().item()
-        count += targets.numel()
+    kl, nll, count = 0.0, 0.0, 0
+    batches = list(padded_batches(samples, batch_size))
+    for ids, mask in tqdm(batches, desc="KL to base", unit="batch"):
+        base_logprobs, _ = predicted_logprobs(base_model, ids, mask)
+        logprobs, targets = predicted_logprobs(model, ids, mask)
+        sums = kl_and_nll_sums(base_logprobs, logprobs, targets)
+        kl, nll, count = kl + sums[0], nll + sums[1], count + sums[2]
     if count == 0:
         raise DataError("the held-out context-free samples hold no tokens")
-    return {"kl_to_base": kl_sum / count, "heldout_nll": nll_sum / count, "heldout_tokens": count}
+    return heldout_summary(kl, nll, count)
 
 
 def summarise(task_scores: dict[str, dict], settings: dict) -> dict:
@@ -363,6 +373,7 @@ def evaluate(
     base_model_dir: Path | None,
     heldout: Path | None,
     base_eval: Path | None,
+    cache_folder: Path | None = None,
 ) -> dict:
     base_record = read_json(base_eval) if base_eval is not None else None
     if base_record is not None:  # refuse a mismatched harness before any work is done
@@ -385,11 +396,11 @@ def evaluate(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    task_scores, items, harness = run_lm_eval(model_dir, settings)
+    task_scores, items, harness, requests = run_lm_eval(model_dir, settings, cache_folder)
     metrics = summarise(task_scores, settings)
     metrics.update(kl_metrics)
     record = {
-        "cell": settings.get("cell", {}),
+        "cell": settings["cell"],
         "metrics": metrics,
         "lm_eval": task_scores,
         "lm_eval_settings": harness,
@@ -398,6 +409,7 @@ def evaluate(
             "forgetting": [entry["task"] for entry in settings["forgetting"]],
         },
         "items": items,
+        "requests": requests,
     }
     if base_record is not None:
         base = base_record["metrics"]
@@ -438,7 +450,11 @@ def main(argv: list[str] | None = None) -> None:
     if (args.base_model is None) != (args.heldout is None):
         raise SettingsError("--base-model and --heldout go together")
     set_threads(args.threads)
-    record = evaluate(args.model, args.settings, args.base_model, args.heldout, args.base_eval)
+    # finished requests are kept beside the output: a rerun computes only the rest
+    cache_folder = args.out.with_name(args.out.stem + "_cache")
+    record = evaluate(
+        args.model, args.settings, args.base_model, args.heldout, args.base_eval, cache_folder
+    )
     log.info("metrics: %s", record["metrics"])
     write_json(args.out, record)
 

@@ -33,6 +33,7 @@ from cfs.artifacts import (
 from cfs.cli import require, run_stage, set_threads, stage_parser
 from cfs.errors import SettingsError
 from cfs.modeling import load_model, load_tokenizer
+from cfs.study import SAMPLE_KINDS
 from cfs.tokens import batch_seed, context_free_prompt_id, split_at_eos
 
 log = logging.getLogger("cfs.generate")
@@ -307,13 +308,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SettingsError(f"{args.prompts}: no prompts to sample from")
         prompt_texts = contextual_prompts(task, num_samples)
         prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in prompt_texts]
-        extra = {"kind": "contextual", "prompts": str(args.prompts)}
+        kind = SAMPLE_KINDS["contextual"]
+        extra = {"prompts": str(args.prompts)}
     else:
-        prompt_id = context_free_prompt_id(tokenizer, settings.get("prompt_token_id"))
+        prompt_id = context_free_prompt_id(tokenizer, settings["prompt_token_id"])
         log.info("prompt token id %d (%r)", prompt_id, tokenizer.convert_ids_to_tokens(prompt_id))
         prompt_ids = [[prompt_id]] * num_samples
+        kind = SAMPLE_KINDS["context_free"]
         extra = {
-            "kind": "context_free",
             "prompt_token_id": prompt_id,
             "prompt_token": tokenizer.convert_ids_to_tokens(prompt_id),
         }
@@ -335,19 +337,20 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=batch_size,
         seed=require(settings, "seed"),
         partial=partial,
-        desc=f"{extra['kind']} T={args.temperature}",
+        desc=f"{kind.name} T={args.temperature}",
     )
     if args.prompts:
         samples = contextual_records(outputs, prompt_texts, prompt_ids, tokenizer)
     else:
         samples = context_free_records(outputs, prompt_ids[0][0], tokenizer)
+    require_fields(samples, kind.fields, args.out)  # what training reads of each record
     finished = sum(sample["finish_reason"] == "eos" for sample in samples)
     tokens = sum(len(sample["token_ids"]) for sample in samples)
     log.info("%d samples, %d tokens, %d ended with EOS", len(samples), tokens, finished)
     write_json(
         args.out.with_suffix(".provenance.json"),
         provenance(
-            f"generate_{extra['kind']}",
+            f"generate_{kind.name}",
             settings,
             seed=settings["seed"],
             temperature=args.temperature,
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
             num_samples=len(samples),
             num_tokens=tokens,
             num_finished_with_eos=finished,
-            **{key: value for key, value in extra.items() if key != "kind"},
+            **extra,
         ),
     )
     write_jsonl(args.out, samples)

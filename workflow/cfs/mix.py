@@ -22,14 +22,11 @@ from pathlib import Path
 from cfs.artifacts import provenance, read_jsonl, require_fields, write_json, write_jsonl
 from cfs.cli import require, run_stage, stage_parser
 from cfs.errors import DataError, SettingsError
+from cfs.examples import TASK
+from cfs.study import SAMPLE_KINDS
 
 log = logging.getLogger("cfs.mix")
 TASK_FIELDS = ("prompt", "response")
-SAMPLE_FIELDS = {
-    "context_free": ("prompt_token_id", "token_ids", "finish_reason"),
-    "replay": ("prompt_token_id", "token_ids", "finish_reason"),
-    "contextual": ("prompt", "prompt_token_ids", "token_ids", "finish_reason"),
-}
 
 
 def synthetic_count(num_task: int, ratio: float) -> int:
@@ -48,8 +45,8 @@ def mix_at_ratio(
             f"ratio {ratio} needs {wanted} synthetic samples for {len(task)} task examples, "
             f"but only {len(samples)} were generated: raise generation.num_samples"
         )
-    mixed = [{"kind": "task", "prompt": ex["prompt"], "response": ex["response"]} for ex in task]
-    fields = SAMPLE_FIELDS[kind]
+    mixed = [{"kind": TASK, **{field: ex[field] for field in TASK_FIELDS}} for ex in task]
+    fields = SAMPLE_KINDS[kind].fields
     mixed += [
         {"kind": kind, **{field: sample[field] for field in fields}} for sample in samples[:wanted]
     ]
@@ -63,7 +60,7 @@ def load_generations(path: Path, kind: str = "context_free") -> list[dict]:
         raise DataError(
             f"{path}: the generation set is empty; refusing to fine-tune on task data only"
         )
-    require_fields(samples, SAMPLE_FIELDS[kind], path)
+    require_fields(samples, SAMPLE_KINDS[kind].fields, path)
     return samples
 
 
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, type=Path, help="fine-tuning set JSONL")
     parser.add_argument("--generations", type=Path, help="samples JSONL to mix in")
-    parser.add_argument("--kind", choices=sorted(SAMPLE_FIELDS), default="context_free")
+    parser.add_argument("--kind", choices=sorted(SAMPLE_KINDS), default="context_free")
     parser.add_argument("--ratio", required=True, type=float)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)

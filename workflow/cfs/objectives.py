@@ -203,14 +203,18 @@ class KLToBase(WeightedSyntheticLoss):
     def __init__(self, batches: SyntheticBatches, base_model):
         super().__init__(batches)
         self.base_model = base_model.eval().requires_grad_(False)
+        self.sharded = False
 
     def shard_base(self, accelerator) -> None:
         """Shard the frozen base model over the processes as accelerate shards the model
         that trains (FSDP2: one unit per decoder layer, weights loaded once by rank 0 when
-        cpu_ram_efficient_loading is on)."""
+        cpu_ram_efficient_loading is on). Once: a second call leaves it as it is."""
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
+        if self.sharded:
+            return
         self.base_model = fsdp2_prepare_model(accelerator, self.base_model).eval()
+        self.sharded = True
 
     def __call__(self, model, step: int, micro_step: int):
         indices = self.draw(step, micro_step)
@@ -222,3 +226,24 @@ class KLToBase(WeightedSyntheticLoss):
             base_logits = self.base_model(**batch).logits
         term = token_kl(base_logits, model(**batch).logits, labels)
         return term, len(indices) / self.batches.per_process
+
+
+def synthetic_draws(term: WeightedSyntheticLoss) -> dict:
+    """What the synthetic term drew in this run, over all processes: samples per optimizer
+    step (configured: round(ratio x train.batch_size)) and how many of them were distinct."""
+    drawn = [term.drawn]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        drawn = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(drawn, term.drawn)
+    steps: dict[int, list[int]] = {}
+    for part in drawn:
+        for step, indices in part.items():
+            steps.setdefault(int(step), []).extend(indices)
+    counts = sorted({len(indices) for indices in steps.values()})
+    distinct = sorted({len(set(indices)) for indices in steps.values()})
+    return {
+        "samples_per_step": term.batches.per_step,
+        "steps": len(steps),
+        "drawn_per_step": counts,
+        "distinct_per_step": distinct,
+    }

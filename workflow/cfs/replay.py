@@ -24,10 +24,11 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from cfs.artifacts import provenance, write_json, write_jsonl
+from cfs.artifacts import provenance, require_fields, write_json, write_jsonl
 from cfs.cli import require, run_stage, stage_parser
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_tokenizer
+from cfs.study import SAMPLE_KINDS
 from cfs.tokens import context_free_prompt_id
 
 log = logging.getLogger("cfs.replay")
@@ -47,10 +48,10 @@ def hub_documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
     from datasets import load_dataset
 
     name = require(corpus, "hub_dataset")
-    field = corpus.get("field", "text")
-    stream = load_dataset(
-        name, corpus.get("config"), split=corpus.get("split", "train"), streaming=True
-    ).shuffle(seed=seed, buffer_size=corpus.get("shuffle_buffer", 10_000))
+    field = corpus["field"]
+    stream = load_dataset(name, corpus["config"], split=corpus["split"], streaming=True).shuffle(
+        seed=seed, buffer_size=corpus["shuffle_buffer"]
+    )
     for index, row in enumerate(stream):
         if field not in row:
             raise DataError(f"corpus {name}: no field {field!r} (fields: {sorted(row)})")
@@ -59,19 +60,18 @@ def hub_documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
 
 def documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
     """(source, text) pairs; local corpora in a seeded order, hub ones streamed shuffled."""
-    corpus = {key: value for key, value in corpus.items() if value is not None}
-    sources = [key for key in ("python_stdlib", "files", "hub_dataset") if key in corpus]
+    sources = [key for key in ("python_stdlib", "files", "hub_dataset") if corpus[key] is not None]
     if len(sources) > 1:
         raise SettingsError(
             f"config key methods.replay.corpus: set one of {', '.join(sources)} "
             "(set the others to null)"
         )
-    if "hub_dataset" in corpus:
+    if "hub_dataset" in sources:
         yield from hub_documents(corpus, seed)
         return
-    if "python_stdlib" in corpus:
+    if "python_stdlib" in sources:
         found = list(local_documents([corpus["python_stdlib"]], Path(sysconfig.get_path("stdlib"))))
-    elif "files" in corpus:
+    elif "files" in sources:
         found = list(local_documents(corpus["files"], Path.cwd()))
     else:
         raise SettingsError(
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = args.settings
     tokenizer = load_tokenizer(args.model)
-    prompt_id = context_free_prompt_id(tokenizer, settings.get("prompt_token_id"))
+    prompt_id = context_free_prompt_id(tokenizer, settings["prompt_token_id"])
     chunks = replay_chunks(
         documents(require(settings, "corpus"), require(settings, "seed")),
         tokenizer,
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         require(settings, "chunk_tokens"),
         prompt_id,
     )
+    require_fields(chunks, SAMPLE_KINDS["replay"].fields, args.out)
     write_json(
         args.out.with_suffix(".provenance.json"),
         provenance(

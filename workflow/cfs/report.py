@@ -27,6 +27,7 @@ import pandas as pd
 from cfs.artifacts import atomic_path, read_json, write_json
 from cfs.cli import run_stage
 from cfs.errors import DataError
+from cfs.figures import read_curves, write_figures
 from cfs.statistics import (
     CONFIDENCE,
     paired_difference,
@@ -34,7 +35,13 @@ from cfs.statistics import (
     seed_interval,
     two_level_bootstrap,
 )
-from cfs.study import FIGURES, KNOB_LABELS, REPORT_ORDER
+from cfs.study import (
+    KNOB_LABELS,
+    KNOB_MEANINGS,
+    METHODS,
+    PROPOSED,
+    report_order,
+)
 
 log = logging.getLogger("cfs.report")
 KNOBS = tuple(KNOB_LABELS)
@@ -112,12 +119,16 @@ def summary_row(cell: Cell) -> dict:
     if base:
         row["base_target"] = base["target"]
         row["base_forgetting_avg"] = base["forgetting_avg"]
+    trained = [record["provenance"].get("model_provenance") or {} for record in cell.records]
+    row["mixing"] = trained[0].get("mixing")
+    lambdas = [t["effective_lambda"] for t in trained if "effective_lambda" in t]
+    row["effective_lambda"] = sum(lambdas) / len(lambdas) if lambdas else None
     row["eval_paths"] = " ".join(record["eval_path"] for record in cell.records)
     return row
 
 
 def sort_rows(table: pd.DataFrame) -> pd.DataFrame:
-    order = {method: position for position, method in enumerate(REPORT_ORDER)}
+    order = {method: position for position, method in enumerate(report_order())}
     table = table.assign(_order=table["method"].map(order).fillna(len(order)))
     table = table.sort_values(["model", "_order", *KNOBS], na_position="first")
     return table.drop(columns="_order").reset_index(drop=True)
@@ -128,16 +139,17 @@ def build_summary(eval_paths: list[Path]) -> pd.DataFrame:
 
 
 def compare(a: Cell, b: Cell, metric: str) -> tuple[float, float, float]:
+    """a - b with its paired 95% interval: over seeds and items for the scores, over seeds
+    (Student t) for a metric with one number per seed (KL to base)."""
+    if metric in SEED_METRICS:
+        values = [[record["metrics"].get(metric) for record in cell.records] for cell in (a, b)]
+        return paired_seed_difference(*values)
     return paired_difference(a.items(), b.items(), a.task_names(metric))
 
 
-def compare_per_seed(a: Cell, b: Cell, metric: str) -> tuple[float, float, float]:
-    values = [[record["metrics"].get(metric) for record in cell.records] for cell in (a, b)]
-    return paired_seed_difference(*values)
-
-
 def build_differences(cells: list[Cell]) -> pd.DataFrame:
-    """Each cell minus plain fine-tuning and minus base, per model and item metric."""
+    """Each cell minus plain fine-tuning and minus base, per model, on the target, the
+    forgetting average and KL to base, with paired 95% intervals."""
     rows = []
     for model in sorted({c.info.get("model") for c in cells}):
         own = [c for c in cells if c.info.get("model") == model and c.has_items()]
@@ -148,7 +160,7 @@ def build_differences(cells: list[Cell]) -> pd.DataFrame:
             for versus, reference in references.items():
                 if reference is cell:
                     continue
-                for metric in ITEM_METRICS:
+                for metric in (*ITEM_METRICS, "kl_to_base"):
                     difference, low, high = compare(cell, reference, metric)
                     rows.append(
                         {
@@ -179,88 +191,123 @@ def build_differences(cells: list[Cell]) -> pd.DataFrame:
     )
 
 
-CLAIMS = {
-    "forgets_less": "context-free data forgets less than plain fine-tuning",
-    "contextual_less_effective": "contextual synthetic data keeps less than context-free data",
-    "replay_less_effective": "pretraining replay keeps less than context-free data",
-    "temperature_matters": "the generation temperature changes what context-free data keeps",
-    "ratio_matters": "the data ratio changes what context-free data keeps",
-}
+def sweep_claim(knob: str) -> str:
+    """The claim that a knob of context-free data matters, e.g. the temperature."""
+    return f"{KNOB_MEANINGS.get(knob, 'the ' + knob)} changes what context-free data keeps"
 
 
-def _verdict(low: float, high: float, directional: bool) -> str:
-    if low > 0:
+def verdict(kind: str, low: float, high: float, margin: float | None = None) -> str:
+    """A claim's answer from a paired 95% interval of (context-free data - the other):
+    - keeps_more: supported above 0, contradicted below 0;
+    - matters (a knob): supported when the interval excludes 0;
+    - approximates: supported when the interval lies within +-margin, contradicted when
+      it excludes 0 beyond the margin; inconclusive otherwise, and without a margin."""
+    if kind == "keeps_more":
+        return "supported" if low > 0 else "contradicted" if high < 0 else "inconclusive"
+    if kind == "matters":
+        return "supported" if low > 0 or high < 0 else "inconclusive"
+    if margin is not None and margin > 0 and -margin <= low and high <= margin:
         return "supported"
-    if high < 0:
-        return "contradicted" if directional else "supported"
-    return "inconclusive"
+    return "contradicted" if low > 0 or high < 0 else "inconclusive"
 
 
 def claim_comparisons(cells: list[Cell]):
-    """(claim, better, worse) pairs: `better` is expected to keep more (forgetting avg)."""
+    """(claim, context-free cell, other cell, kind of claim: `verdict`). Each method with
+    a claim in cfs.study.METHODS is compared with every context-free cell that shares its
+    `paired_on` knobs; within context-free data, each knob's largest value is compared with
+    its smallest at the same other knobs."""
     by_method = defaultdict(list)
     for cell in cells:
         by_method[cell.info["method"]].append(cell)
-    context_free = by_method["context_free"]
-    for plain in by_method["plain"]:
-        for cell in context_free:
-            yield "forgets_less", cell, plain
-    for contextual in by_method["contextual"]:
-        for cell in context_free:
-            same = (cell.info["temperature"], cell.info["ratio"])
-            if same == (contextual.info["temperature"], contextual.info["ratio"]):
-                yield "contextual_less_effective", cell, contextual
-    for replay in by_method["replay"]:
-        for cell in context_free:
-            if cell.info["ratio"] == replay.info["ratio"]:
-                yield "replay_less_effective", cell, replay
-    for knob, other, claim in (
-        ("temperature", "ratio", "temperature_matters"),
-        ("ratio", "temperature", "ratio_matters"),
-    ):
+    proposed = by_method[PROPOSED]
+    for name, spec in METHODS.items():
+        if spec.claim is None:
+            continue
+        for other in by_method[name]:
+            for cell in proposed:
+                if all(cell.info.get(k) == other.info.get(k) for k in spec.paired_on):
+                    yield spec.claim, cell, other, spec.claim_kind
+    knobs = METHODS[PROPOSED].knobs
+    for knob in knobs:
         lines = defaultdict(list)
-        for cell in context_free:
-            lines[cell.info[other]].append(cell)
+        for cell in proposed:
+            lines[tuple(cell.info.get(k) for k in knobs if k != knob)].append(cell)
         for line in lines.values():
             if len(line) > 1:
                 line.sort(key=lambda c: c.info[knob])
-                yield claim, line[-1], line[0]
+                yield sweep_claim(knob), line[-1], line[0], "matters"
+
+
+VERDICT_COLUMNS = [
+    "model",
+    "claim",
+    "comparison",
+    "forgetting_avg_difference",
+    "low",
+    "high",
+    "verdict",
+    "kl_to_base_difference",
+    "kl_low",
+    "kl_high",
+    "kl_verdict",
+    "target_difference",
+    "target_low",
+    "target_high",
+    "margin",
+    "kl_margin",
+    "num_seeds",
+]
 
 
 def build_verdicts(cells: list[Cell]) -> pd.DataFrame:
-    """The paper's claims, one row per comparison, on the forgetting average (higher keeps
-    more) with the target's and KL to base's changes beside it: a score can rise because the
-    model sharpens, and KL to base tells whether the model also stayed near base."""
+    """The paper's claims, one row per comparison, each answered on the forgetting average
+    (higher keeps more) and on KL to base (lower is nearer the base model: the answer is
+    given on its negation, so that "supported" means the same), with the target's change
+    beside them: a score can rise because the model sharpens, and KL to base tells whether
+    the model also stayed near base. An "approximates" claim's margin is a third of plain
+    fine-tuning's change from base (forgetting average, KL to base): what the study sets
+    out to resolve."""
     rows = []
     for model in sorted({c.info.get("model") for c in cells}):
         own = [c for c in cells if c.info.get("model") == model and c.has_items()]
-        for claim, better, worse in claim_comparisons(own):
-            difference, low, high = compare(better, worse, "forgetting_avg")
-            target, target_low, target_high = compare(better, worse, "target")
-            kl, kl_low, kl_high = compare_per_seed(better, worse, "kl_to_base")
-            directional = claim not in ("temperature_matters", "ratio_matters")
+        margins = plain_margins(own)
+        for claim, cell, other, kind in claim_comparisons(own):
+            difference, low, high = compare(cell, other, "forgetting_avg")
+            kl, kl_low, kl_high = compare(cell, other, "kl_to_base")
+            target, target_low, target_high = compare(cell, other, "target")
+            margin, kl_margin = margins if kind == "approximates" else (None, None)
             rows.append(
                 {
                     "model": model,
-                    "claim": CLAIMS[claim],
-                    "comparison": f"{better.label} - {worse.label}",
+                    "claim": claim,
+                    "comparison": f"{cell.label} - {other.label}",
                     "forgetting_avg_difference": difference,
                     "low": low,
                     "high": high,
-                    "verdict": _verdict(low, high, directional),
-                    "target_difference": target,
-                    "target_low": target_low,
-                    "target_high": target_high,
+                    "verdict": verdict(kind, low, high, margin),
                     "kl_to_base_difference": kl,
                     "kl_low": kl_low,
                     "kl_high": kl_high,
-                    "num_seeds": len(better.records),
+                    "kl_verdict": verdict(kind, -kl_high, -kl_low, kl_margin),
+                    "target_difference": target,
+                    "target_low": target_low,
+                    "target_high": target_high,
+                    "margin": margin,
+                    "kl_margin": kl_margin,
+                    "num_seeds": len(cell.records),
                 }
             )
-    columns = ["model", "claim", "comparison", "forgetting_avg_difference", "low", "high"]
-    columns += ["verdict", "target_difference", "target_low", "target_high"]
-    columns += ["kl_to_base_difference", "kl_low", "kl_high", "num_seeds"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+
+
+def plain_margins(cells: list[Cell]) -> tuple[float | None, float | None]:
+    """A third of plain fine-tuning's change from base: forgetting average, KL to base."""
+    by_method = {c.info["method"]: c for c in cells if c.info["method"] in ("base", "plain")}
+    if set(by_method) != {"base", "plain"}:
+        return None, None
+    forgetting = compare(by_method["plain"], by_method["base"], "forgetting_avg")[0]
+    kl = by_method["plain"].metric("kl_to_base")[0]
+    return abs(forgetting) / 3, abs(kl) / 3
 
 
 def cell_card(eval_paths: list[Path]) -> dict:
@@ -287,137 +334,6 @@ def cell_card(eval_paths: list[Path]) -> dict:
     }
 
 
-def _errorbar(axis, x, rows: pd.DataFrame, column: str, **style) -> None:
-    """Points with 95% intervals; joined by a line only when there are several x values."""
-    low = (rows[column] - rows[f"{column}_low"]).clip(lower=0).fillna(0)
-    high = (rows[f"{column}_high"] - rows[column]).clip(lower=0).fillna(0)
-    linestyle = "-" if len(rows) > 1 else "none"
-    axis.errorbar(x, rows[column], yerr=[low, high], capsize=3, linestyle=linestyle, **style)
-
-
-def _sweep_figure(group: pd.DataFrame, x: str, series: str, title: str):
-    """Context-free cells against `x`, one curve per value of `series`. Against the ratio,
-    plain fine-tuning (ratio 0) opens every curve; against the temperature it is a band."""
-    import matplotlib.pyplot as plt
-
-    context_free = group[group["method"] == "context_free"]
-    plain = group[group["method"] == "plain"]
-    base = group[group["method"] == "base"]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, column, label in (
-        (axes[0], "target", "target metric"),
-        (axes[1], "forgetting_avg", "forgetting-task average"),
-    ):
-        for value, line in context_free.groupby(series):
-            if x == "ratio" and not plain.empty:
-                line = pd.concat([plain.assign(ratio=0.0), line])
-            line = line.sort_values(x)
-            _errorbar(axis, line[x], line, column, marker="o", label=f"{series} {value:g}")
-        if not plain.empty and (x != "ratio" or context_free.empty):
-            row = plain.iloc[0]
-            axis.axhline(row[column], color="grey", linestyle="--", label="plain (ratio 0)")
-            axis.axhspan(row[f"{column}_low"], row[f"{column}_high"], color="grey", alpha=0.15)
-        if not base.empty:
-            axis.axhline(base[column].iloc[0], color="grey", linestyle=":", label="base")
-        axis.set_xlabel(x)
-        axis.set_ylabel(f"{label} ({CONFIDENCE:.0%} interval)")
-        axis.legend(fontsize=8)
-    figure.suptitle(title)
-    figure.tight_layout()
-    return figure
-
-
-def _tradeoff_figure(group: pd.DataFrame, title: str, methods: list[str] | None = None):
-    """Target gain over base against the forgetting average and against KL to base, one
-    marker per method, a label per knob value, and 95% intervals on both axes."""
-    import matplotlib.pyplot as plt
-
-    base = group[group["method"] == "base"]
-    base_target = base["target"].iloc[0] if not base.empty else 0.0
-    if methods is not None:
-        group = group[group["method"].isin(methods)]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    markers = dict(zip(REPORT_ORDER, "*sopDv^<>P", strict=True))
-    for method in [m for m in REPORT_ORDER if m in set(group["method"])]:
-        rows = group[group["method"] == method]
-        gain = rows.assign(
-            target=rows["target"] - base_target,
-            target_low=rows["target_low"] - base_target,
-            target_high=rows["target_high"] - base_target,
-        )
-        for axis, x in ((axes[0], "forgetting_avg"), (axes[1], "kl_to_base")):
-            xerr = [
-                (rows[x] - rows[f"{x}_low"]).clip(lower=0).fillna(0),
-                (rows[f"{x}_high"] - rows[x]).clip(lower=0).fillna(0),
-            ]
-            yerr = [
-                (gain["target"] - gain["target_low"]).clip(lower=0).fillna(0),
-                (gain["target_high"] - gain["target"]).clip(lower=0).fillna(0),
-            ]
-            axis.errorbar(
-                rows[x],
-                gain["target"],
-                xerr=xerr,
-                yerr=yerr,
-                marker=markers.get(method, "x"),
-                markersize=8,
-                linestyle="none",
-                capsize=2,
-                label=method,
-            )
-            for xi, yi, text in zip(rows[x], gain["target"], rows["label"], strict=True):
-                if text != method:
-                    knobs = text.removeprefix(method + " ")
-                    axis.annotate(
-                        knobs, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                    )
-    axes[0].set_xlabel("forgetting-task average (higher = less forgetting)")
-    axes[1].set_xlabel("KL(base || model) per token (lower = closer to base)")
-    for axis in axes:
-        axis.set_ylabel(f"target gain over base ({CONFIDENCE:.0%} interval)")
-        axis.axhline(0.0, color="grey", linewidth=0.5)
-        axis.legend(fontsize=7)
-    figure.suptitle(title)
-    figure.tight_layout()
-    return figure
-
-
-def write_figures(summary: pd.DataFrame, out_dir: Path, model: str | None = None) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    if model is not None:
-        if model not in set(summary["model"]):
-            raise DataError(f"summary has no rows for model '{model}'")
-        summary = summary[summary["model"] == model]
-    for model, group in summary.groupby("model"):
-        figures = {
-            "vs_temperature": _sweep_figure(
-                group, "temperature", "ratio", f"{model}: against generation temperature"
-            ),
-            "vs_ratio": _sweep_figure(
-                group, "ratio", "temperature", f"{model}: against data ratio"
-            ),
-            "tradeoff": _tradeoff_figure(
-                group,
-                f"{model}: context-free target gain against forgetting",
-                ["base", "plain", "context_free"],
-            ),
-            "methods": _tradeoff_figure(group, f"{model}: every method, gain against forgetting"),
-        }
-        assert set(figures) == set(FIGURES)
-        for name, figure in figures.items():
-            path = out_dir / f"{model}_{name}.png"
-            with atomic_path(path) as tmp:
-                figure.savefig(tmp, dpi=120, format="png")
-            plt.close(figure)
-            written.append(path)
-    return written
-
-
 def write_csv(table: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
@@ -437,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
     table.add_argument("--verdicts", type=Path)
     figures = commands.add_parser("figures", help="write PNG figures from summary.csv")
     figures.add_argument("--summary", required=True, type=Path)
+    figures.add_argument("--differences", type=Path, help="differences.csv (paired)")
+    figures.add_argument(
+        "--curves", nargs="*", default=[], type=Path, help="fine-tuned model folders"
+    )
     figures.add_argument("--out-dir", required=True, type=Path)
     figures.add_argument("--model", help="only this model's figures")
     args = parser.parse_args(argv)
@@ -453,7 +373,15 @@ def main(argv: list[str] | None = None) -> None:
             for row in verdicts.itertuples():
                 log.info("%s: %s (%s)", row.verdict, row.claim, row.comparison)
     else:
-        written = write_figures(pd.read_csv(args.summary), args.out_dir, args.model)
+        summary = pd.read_csv(args.summary)
+        differences = pd.read_csv(args.differences) if args.differences else None
+        written = write_figures(
+            summary,
+            args.out_dir,
+            args.model,
+            differences=differences,
+            curves=read_curves(args.curves, summary),
+        )
         log.info("wrote %s", ", ".join(str(path) for path in written))
 
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from cfs.artifacts import atomic_path, provenance, write_json
+from cfs.curves import CURVES_FILE, curve_rows
 from cfs.modeling import DTYPES
 
 PEFT_PREFIX = "base_model.model."
@@ -115,3 +118,34 @@ def record_dtype(folder: Path, dtype: torch.dtype) -> None:
     config = json.loads(path.read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_fine_tuned(trainer, tokenizer, settings, data, summary, out: Path) -> None:
+    """A plain model folder whatever the method, in the save precision
+    (`train.save_precision`). Every process takes part in gathering the full weights (a
+    collective under FSDP); the main one then merges LoRA adapters into the gathered full
+    weights and writes (cfs.saving)."""
+    state_dict = full_state_dict(trainer)
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "get_base_model"):  # peft: merge the adapters into the weights
+        state_dict = merge_lora(state_dict, lora_layers(model))
+        model = model.get_base_model()
+    dtype = save_dtype(settings["save_precision"], trainer.args.bf16)
+    state_dict = cast_floating(state_dict, dtype)
+    model.config.use_cache = True
+    with atomic_path(out, directory=True) as tmp:
+        model.save_pretrained(str(tmp), state_dict=state_dict)
+        record_dtype(tmp, dtype)
+        tokenizer.save_pretrained(str(tmp))
+        write_json(
+            tmp / "train_log.json", {"summary": summary, "log_history": trainer.state.log_history}
+        )
+        curves = curve_rows(trainer.state.log_history)
+        if curves:
+            pd.DataFrame(curves).to_csv(tmp / CURVES_FILE, index=False)
+        write_json(
+            tmp / "cfs_provenance.json",
+            provenance("fine_tune", settings, seed=settings["seed"], data=str(data), **summary),
+        )

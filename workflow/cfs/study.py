@@ -31,12 +31,53 @@ KNOB_PATTERNS = {
 }
 KNOB_LABELS = {"temperature": "T", "ratio": "r", "rank": "rank", "lambda": "λ", "alpha": "α"}
 
-# Samples a method can draw from the base model (or a corpus), once per (model, knobs,
-# seed) and shared by every cell that uses them; their path is below results/{model}/.
-SAMPLES = {
-    "context_free": "temp{temperature}/seed{seed}/context_free.jsonl",
-    "contextual": "contextual/temp{temperature}/seed{seed}/samples.jsonl",
-    "replay": "replay/seed{seed}/chunks.jsonl",
+# What each knob means, for the claims that ask whether it matters.
+KNOB_MEANINGS = {"temperature": "the generation temperature", "ratio": "the data ratio"}
+
+
+@dataclass(frozen=True)
+class SampleKind:
+    """Samples a method draws from the base model (or a corpus), once per (model, knobs,
+    seed) and shared by every cell that uses them.
+
+    path: below results/{model}/, with {knob} and {seed} fields.
+    fields: what a record holds for its training example (cfs.mix keeps these).
+    prompt: the record field with the tokens before the sample, never trained on: the
+        context-free prompt token, or the task prompt a contextual sample answers.
+    """
+
+    name: str
+    path: str
+    fields: tuple[str, ...]
+    prompt: str
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        value = record[self.prompt]
+        return list(value) if isinstance(value, list) else [value]
+
+
+SAMPLE_KINDS = {
+    kind.name: kind
+    for kind in (
+        SampleKind(
+            "context_free",
+            "temp{temperature}/seed{seed}/context_free.jsonl",
+            ("prompt_token_id", "token_ids", "finish_reason"),
+            prompt="prompt_token_id",
+        ),
+        SampleKind(
+            "contextual",
+            "contextual/temp{temperature}/seed{seed}/samples.jsonl",
+            ("prompt", "prompt_token_ids", "token_ids", "finish_reason"),
+            prompt="prompt_token_ids",
+        ),
+        SampleKind(
+            "replay",
+            "replay/seed{seed}/chunks.jsonl",
+            ("prompt_token_id", "token_ids", "finish_reason"),
+            prompt="prompt_token_id",
+        ),
+    )
 }
 
 
@@ -45,12 +86,17 @@ class Method:
     """One method of the study.
 
     path: the cell's folder below results/{model}/, with {knob} fields.
-    samples: the samples it needs (a key of SAMPLES), or None.
+    samples: the samples it needs (a key of SAMPLE_KINDS), or None.
     mixes: the samples are mixed into the training set; otherwise the cell trains on the
         plain task set and the samples (if any) feed a separate loss term.
     trains: cfs.train's objective ("full", "lora", "l2", "weighted_synthetic",
         "kl_to_base"); None for a method that derives its model without training.
     stage: the resources stage of the job that makes the model (train or merge).
+    claim: what the study claims of context-free data against this method, if anything;
+        each context-free cell is compared with each of this method's cells that share
+        its `paired_on` knobs (cfs.report's verdicts).
+    claim_kind: "keeps_more" (context-free data keeps more of the base model) or
+        "approximates" (context-free data does what this method does, within a margin).
     """
 
     name: str
@@ -59,10 +105,18 @@ class Method:
     mixes: bool = False
     trains: str | None = "full"
     stage: str = "train"
+    claim: str | None = None
+    paired_on: tuple[str, ...] = ()
+    claim_kind: str = "keeps_more"
 
     @property
     def knobs(self) -> tuple[str, ...]:
         return tuple(field for _, field, _, _ in string.Formatter().parse(self.path) if field)
+
+    @property
+    def synthetic_term(self) -> bool:
+        """Its samples feed a loss term of their own instead of the training set."""
+        return self.samples is not None and not self.mixes
 
     def pattern(self, named: bool = True) -> str:
         """The cell path as a regular expression (named groups for the knobs)."""
@@ -75,13 +129,33 @@ class Method:
         return "".join(parts)
 
 
+# The method the study is about: every claim compares it with another cell.
+PROPOSED = "context_free"
 METHODS = {
     method.name: method
     for method in (
-        Method("plain", "ratio0"),
+        Method(
+            "plain",
+            "ratio0",
+            claim="context-free data forgets less than plain fine-tuning",
+        ),
         Method("context_free", "temp{temperature}/ratio{ratio}", "context_free", mixes=True),
-        Method("contextual", "contextual/temp{temperature}/ratio{ratio}", "contextual", mixes=True),
-        Method("replay", "replay/ratio{ratio}", "replay", mixes=True),
+        Method(
+            "contextual",
+            "contextual/temp{temperature}/ratio{ratio}",
+            "contextual",
+            mixes=True,
+            claim="contextual synthetic data keeps less than context-free data",
+            paired_on=("temperature", "ratio"),
+        ),
+        Method(
+            "replay",
+            "replay/ratio{ratio}",
+            "replay",
+            mixes=True,
+            claim="pretraining replay keeps less than context-free data",
+            paired_on=("ratio",),
+        ),
         Method("lora", "lora/rank{rank}", trains="lora"),
         Method("l2", "l2/lambda{lambda}", trains="l2"),
         Method("wiseft", "wiseft/alpha{alpha}", trains=None, stage="merge"),
@@ -96,6 +170,9 @@ METHODS = {
             "kl_to_base/temp{temperature}/ratio{ratio}/lambda{lambda}",
             "context_free",
             trains="kl_to_base",
+            claim="context-free data approximates the exact KL penalty",
+            paired_on=("temperature", "ratio"),
+            claim_kind="approximates",
         ),
     )
 }
@@ -104,12 +181,36 @@ METHODS = {
 RESOURCE_KEYS = ("gpus", "cpus_per_task", "mem_mb", "runtime")
 STAGES = ("prepare", "merge", "generate", "train", "evaluate")
 # The figures of each model (cfs.report draws them; the Snakemake rule lists them).
-FIGURES = ("vs_temperature", "vs_ratio", "tradeoff", "methods")
-# Order of the report's rows and legends.
-REPORT_ORDER = ["base", *METHODS]
-TRAINERS = sorted({m.trains for m in METHODS.values() if m.trains})
+FIGURES = (
+    "vs_temperature",
+    "vs_ratio",
+    "tradeoff",
+    "methods",
+    "differences",
+    "curves",
+    "target_vs_kl",
+)
 PLAIN_CELL = METHODS["plain"].path
-RESOURCE_PREFIXES = set(STAGES) | {name for name, m in METHODS.items() if m.trains}
+# A marker per method in the figures, in the order of METHODS (repeating past the last).
+MARKERS = "*sopDv^<>PXhd"
+
+
+def report_order() -> list[str]:
+    """The report's rows and legends: the base model, then the methods in table order."""
+    return ["base", *METHODS]
+
+
+def markers() -> dict[str, str]:
+    order = report_order()
+    return {name: MARKERS[index % len(MARKERS)] for index, name in enumerate(order)}
+
+
+def trainers() -> list[str]:
+    return sorted({m.trains for m in METHODS.values() if m.trains})
+
+
+def resource_prefixes() -> set[str]:
+    return set(STAGES) | {name for name, m in METHODS.items() if m.trains}
 
 
 def resource_key(key: str) -> tuple[str | None, str] | None:
@@ -118,7 +219,7 @@ def resource_key(key: str) -> tuple[str | None, str] | None:
         prefix = key.removesuffix(f"_{name}")
         if key == name:
             return None, name
-        if prefix != key and prefix in RESOURCE_PREFIXES:
+        if prefix != key and prefix in resource_prefixes():
             return prefix, name
     return None
 
@@ -156,6 +257,11 @@ class Study:
         self.study = config["study"]
 
     @property
+    def name(self) -> str:
+        """The study's name: its tables and figures go to results/studies/<name>/."""
+        return self.study["name"]
+
+    @property
     def methods(self) -> list[str]:
         return self.study["methods"]
 
@@ -173,10 +279,10 @@ class Study:
         return [value for value in values if knob != "ratio" or value > 0]
 
     def method_options(self, method: str) -> dict:
-        """methods.<method> without its sweeps (lists of knob values) and resources: what
-        one cell's job needs, so adding a value to a sweep changes no other cell's job."""
+        """methods.<method> without its sweeps (the lists of knob values): what every cell
+        of the method shares, so adding a value to a sweep changes no other cell's job."""
         section = self.config.get("methods", {}).get(method, {})
-        sweeps = {f"{knob}s" for knob in KNOB_PATTERNS} | {"resources"}
+        sweeps = {f"{knob}s" for knob in KNOB_PATTERNS}
         return {key: value for key, value in section.items() if key not in sweeps}
 
     def method_cells(self, method: str) -> list[str]:

@@ -57,7 +57,7 @@ def check_entry(key: str, entry: dict, index: dict) -> dict:
     """One entry's problems (a list of messages, empty when fine) and what was checked."""
     from lm_eval.tasks._index import Kind
 
-    name, metric = entry.get("task"), entry.get("metric")
+    name, metric = entry["task"], entry["metric"]  # both required by the schema
     if not isinstance(name, str) or not name:
         return {"key": key, "problems": [f"{key}.task: no task name"]}
     if name not in index:

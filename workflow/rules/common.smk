@@ -1,5 +1,6 @@
 # The grid (config -> targets), input functions, settings and wildcard constraints, all
 # derived from the study's grammar in cfs.study. Every function the rules use lives here.
+import hashlib
 import json
 import shlex
 import sys
@@ -16,7 +17,7 @@ from cfs.study import (
     NONZERO,
     NUMBER,
     PLAIN_CELL,
-    SAMPLES,
+    SAMPLE_KINDS,
     Study,
     alternatives,
     fmt,
@@ -40,10 +41,11 @@ except ValueError as error:
 MIXED_CELL = alternatives(["plain"] + [m.name for m in METHODS.values() if m.mixes])
 TRAINED_CELL = alternatives([m.name for m in METHODS.values() if m.trains])
 EVAL_CELL = alternatives(METHODS)
+# The study's tables and figures, under its name: studies sharing one results/ folder
+# share their cells' jobs but never overwrite each other's tables.
+REPORT_DIR = f"results/studies/{STUDY.name}"
 REPORT_TABLES = {
-    "summary": "results/summary.csv",
-    "differences": "results/differences.csv",
-    "verdicts": "results/verdicts.csv",
+    name: f"{REPORT_DIR}/{name}.csv" for name in ("summary", "differences", "verdicts")
 }
 
 
@@ -78,11 +80,23 @@ def cell_cards():
     ]
 
 
+def trained_models(model):
+    """The fine-tuned model folders of a model's trained cells (their forgetting curves)."""
+    return [
+        path.removesuffix("eval.json") + "model"
+        for cell in STUDY.cells()
+        if METHODS[parse_cell(cell)["method"]].trains
+        for path in seed_evals(model, cell)
+    ]
+
+
+def figure_path(model, name):
+    return f"{REPORT_DIR}/figures/{model}_{name}.png"
+
+
 def figure_paths():
     return [
-        f"results/figures/{model}_{name}.png"
-        for model in STUDY.study["models"]
-        for name in FIGURES
+        figure_path(model, name) for model in STUDY.study["models"] for name in FIGURES
     ]
 
 
@@ -91,8 +105,8 @@ def final_outputs():
 
 
 def samples_file(kind, suffix=".jsonl"):
-    """A sample set's path pattern (cfs.study.SAMPLES), or its provenance file's."""
-    path = SAMPLES[kind].removesuffix(".jsonl") + suffix
+    """A sample set's path pattern (cfs.study.SAMPLE_KINDS), or its provenance file's."""
+    path = SAMPLE_KINDS[kind].path.removesuffix(".jsonl") + suffix
     return f"results/{{model}}/{path}"
 
 
@@ -112,7 +126,7 @@ def samples_path(wildcards, method):
         "seed": wildcards.seed,
         **{k: fmt(v) for k, v in knobs.items() if k != "method"},
     }
-    samples = SAMPLES[METHODS[method].samples].format(**fields)
+    samples = SAMPLE_KINDS[METHODS[method].samples].path.format(**fields)
     return f"results/{wildcards.model}/{samples}"
 
 
@@ -142,13 +156,18 @@ def train_inputs(wildcards):
         "model": f"results/models/{wildcards.model}/base",
         "data": f"results/{wildcards.model}/{set_cell}/seed{wildcards.seed}/train.jsonl",
     }
-    if method.samples and not method.mixes:
+    if method.synthetic_term:
         inputs["synthetic"] = samples_path(wildcards, method.name)
+    if config["train"]["curve_every"]:
+        inputs["heldout"] = f"results/{wildcards.model}/heldout/context_free.jsonl"
+        inputs["target_test"] = task_data("test")
     return inputs
 
 
-def synthetic_flag(wildcards, input):
-    return f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else ""
+def train_flags(wildcards, input):
+    """The synthetic term's samples and the forgetting curves' held-out data, if any."""
+    names = {"synthetic": "--synthetic", "heldout": "--heldout", "target_test": "--target-test"}
+    return " ".join(f"{flag} {input[key]}" for key, flag in names.items() if key in input.keys())
 
 
 def backend_env(section):
@@ -166,6 +185,13 @@ def model_settings(model):
     if model not in config["models"]:
         raise WorkflowError(f"config key models: no model '{model}'")
     return config["models"][model]
+
+
+def prepare_settings(model):
+    """Where the model's weights come from: models.<name> without its cluster sizes and
+    the dtype the stages load it in."""
+    ignored = ("resources", "dtype")
+    return {k: v for k, v in model_settings(model).items() if k not in ignored}
 
 
 def model_dtype(model):
@@ -195,7 +221,9 @@ def contextual_settings(model, seed):
 
 
 def replay_settings(seed):
-    replay = config["methods"]["replay"]
+    """methods.replay without its ratios; the chunk count and length default to the
+    context-free samples'."""
+    replay = STUDY.method_options("replay")
     return {
         **replay,
         "num_chunks": replay["num_chunks"] or config["generation"]["num_samples"],
@@ -207,22 +235,26 @@ def replay_settings(seed):
 
 
 def train_settings(cell, seed):
-    """config.train plus the seed and the cell's method: its objective, its knobs and its
-    config section (methods.<name>)."""
+    """config.train, the seed and the cell's method: its name, its knobs and the options
+    every cell of the method shares (methods.<name> without its sweeps)."""
     knobs = parse_cell(cell)
     name = knobs.pop("method")
-    section = config["methods"].get(name, {})
+    options = STUDY.method_options(name)
     settings = {**config["train"], "seed": int(seed)}
-    if section.get("learning_rate"):
-        settings["learning_rate"] = section["learning_rate"]
-    settings["method"] = {**section, **knobs, "name": METHODS[name].trains}
+    learning_rate = options.pop("learning_rate", None)
+    if learning_rate:
+        settings["learning_rate"] = learning_rate
+    settings["method"] = {**options, **knobs, "name": name}
     return settings
 
 
 def eval_settings(model, cell, seed):
-    """config.evaluation whole, plus the cell, the seed and the model's dtype."""
-    return {
-        **config["evaluation"],
+    """config.evaluation without the held-out samples' settings (their file is an
+    input), plus the cell, the seed, the model's dtype and, for a fine-tuned model, the
+    KL-to-base batch size."""
+    evaluation = {key: value for key, value in config["evaluation"].items() if key != "kl"}
+    settings = {
+        **evaluation,
         "cell": {
             "model": model,
             **(parse_cell(cell) if cell != "base" else {"method": "base"}),
@@ -230,3 +262,26 @@ def eval_settings(model, cell, seed):
         "seed": int(seed),
         "dtype": model_dtype(model),
     }
+    if cell != "base":
+        settings["kl"] = {"batch_size": config["evaluation"]["kl"]["batch_size"]}
+    return settings
+
+
+def task_check_settings():
+    """What the task check reads: the task folder and each task's name and metric."""
+    evaluation = config["evaluation"]
+    entries = [evaluation["target"], *evaluation["forgetting"]]
+    named = [{"task": entry["task"], "metric": entry["metric"]} for entry in entries]
+    return {
+        "include_path": evaluation["include_path"],
+        "target": named[0],
+        "forgetting": named[1:],
+    }
+
+
+def digest(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# One check file per set of evaluation tasks: studies with other tasks have their own.
+TASK_CHECK = f"results/checks/evaluation_tasks/{digest(task_check_settings())}.json"

@@ -42,7 +42,7 @@ rule summary_table:
             category="Table",
         ),
     log:
-        "results/logs/summary_table.log",
+        f"results/logs/summary_table/{STUDY.name}.log",
     conda:
         "../../envs/cfs.yaml"
     resources:
@@ -54,11 +54,13 @@ rule summary_table:
 
 rule figures:
     input:
-        REPORT_TABLES["summary"],
+        summary=REPORT_TABLES["summary"],
+        differences=REPORT_TABLES["differences"],
+        curves=lambda wildcards: trained_models(wildcards.model),
     output:
         **{
             name: report(
-                f"results/figures/{{model}}_{name}.png",
+                figure_path("{model}", name),
                 caption="../report/figures.rst",
                 category="Figures",
                 subcategory="{model}",
@@ -66,11 +68,14 @@ rule figures:
             for name in FIGURES
         },
     log:
-        "results/logs/figures/{model}.log",
+        f"results/logs/figures/{STUDY.name}/{{model}}.log",
     conda:
         "../../envs/cfs.yaml"
     resources:
         **stage_resources("report"),
+    params:
+        out_dir=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "python -m cfs.report figures --summary {input} --model {wildcards.model}"
-        " --out-dir results/figures > {log} 2>&1"
+        "python -m cfs.report figures --summary {input.summary}"
+        " --differences {input.differences} --curves {input.curves}"
+        " --model {wildcards.model} --out-dir {params.out_dir} > {log} 2>&1"

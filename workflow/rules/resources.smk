@@ -1,8 +1,9 @@
 # Cluster resources of each stage, sized per model from config (models.<name>.resources).
 # A model stage (prepare, merge, generate, train, evaluate) reads `<method>_<key>` (a
-# fine-tune: e.g. lora_gpus), then `<stage>_<key>`, then `<key>`, then the defaults below;
-# GPUs go to the GPU stages only. The other stages (data, mix, report) never ask for GPUs,
-# take fixed small sizes, and run on the submitting host (localrules: they take seconds).
+# fine-tune: e.g. lora_gpus), then `<stage>_<key>`, then `<key>` of models.<name>.resources,
+# then `resources.model_stages.<key>` (CPUs: the job's threads); GPUs go to the GPU stages
+# only. The other stages (data, mix, report) never ask for GPUs, take
+# `resources.small_stages`, and run on the submitting host (localrules: they take seconds).
 # Site values (partition, account) come from the Slurm profile (slurm/config.yaml); the
 # GPU stages' partition and GPU type from CFS_SLURM_GPU_PARTITION and CFS_SLURM_GPU_MODEL.
 import os
@@ -10,19 +11,23 @@ import os
 from cfs.study import STAGES
 
 GPU_STAGES = ("generate", "train", "evaluate")
-MODEL_STAGE_DEFAULTS = {"gpus": 0, "mem_mb": 8000, "runtime": 60}
-CPU_STAGE_DEFAULTS = {"gpus": 0, "cpus_per_task": 1, "mem_mb": 4000, "runtime": 30}
 
 
 def _stage_value(stage, key, wildcards, threads):
-    if stage not in STAGES or (key == "gpus" and stage not in GPU_STAGES):
-        return CPU_STAGE_DEFAULTS[key]
+    if stage not in STAGES:
+        sizes = config["resources"]["small_stages"]
+        return 0 if key == "gpus" else sizes[key]
+    if key == "gpus" and stage not in GPU_STAGES:
+        return 0
     model = getattr(wildcards, "model", None)
     resources = config["models"].get(model, {}).get("resources", {})
     keys = [f"{stage}_{key}", key]
     if stage == "train" and hasattr(wildcards, "cell"):
         keys.insert(0, f"{parse_cell(wildcards.cell)['method']}_{key}")
-    default = threads if key == "cpus_per_task" else MODEL_STAGE_DEFAULTS[key]
+    if key == "cpus_per_task":
+        default = threads
+    else:
+        default = config["resources"]["model_stages"][key]
     return next((resources[k] for k in keys if k in resources), default)
 
 

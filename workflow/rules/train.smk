@@ -18,14 +18,14 @@ rule fine_tune:
         settings=lambda wildcards: as_arg(
             train_settings(wildcards.cell, wildcards.seed)
         ),
-        synthetic=synthetic_flag,
+        flags=train_flags,
         checkpoints="results/{model}/{cell}/seed{seed}/checkpoints",
     shell:
         # several GPUs: one process per GPU (cfs.distributed); one or none: one process
         "if [ {resources.gpu} -gt 1 ]; then"
         " launch='torchrun --standalone --nproc-per-node {resources.gpu}'; else launch=python; fi;"
         " $launch -m cfs.train --model {input.model} --data {input.data}"
-        " {params.synthetic} --settings {params.settings} --threads {threads}"
+        " {params.flags} --settings {params.settings} --threads {threads}"
         " --checkpoints {params.checkpoints} --out {output.model} > {log} 2>&1"
 
 

@@ -1,4 +1,4 @@
-"""cfs.models: preparing the base model folder (local copy, hub offline, GGUF lookup)."""
+"""cfs.prepare_model: preparing the base model folder (local copy, hub offline, GGUF lookup)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from cfs import models
+from cfs import prepare_model as models
 from cfs.modeling import load_model, load_tokenizer
-from conftest import model_weights
+from conftest import model_settings, model_weights
 
 
 def test_local_model_is_copied_with_provenance(tiny_model_dir, tmp_path, monkeypatch):
@@ -20,7 +20,7 @@ def test_local_model_is_copied_with_provenance(tiny_model_dir, tmp_path, monkeyp
             "--model",
             "tiny",
             "--settings",
-            json.dumps({"local_path": str(tiny_model_dir), "token": secret}),
+            json.dumps({**model_settings(local_path=str(tiny_model_dir)), "token": secret}),
             "--out",
             str(out),
         ]
@@ -43,7 +43,7 @@ def test_local_folder_without_config_is_refused(tmp_path):
     empty.mkdir()
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="config.json"):
-        models.prepare_model("x", {"local_path": str(empty)}, out)
+        models.prepare_model("x", model_settings(local_path=str(empty)), out)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["not_a_model"]
 
@@ -63,7 +63,7 @@ def test_missing_gguf_file_in_installed_package_names_the_file():
 def test_uncached_hub_model_offline_explains_what_to_do(tmp_path):
     out = tmp_path / "base"
     with pytest.raises(SystemExit) as caught:
-        models.prepare_model("x", {"hub_id": "cfs-tests/does-not-exist"}, out)
+        models.prepare_model("x", model_settings(hub_id="cfs-tests/does-not-exist"), out)
     message = str(caught.value)
     assert "cfs-tests/does-not-exist" in message
     assert "local_path" in message

