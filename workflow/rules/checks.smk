@@ -12,7 +12,9 @@ rule check_evaluation_tasks:
     output:
         TASK_CHECK,
     log:
-        TASK_CHECK.replace("results/checks", "results/logs/checks").replace(".json", ".log"),
+        TASK_CHECK.replace("results/checks", "results/logs/checks").replace(
+            ".json", ".log"
+        ),
     priority: 100
     conda:
         "../../envs/cfs.yaml"

@@ -166,8 +166,14 @@ def train_inputs(wildcards):
 
 def train_flags(wildcards, input):
     """The synthetic term's samples and the forgetting curves' held-out data, if any."""
-    names = {"synthetic": "--synthetic", "heldout": "--heldout", "target_test": "--target-test"}
-    return " ".join(f"{flag} {input[key]}" for key, flag in names.items() if key in input.keys())
+    names = {
+        "synthetic": "--synthetic",
+        "heldout": "--heldout",
+        "target_test": "--target-test",
+    }
+    return " ".join(
+        f"{flag} {input[key]}" for key, flag in names.items() if key in input.keys()
+    )
 
 
 def backend_env(section):
@@ -252,7 +258,9 @@ def eval_settings(model, cell, seed):
     """config.evaluation without the held-out samples' settings (their file is an
     input), plus the cell, the seed, the model's dtype and, for a fine-tuned model, the
     KL-to-base batch size."""
-    evaluation = {key: value for key, value in config["evaluation"].items() if key != "kl"}
+    evaluation = {
+        key: value for key, value in config["evaluation"].items() if key != "kl"
+    }
     settings = {
         **evaluation,
         "cell": {
@@ -280,7 +288,9 @@ def task_check_settings():
 
 
 def digest(settings):
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[
+        :12
+    ]
 
 
 # One check file per set of evaluation tasks: studies with other tasks have their own.
