@@ -15,7 +15,7 @@ settings of config/config.yaml (one epoch of a subset, to keep the run short).
 - raw loop: forward + backward + grad clipping + fused AdamW step (what the Trainer does
   per step, nothing else) on exactly the batches the pipeline's run fed the model.
 
-Goals (issue 6): >= 95% non-padding tokens; pipeline train loop <= 20% slower than the raw
+Goals: >= 95% non-padding tokens; pipeline train loop <= 20% slower than the raw
 loop on the same batches. Checkpoint writing is timed apart (the default study writes one
 per fine-tune) and reported beside the loop overhead.
 """

@@ -15,7 +15,7 @@
   exponentials are a large share of each step on CPU): the same batched decode by hand,
   sampling by inverse CDF.
 
-Goal (issue 6): pipeline tokens/s >= 8x the naive loop.
+Goal: pipeline tokens/s >= 8x the naive loop.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ document <|endoftext|> = 50279, no BOS, as OLMo).
    Trainer's loop time; MFU = 6 * N * tokens/s / peak bf16 FLOP/s of the card (N = all
    parameters; attention FLOPs not counted, so MFU is slightly understated). Beside it, a
    raw loop (bf16 autocast forward+backward+AdamW) on the batches the pipeline's run used.
-   Goal (issue 6): MFU >= 40%.
+   Goal: MFU >= 40%.
 2. generation: the pipeline's sampler (`cfs.generate.make_sampler` + `sample_batches`,
    backend as config/olmo.yaml says: vLLM where usable, else HF) against raw HF `generate`
    (one call per batch) and raw vLLM (`LLM.generate`, every prompt at once) on the same

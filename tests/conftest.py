@@ -32,6 +32,8 @@ PACKAGE_DIR = REPO / "workflow"
 if str(PACKAGE_DIR) not in sys.path:
     sys.path.insert(0, str(PACKAGE_DIR))
 
+from cfs.artifacts import read_jsonl, write_jsonl  # noqa: E402, F401 - for the tests too
+
 BOS, EOS, END_OF_DOC = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_DOC, BOS, EOS]  # ids 0, 1, 2 (as in SmolLM2)
 TEMPLATE = "### Instruction:\n{query}\n\n### Response:\n"
@@ -188,16 +190,6 @@ def tiny_model_no_bos_dir(tmp_path_factory, tokenizer_no_bos) -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def model_weights(model_dir: Path) -> dict:

@@ -1,5 +1,5 @@
-"""Config validation through Snakemake itself (schema + check_config), `snakemake --lint`,
-and the DAG the embedded default config schedules (dry runs only: seconds)."""
+"""Config validation (the schema and cfs.study's checks, in-process; once through Snakemake
+itself), `snakemake --lint`, and the DAG the embedded default config schedules (dry runs)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 
 import pytest
 import yaml
+from cfs.study import METHODS
 from conftest import REPO, copy_repo, default_config, job_stats, run_snakemake
 
 
@@ -31,67 +32,87 @@ def assert_rejected(result, *needles):
         assert needle in output, f"{needle!r} not in:\n{output[-3000:]}"
 
 
-def test_negative_ratio_is_rejected(repo):
+def rejection(config) -> str:
+    """The message a config is refused with, as the Snakefile refuses it: the schema
+    (snakemake.utils.validate), then cfs.study's checks."""
+    from cfs.study import Study
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+        Study(config).check()
+    except Exception as error:  # WorkflowError (schema) or ValueError (study)
+        return str(error)
+    raise AssertionError("the config was accepted")
+
+
+def assert_refused(config, *needles):
+    message = rejection(copy.deepcopy(config))
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in:\n{message[-3000:]}"
+
+
+def test_negative_ratio_is_rejected():
+    config = default_config()
+    config["study"]["ratios"] = [0.0, -0.5]
+    assert_refused(config, "ratios", "-0.5")
+
+
+def test_a_refused_config_stops_snakemake_naming_the_key(repo):
     config = default_config()
     config["study"]["ratios"] = [0.0, -0.5]
     assert_rejected(dry_run_with(repo, "neg_ratio.yaml", config), "ratios", "-0.5")
 
 
-def test_string_temperature_is_rejected(repo):
+def test_string_temperature_is_rejected():
     config = default_config()
     config["study"]["temperatures"] = [0.7, "hot"]
-    assert_rejected(dry_run_with(repo, "str_temp.yaml", config), "temperatures", "hot")
+    assert_refused(config, "temperatures", "hot")
 
 
-def test_zero_temperature_is_rejected(repo):
+def test_zero_temperature_is_rejected():
     config = default_config()
     config["study"]["temperatures"] = [0, 1.0]
-    assert_rejected(dry_run_with(repo, "zero_temp.yaml", config), "temperatures")
+    assert_refused(config, "temperatures")
 
 
-def test_unknown_model_key_is_rejected(repo):
+def test_unknown_model_key_is_rejected():
     config = default_config()
     config["study"]["models"] = [*config["study"]["models"], "nosuchmodel"]
-    assert_rejected(dry_run_with(repo, "bad_model.yaml", config), "study.models", "nosuchmodel")
+    assert_refused(config, "study.models", "nosuchmodel")
 
 
-def test_misspelt_section_is_rejected(repo):
+def test_misspelt_section_is_rejected():
     config = default_config()
     config["trian"] = {"epochs": 3}
-    assert_rejected(dry_run_with(repo, "typo.yaml", config), "trian")
+    assert_refused(config, "trian")
 
 
-def test_too_few_generated_samples_for_largest_ratio_is_rejected(repo):
+def test_too_few_generated_samples_for_largest_ratio_is_rejected():
     config = default_config()
     config["study"]["ratios"] = [0.0, 1.0]
     config["task"]["num_train"] = 50
     config["generation"]["num_samples"] = 10
-    assert_rejected(dry_run_with(repo, "few.yaml", config), "generation.num_samples")
+    assert_refused(config, "generation.num_samples")
 
 
-def test_nonzero_ratio_without_temperatures_is_rejected(repo):
+def test_nonzero_ratio_without_temperatures_is_rejected():
     config = default_config()
     config["study"]["temperatures"] = []
     config["study"]["ratios"] = [0.0, 0.5]
-    assert_rejected(dry_run_with(repo, "no_temps.yaml", config), "study.temperatures")
+    assert_refused(config, "study.temperatures")
 
 
-def test_missing_required_section_is_rejected(tmp_path):
-    """--configfile is merged over config/config.yaml, so a deleted key would come back
-    from the default; the default file itself is replaced in this copy."""
-    repo = copy_repo(tmp_path / "repo")
+def test_missing_required_section_is_rejected():
     config = default_config()
     del config["task"]
-    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    assert_rejected(run_snakemake(repo, "-n", timeout=300), "'task' is a required property")
+    assert_refused(config, "'task' is a required property")
 
 
-def test_missing_required_nested_key_is_rejected(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
+def test_missing_required_nested_key_is_rejected():
     config = default_config()
     del config["evaluation"]["target"]
-    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    assert_rejected(run_snakemake(repo, "-n", timeout=300), "'target' is a required property")
+    assert_refused(config, "'target' is a required property")
 
 
 def test_lint_is_clean():
@@ -210,37 +231,11 @@ def test_a_single_seed_number_is_a_list_of_one(repo):
     assert job_stats(result.stdout)["fine_tune"] == expected_default_jobs(config)["fine_tune"]
 
 
-def test_the_old_single_seed_key_is_rejected_by_name(repo):
+def test_the_old_single_seed_key_is_rejected_by_name():
     config = copy.deepcopy(default_config())
     del config["study"]["seeds"]
     config["study"]["seed"] = 0
-    assert_rejected(dry_run_with(repo, "old_seed.yaml", config), "seed")
-
-
-def test_a_toy_method_is_one_entry_in_cfs_study(tmp_path):
-    """Adding a method is one entry in cfs.study (plus its training code, here an existing
-    objective): its cells are scheduled with its knobs, samples and training set."""
-    repo = copy_repo(tmp_path / "repo")
-    study = repo / "workflow" / "cfs" / "study.py"
-    study.write_text(
-        study.read_text()
-        + "\nMETHODS['toy'] = Method('toy', 'toy/temp{temperature}/ratio{ratio}/"
-        + "lambda{lambda}', 'context_free', trains='weighted_synthetic')\n"
-    )
-    config = copy.deepcopy(default_config())
-    config["study"].update(methods=["toy"], ratios=[0.0, 1.0], seeds=[0])
-    config["methods"] = {"toy": {"lambdas": [0.5, 2.0]}}
-    result = dry_run_with(repo, "toy.yaml", config)
-    assert result.returncode == 0, result.stdout[-3000:]
-    stats = job_stats(result.stdout)
-    temperatures = config["study"]["temperatures"]
-    assert stats["fine_tune"] == 1 + 2 * len(temperatures)  # plain + toy cells
-    assert stats["generate_context_free"] == len(temperatures)
-    for temperature in temperatures:
-        for value in ("0.5", "2"):
-            assert f"results/smollm2/toy/temp{temperature:g}/ratio1/lambda{value}/eval.json" in (
-                result.stdout
-            )
+    assert_refused(config, "seed")
 
 
 def test_grid_with_two_models_shares_task_data(repo):
@@ -280,6 +275,7 @@ def test_ratio_zero_cell_cannot_be_requested_under_a_temperature(repo):
     model = default_config()["study"]["models"][0]
     result = run_snakemake(repo, "-n", f"results/{model}/temp0.7/ratio0/eval.json", timeout=300)
     assert result.returncode != 0, job_stats(result.stdout)
+    assert "No rule to produce results/" in result.stdout, result.stdout[-2000:]
 
 
 def every_method_config():
@@ -287,16 +283,7 @@ def every_method_config():
     config["study"]["temperatures"] = [0.5, 1.0]
     config["study"]["ratios"] = [0.0, 0.5, 1.0]
     config["study"]["seeds"] = [0]
-    config["study"]["methods"] = [
-        "context_free",
-        "contextual",
-        "replay",
-        "lora",
-        "l2",
-        "wiseft",
-        "weighted_synthetic",
-        "kl_to_base",
-    ]
+    config["study"]["methods"] = [name for name in METHODS if name != "plain"]
     config["methods"]["contextual"] = {"temperatures": [0.5, 1.0], "ratios": [0.5, 1.0]}
     config["methods"]["replay"] = {"corpus": {"python_stdlib": "*.py"}, "ratios": None}
     config["methods"]["lora"]["ranks"] = [4, 8]
@@ -338,16 +325,16 @@ def test_grid_with_every_method_schedules_each_job_once(repo):
         assert path in result.stdout, path
 
 
-def test_unknown_method_is_rejected(repo):
+def test_unknown_method_is_rejected():
     config = default_config()
     config["study"]["methods"] = ["context_free", "dropout"]
-    assert_rejected(dry_run_with(repo, "bad_method.yaml", config), "methods", "dropout")
+    assert_refused(config, "methods", "dropout")
 
 
-def test_wiseft_without_plain_fine_tuning_is_rejected(repo):
+def test_wiseft_without_plain_fine_tuning_is_rejected():
     config = default_config()
     config["study"]["ratios"] = [1.0]
-    assert_rejected(dry_run_with(repo, "no_plain.yaml", config), "study.ratios", "WiSE-FT")
+    assert_refused(config, "study.ratios", "WiSE-FT")
 
 
 def fine_tune_gpus(output: str) -> dict[str, int]:
@@ -372,7 +359,7 @@ def test_resources_per_method_override_the_stage(repo):
     assert gpus and set(gpus.values()) == {4}, gpus
 
 
-def test_unknown_resource_prefix_is_rejected(repo):
+def test_unknown_resource_prefix_is_rejected():
     config = copy.deepcopy(default_config())
     config["models"]["smollm2"]["resources"] = {"loar_gpus": 1}
-    assert_rejected(dry_run_with(repo, "typo_resource.yaml", config), "resources.loar_gpus")
+    assert_refused(config, "resources.loar_gpus")

@@ -172,3 +172,23 @@ def test_equal_step_schedule_draws_every_example_once_per_pass():
         drawn = sorted(blocks[first] + blocks[second])
         assert drawn == list(range(12))
     assert schedule.per_device(2) == 3
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+def test_losses_and_curves_reach_tensorboard(tiny_model_dir, files, monkeypatch):
+    """train.report_to: the Trainer's logs, the curves with them, in a TensorBoard event
+    file beside the model (read back offline)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    model_dir, _ = fine_tune(
+        tiny_model_dir, files, "tracked", curve_every=1, report_to=["tensorboard"]
+    )
+    (events,) = (model_dir.parent / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events)).Reload()
+    # the loss of every step, with a curve point at every step beside it
+    for tag, steps in (("train/curve/kl_to_base", [0, 1, 2]), ("train/loss", [1, 2])):
+        assert [event.step for event in accumulator.Scalars(tag)] == steps, tag
+    assert "train/curve/target_loss" in accumulator.Tags()["scalars"]

@@ -113,6 +113,23 @@ SETTINGS = {
 }
 
 
+def mixed_records(num_task: int, num_samples: int) -> list[dict]:
+    """Task examples and short context-free samples that end with EOS."""
+    records = [
+        {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
+        for r in render(arithmetic_problems(num_task, seed=3), TEMPLATE)
+    ]
+    return records + [
+        {
+            "kind": "context_free",
+            "prompt_token_id": 1,
+            "token_ids": [30 + i, 31 + i, 2],
+            "finish_reason": "eos",
+        }
+        for i in range(num_samples)
+    ]
+
+
 def fine_tune(launcher, model_dir: Path, data: Path, root: Path, settings=None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(PACKAGE_DIR), OMP_NUM_THREADS="1")
     command = launcher + [
@@ -141,20 +158,7 @@ def fine_tune(launcher, model_dir: Path, data: Path, root: Path, settings=None) 
 
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_one_process_loss_curve(tiny_model_dir, tmp_path):
-    records = [
-        {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
-        for r in render(arithmetic_problems(14, seed=3), TEMPLATE)
-    ]
-    records += [
-        {
-            "kind": "context_free",
-            "prompt_token_id": 1,
-            "token_ids": [30 + i, 31 + i, 2],
-            "finish_reason": "eos",
-        }
-        for i in range(2)
-    ]
-    data = write_jsonl(tmp_path / "train.jsonl", records)
+    data = write_jsonl(tmp_path / "train.jsonl", mixed_records(14, 2))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     one = fine_tune([sys.executable], tiny_model_dir, data, tmp_path / "one")
     two = fine_tune(torchrun + ["--nproc-per-node", "2"], tiny_model_dir, data, tmp_path / "two")
@@ -207,20 +211,7 @@ def test_fine_tune_rule_starts_one_process_per_gpu(tmp_path):
 def test_equal_step_mixing_over_two_processes_keeps_the_step_composition(tiny_model_dir, tmp_path):
     """Two processes share each optimizer step's block: together they train its 4 task
     examples and 2 samples, step after step, as one process does."""
-    records = [
-        {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
-        for r in render(arithmetic_problems(8, seed=3), TEMPLATE)
-    ]
-    records += [
-        {
-            "kind": "context_free",
-            "prompt_token_id": 1,
-            "token_ids": [30 + i, 31 + i, 2],
-            "finish_reason": "eos",
-        }
-        for i in range(4)
-    ]
-    data = write_jsonl(tmp_path / "train.jsonl", records)
+    data = write_jsonl(tmp_path / "train.jsonl", mixed_records(8, 4))
     settings = {**SETTINGS, "mixing": "equal_steps"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     one = fine_tune([sys.executable], tiny_model_dir, data, tmp_path / "one", settings)

@@ -1,4 +1,4 @@
-"""Issue 11: where samples end (the tokenizer's end-of-document id only), and the packages
+"""Where samples end (the tokenizer's end-of-document id only), and the packages
 the paper settings need."""
 
 from __future__ import annotations

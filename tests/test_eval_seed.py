@@ -1,4 +1,4 @@
-"""Issue 11: tasks that draw random numbers while they are built (GPQA shuffles each
+"""Tasks that draw random numbers while they are built (GPQA shuffles each
 question's choices in `process_docs`) are built after seeding, so the base and post evals
 of a model see the same answer order."""
 

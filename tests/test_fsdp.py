@@ -1,5 +1,5 @@
-"""Every fine-tuning method under FSDP2 in two gloo processes on CPU against one process
-(issue 11), plus the parts that do not need several processes.
+"""Every fine-tuning method under FSDP2 in two gloo processes on CPU against one process,
+plus the parts that do not need several processes.
 
 torch runs FSDP2 (`fully_shard`) on CPU with gloo; accelerate 1.15 does not route CPU
 processes to it, so the runs go through tests/fsdp_on_cpu.py, which switches accelerate's
@@ -283,7 +283,7 @@ def test_lora_merge_on_the_state_dict_equals_peft_merge(tiny_model_dir):
 
 
 def test_no_device_sync_per_micro_step_for_the_term_log(tiny_model_dir, tmp_path, monkeypatch):
-    """Issue 11: the regulariser's value is logged from an on-device running sum; no
+    """The regulariser's value is logged from an on-device running sum; no
     `.item()` (a device sync) inside compute_loss or training_step."""
     import inspect
 

@@ -98,7 +98,7 @@ def test_samples_count_and_finish_reasons(loaded):
 def test_both_finish_reasons_with_a_frequent_stop_set(loaded, monkeypatch):
     """With ~8% of the vocabulary as the stop set, some samples end early; the finish
     reason and truncation must follow the stop set. (The stop set is the tokenizer's EOS
-    alone, whatever the generation config says: issue 11, test_eos_and_packages.py; it is
+    alone, whatever the generation config says (test_eos_and_packages.py); it is
     widened here only to make early ends frequent.)"""
     model, tokenizer = loaded
     stop_ids = [tokenizer.eos_token_id] + list(range(300, 340))

@@ -84,8 +84,10 @@ GENERATION = {"until": ["\n\n", "###"], "do_sample": False, "max_gen_toks": 12}
     [GENERATION, {**GENERATION, "until": [" the", "e"]}, {**GENERATION, "max_gen_toks": 3}],
     ids=["default", "early-stops", "short"],
 )
-def test_greedy_generations_are_the_stock_models(models, batch, gen_kwargs):
-    prompts = [(question, dict(gen_kwargs)) for question in QUESTIONS * 2]
+@pytest.mark.parametrize("template", ["{}", "### Instruction:\n{}\n\n### Response:\n"])
+def test_greedy_generations_are_the_stock_models(models, batch, gen_kwargs, template):
+    """With and without a beginning that every prompt shares (computed once)."""
+    prompts = [(template.format(question), dict(gen_kwargs)) for question in QUESTIONS * 2]
     stock = models[(HFLM, batch)].generate_until(instances("generate_until", prompts))
     ours = models[(SharedPrefixHFLM, batch)].generate_until(
         instances("generate_until", [(p, dict(g)) for p, g in prompts])
@@ -100,6 +102,19 @@ def test_sampled_generation_goes_to_the_stock_path(models, monkeypatch):
     monkeypatch.setattr(HFLM, "generate_until", lambda self, requests, *a: called.append(1) or [])
     ours.generate_until(instances("generate_until", [("x", {"do_sample": True})]))
     assert called == [1]
+
+
+def test_a_shared_prompt_beginning_is_computed_once(models):
+    template = "### Instruction:\n{}\n\n### Response:\n"
+    prompts = [(template.format(q), dict(GENERATION)) for q in QUESTIONS]
+    counts = {}
+    for cls in (HFLM, SharedPrefixHFLM):
+        counter = PositionCounter(models[(cls, 16)].model)
+        models[(cls, 16)].generate_until(instances("generate_until", prompts))
+        counts[cls] = counter.remove()
+    shared = len(models[(HFLM, 16)].tok_encode("### Instruction:\n"))
+    saved = counts[HFLM]["layer_positions"] - counts[SharedPrefixHFLM]["layer_positions"]
+    assert saved >= (len(QUESTIONS) - 1) * (shared - 1), counts
 
 
 def test_shared_contexts_compute_fewer_positions(models):

@@ -17,6 +17,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
+from cfs.study import METHODS
 from conftest import copy_repo, default_config, read_jsonl, run_snakemake
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,7 @@ TOY = (
     "context-free data', paired_on=('temperature', 'ratio'))"
 )
 FORGETTING = ["cfs_capitals", "cfs_antonyms", "cfs_categories"]
+CONFIGURABLE = [name for name in METHODS if name != "plain"]  # plain runs at ratio 0
 ADDED_TASK = "cfs_animals"
 
 
@@ -67,20 +69,7 @@ def every_method_config(model_dir):
     data keep knob lists of their own, so a value added to a study-wide sweep adds
     context-free cells only."""
     config = tiny_config(model_dir)
-    config["study"].update(
-        temperatures=[1.0],
-        methods=[
-            "context_free",
-            "contextual",
-            "replay",
-            "lora",
-            "l2",
-            "wiseft",
-            "weighted_synthetic",
-            "kl_to_base",
-            "toy",
-        ],
-    )
+    config["study"].update(temperatures=[1.0], methods=[*CONFIGURABLE, "toy"])
     synthetic = {"temperatures": [1.0], "ratios": [0.5]}
     config["methods"] = {
         "contextual": dict(synthetic),
@@ -187,10 +176,15 @@ def grid_jobs(config, grammar) -> dict[str, set[str]]:
     return jobs
 
 
-REPORTING = {
-    "summary_table": {"results/studies/default/summary.csv"},
-    "figures": {f"results/studies/default/figures/{MODEL}_vs_temperature.png"},
-}
+def reporting(study="default") -> dict[str, set[str]]:
+    """The jobs of a study's tables and figures (each run once after any change)."""
+    return {
+        "summary_table": {f"results/studies/{study}/summary.csv"},
+        "figures": {f"results/studies/{study}/figures/{MODEL}_vs_temperature.png"},
+    }
+
+
+REPORTING = reporting()
 
 
 def new_jobs(before, after, grammar) -> dict[str, set[str]]:
@@ -200,7 +194,9 @@ def new_jobs(before, after, grammar) -> dict[str, set[str]]:
     added["summarise_seeds"] = {
         path.rsplit("/seed", 1)[0] + "/eval.json" for path in added["evaluate_finetuned"]
     }
-    return {rule: paths for rule, paths in added.items() if paths} | REPORTING
+    return {rule: paths for rule, paths in added.items() if paths} | reporting(
+        after["study"].get("name", "default")
+    )
 
 
 def seed_eval(cell, seed=0):
@@ -378,7 +374,6 @@ def add_value(key, value):
     return change
 
 
-# The seed last: going back to one seed afterwards summarises every cell over it again.
 ADDITIONS = {
     "temperature": add_value("study.temperatures", 0.7),
     "ratio": add_value("study.ratios", 0.25),
@@ -386,7 +381,6 @@ ADDITIONS = {
     "l2_lambda": add_value("methods.l2.lambdas", 10),
     "weighted_synthetic_lambda": add_value("methods.weighted_synthetic.lambdas", 2.0),
     "wiseft_alpha": add_value("methods.wiseft.alphas", 0.25),
-    "seed": add_value("study.seeds", 1),
 }
 
 
@@ -425,12 +419,40 @@ def test_a_second_study_in_the_same_results_leaves_the_first_as_it_is(study, tin
     assert {path.name: path.read_bytes() for path in tables.glob("*.csv")} == before
 
 
+def small_study(study) -> dict:
+    """Two cells of the study (plain fine-tuning and context-free data), under another
+    name: its jobs are the study's own; run once, only its tables and figures execute."""
+    config = copy.deepcopy(study["config"])
+    config["study"].update(name="small", methods=["context_free"])
+    result = run(study["repo"], config, "small.yaml")
+    assert result.returncode == 0, failure_report(study["repo"], result)
+    assert executed(result.stdout) == reporting("small"), result.stdout[-3000:]
+    return config
+
+
+def test_an_added_seed_executes_only_its_jobs(study):
+    """A second seed replicates each cell's samples, mixing, training and evaluation; the
+    base eval, the held-out samples and the task split stay as they are."""
+    before = small_study(study)
+    config = copy.deepcopy(before)
+    add_value("study.seeds", 1)(config)
+    result = run(study["repo"], config, "small_plus_seed.yaml")
+    assert result.returncode == 0, failure_report(study["repo"], result)
+    expected = new_jobs(before, config, study["grammar"])
+    assert set(expected["summarise_seeds"]) == {
+        f"results/{MODEL}/ratio0/eval.json",
+        f"results/{MODEL}/temp1/ratio0.5/eval.json",
+    }
+    assert executed(result.stdout) == expected, result.stdout[-5000:]
+    study["small"] = config  # the next test goes on from here
+
+
 def test_an_added_forgetting_task_computes_only_its_requests(study):
     """Every model is evaluated again (each eval.json must hold the new task), but each
     evaluation computes only the new task's requests: the others come from its cache."""
-    config = copy.deepcopy(study["config"])
+    config = copy.deepcopy(study.get("small") or small_study(study))
     config["evaluation"]["forgetting"].append({"task": ADDED_TASK, "metric": "p_correct,none"})
-    result = run(study["repo"], config, "plus_task.yaml")
+    result = run(study["repo"], config, "small_plus_task.yaml")
     assert result.returncode == 0, failure_report(study["repo"], result)
     jobs = executed(result.stdout)
     grid = grid_jobs(config, study["grammar"])
@@ -438,13 +460,14 @@ def test_an_added_forgetting_task_computes_only_its_requests(study):
     assert jobs == {
         "evaluate_finetuned": grid["evaluate_finetuned"],
         "summarise_seeds": grid["summarise_seeds"],
-        **REPORTING,
+        **reporting("small"),
     }
-    for cell in CELLS:
-        record = json.loads((study["repo"] / seed_eval(cell)).read_text())
+    evals = [seed_eval("base")] + sorted(grid["evaluate_finetuned"])
+    for path in evals:
+        record = json.loads((study["repo"] / path).read_text())
         counts = record["requests"]["per_task"]
         assert set(counts) == {"cfs_add_sub", *FORGETTING, ADDED_TASK}
-        assert record["requests"]["computed"] == counts[ADDED_TASK] > 0, cell
+        assert record["requests"]["computed"] == counts[ADDED_TASK] > 0, path
 
 
 # --------------------------------------------------------------------------- bad input

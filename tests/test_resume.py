@@ -20,6 +20,7 @@ from cfs.data import arithmetic_problems, render
 from conftest import (
     PACKAGE_DIR,
     TEMPLATE,
+    evaluation_settings,
     generation_settings,
     model_weights,
     read_jsonl,
@@ -268,3 +269,90 @@ def test_killed_generation_resumes_to_the_same_samples(tiny_model_dir, tmp_path)
     expected_provenance = json.loads(reference.with_suffix(".provenance.json").read_text())
     for key in ("prompt_token_id", "num_samples", "num_tokens", "seed", "temperature"):
         assert provenance[key] == expected_provenance[key], key
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluation_command(tiny_model_dir, root: Path, out: Path, limit: int) -> list[str]:
+    settings = evaluation_settings(
+        forgetting=[{"task": "cfs_capitals", "metric": "p_correct,none"}],
+        batch_size=1,  # a request a forward: the run is long enough to be killed mid-way
+        limit=limit,
+        dtype="float32",
+    )
+    return [
+        sys.executable,
+        "-m",
+        "cfs.evaluate",
+        "--model",
+        str(tiny_model_dir),
+        "--settings",
+        json.dumps(settings),
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
+
+
+@pytest.fixture(scope="module")
+def evaluation_root(tmp_path_factory):
+    """A working folder with the repository's tasks and the target's test problems."""
+    root = tmp_path_factory.mktemp("resume_eval")
+    shutil.copytree(PACKAGE_DIR.parent / "tasks", root / "tasks")
+    problems = render(arithmetic_problems(40, seed=2), TEMPLATE)
+    write_jsonl(root / "results" / "data" / "add_sub" / "test.jsonl", problems)
+    return root
+
+
+def cached(out: Path) -> int:
+    from cfs.request_cache import cached_requests
+
+    caches = list(out.with_name(out.stem + "_cache").glob("*_rank0.db"))
+    return cached_requests(Path(str(caches[0]).removesuffix("_rank0.db"))) if caches else 0
+
+
+def test_killed_evaluation_resumes_from_its_request_cache(tiny_model_dir, evaluation_root):
+    """SIGKILL mid-way (a time limit), the same command again: only the requests the cache
+    lacks are computed, and the scores are those of an uninterrupted evaluation."""
+    env = stage_env()
+    reference = evaluation_root / "reference" / "eval.json"
+    command = evaluation_command(tiny_model_dir, evaluation_root, reference, limit=40)
+    subprocess.run(command, cwd=evaluation_root, env=env, check=True, capture_output=True)
+    killed = evaluation_root / "killed" / "eval.json"
+    command = evaluation_command(tiny_model_dir, evaluation_root, killed, limit=40)
+    process = subprocess.Popen(
+        command, cwd=evaluation_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    while process.poll() is None and cached(killed) < 20:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not killed.exists(), "the evaluation ended before it was killed"
+    done = cached(killed)
+    subprocess.run(command, cwd=evaluation_root, env=env, check=True, capture_output=True)
+    first, second = (json.loads(path.read_text()) for path in (reference, killed))
+    total = sum(second["requests"]["per_task"].values())
+    assert second["requests"]["computed"] == total - done > 0
+    # the same numbers: cached answers are the first run's, the rest computed as it did
+    assert (second["metrics"], second["items"]) == (first["metrics"], first["items"])
+
+
+def test_another_model_starts_a_fresh_request_cache(tiny_model_dir, evaluation_root, tmp_path):
+    """A cache is keyed to the model folder: a fine-tune run again (its files rewritten)
+    gets no answer of the model before it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = evaluation_root / "fresh" / "eval.json"
+    command = evaluation_command(model, evaluation_root, out, limit=5)
+    env = stage_env()
+    subprocess.run(command, cwd=evaluation_root, env=env, check=True, capture_output=True)
+    total = sum(json.loads(out.read_text())["requests"]["per_task"].values())
+    subprocess.run(command, cwd=evaluation_root, env=env, check=True, capture_output=True)
+    assert json.loads(out.read_text())["requests"]["computed"] == 0  # all from the cache
+    for weights in model.glob("*.safetensors"):
+        os.utime(weights)  # rewritten, as a new fine-tune writes it
+    subprocess.run(command, cwd=evaluation_root, env=env, check=True, capture_output=True)
+    assert json.loads(out.read_text())["requests"]["computed"] == total
+    assert len(list(out.with_name("eval_cache").iterdir())) == 1  # the stale cache is gone

@@ -57,6 +57,11 @@ def test_profile_selects_slurm_and_retries_without_site_values():
     assert profile["slurm-no-account"] is True
     assert "set-resources" not in profile and not profile["default-resources"]
     assert "slurm-status-command" not in profile  # the plugin picks sacct or squeue
+    assert profile["software-deployment-method"] == "conda"  # each rule in its envs/*.yaml
+
+
+def test_profile_can_run_every_job_in_the_submitting_environment():
+    assert "software-deployment-method" not in load_profile({"CFS_SLURM_SDM": "none"})
 
 
 def test_profile_takes_site_values_from_the_environment():
@@ -105,6 +110,8 @@ def test_gpu_site_values_reach_every_gpu_stage_job_and_no_other(tmp_path):
     for rule, block in jobs:
         on_gpu_partition = "slurm_partition=gpu" in block and "gpu_model=a100" in block
         assert on_gpu_partition == (rule in gpu_stage_rules), (rule, block)
+        # a GPU stage's job is one node: its GPUs are never split over two
+        assert ("nodes=1" in block) == (rule in gpu_stage_rules), (rule, block)
         seen.add(rule)
     assert gpu_stage_rules <= seen
 
@@ -238,8 +245,9 @@ def slurm_run(local_slurm, tiny_model_dir, tmp_path_factory):
     config["train"].update(batch_size=4, micro_batch_size=4 // FAKE_GPUS)
     config["models"][MODEL]["resources"] = {"mem_mb": 2000, "runtime": 20, "train_gpus": FAKE_GPUS}
     (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    env = snakemake_env({**local_slurm["env"], "OMP_NUM_THREADS": "1"})
-    # exactly what a user types (README), plus a short first status check for the test
+    # no conda on this machine: every job runs in the test's environment
+    env = snakemake_env({**local_slurm["env"], "OMP_NUM_THREADS": "1", "CFS_SLURM_SDM": "none"})
+    # what a user types (README), plus a short first status check for the test
     command = [sys.executable, "-m", "snakemake", "--profile", "slurm", "all"]
     command += ["--slurm-init-seconds-before-status-checks", "2"]
     output = repo / "snakemake.out"

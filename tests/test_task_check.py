@@ -1,4 +1,4 @@
-"""Issue 11: the evaluation's lm-eval task names and metric filters are checked before any
+"""The evaluation's lm-eval task names and metric filters are checked before any
 job runs; an error names the config key and the nearest known task name."""
 
 from __future__ import annotations
@@ -75,3 +75,26 @@ def test_command_line_writes_the_record(tmp_path, index, monkeypatch, caplog):
         run_stage(task_check.main, argv)
     assert exit_code.value.code == 1 and not (tmp_path / "other.json").exists()
     assert "evaluation.forgetting[0].task" in caplog.text and "'cfs_animals'" in caplog.text
+
+
+def test_several_task_folders_are_read_together(tmp_path):
+    """evaluation.include_path may list folders: the project's tasks and one's own."""
+    own = tmp_path / "my_tasks" / "my_task"
+    own.mkdir(parents=True)
+    (own / "my_task.yaml").write_text(
+        "task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: x.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a, b]\n"
+        "doc_to_target: 0\nmetric_list:\n  - metric: acc\n"
+    )
+    index = task_check.task_index(["tasks", str(tmp_path / "my_tasks")])
+    assert {"my_task", "cfs_animals", "cfs_add_sub"} <= set(index)
+    record = task_check.check_tasks(
+        settings(
+            {"task": "my_task", "metric": "acc,none"},
+            {"task": "cfs_animals", "metric": "p_correct,none"},
+        ),
+        index,
+    )
+    assert [task["task"] for task in record["tasks"]] == ["my_task", "cfs_animals"]
+    with pytest.raises(SettingsError, match=r"evaluation.include_path\[1\]"):
+        task_check.task_index(["tasks", str(tmp_path / "missing")])

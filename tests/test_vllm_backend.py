@@ -196,7 +196,7 @@ def test_llm_is_built_from_the_model_folder_and_settings(fake_vllm):
 
 
 def test_prompts_are_token_ids_and_the_engine_has_the_one_seed(fake_vllm):
-    """Issue 11: per-request seeds make vLLM sample request by request; one engine seed
+    """Per-request seeds make vLLM sample request by request; one engine seed
     keeps samples reproducible and, for identical prompts, distinct."""
     prompts = [[50279]] * 6  # context-free: every prompt is the same single token
     results = run(prompts, seed=3)
@@ -311,10 +311,9 @@ def test_this_machine_has_no_usable_vllm():
 def test_vllm_generation_runs_in_chunks_and_resumes(
     fake_vllm, tiny_model_dir, tmp_path, monkeypatch
 ):
-    """Issue 11: vLLM took every prompt in one call, so a job killed at the time limit
-    started from zero. Now each `vllm_chunk_size` prompts are one call recorded in the
-    resume file; a restarted job samples only the chunks not yet finished, with one engine
-    (one context length) for the whole job."""
+    """Each `vllm_chunk_size` prompts are one vLLM call, recorded in the resume file, so a
+    job killed at its time limit loses at most one chunk: a restarted job samples only the
+    chunks not yet finished, with one engine (one context length) for the whole job."""
     from cfs import generate
 
     settings = generation_settings(

@@ -99,10 +99,11 @@ def write_json(path: str | Path, payload: dict) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def read_json(path: str | Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -69,3 +70,14 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
     except (DataError, SettingsError, FileNotFoundError) as error:
         logging.getLogger("cfs").error("%s", error)
         sys.exit(1)
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (its imports included), where /proc says."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - started

@@ -62,7 +62,10 @@ class ForgettingCurves(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:
+            # logging resets the Trainer's should_log: its own loss log of this step stays due
+            should_log = control.should_log
             self._point(model, state)
+            control.should_log = should_log
 
     @torch.no_grad()
     def _point(self, model, state) -> None:

@@ -101,3 +101,13 @@ def reads_weights(args) -> bool:
     if args.fsdp and str(args.fsdp_config.get("cpu_ram_efficient_loading")).lower() == "true":
         return process_rank() == 0
     return True
+
+
+def gather(value) -> list:
+    """`value` of every process, in rank order (a collective: every process calls it); a
+    list of one outside a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values

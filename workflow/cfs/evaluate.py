@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from cfs.artifacts import (
     scrub_secrets,
     write_json,
 )
-from cfs.cli import require, run_stage, set_threads, stage_parser
+from cfs.cli import process_seconds, require, run_stage, set_threads, stage_parser
 from cfs.errors import DataError, SettingsError
 from cfs.heldout import kl_and_nll_sums, padded_batches, predicted_logprobs
 from cfs.heldout import summarise as heldout_summary
@@ -228,7 +229,7 @@ def build_tasks(task_manager, entries: list[dict], seed: int) -> list:
     return [configured_task(task_manager, entry) for entry in entries]
 
 
-def run_lm_eval(model_dir: Path, settings: dict, cache_folder: Path | None = None):
+def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None):
     """Run lm-eval on every task; return ({task: {metric: value}}, {task: {item: score}},
     the harness settings, {"total", "computed"} request counts).
 
@@ -236,7 +237,8 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder: Path | None = Non
     task. Tasks run in groups by `apply_chat_template` (a per-task option: reasoning
     benchmarks want the chat template, log-likelihood multiple choice usually not). With a
     `cache_folder`, finished requests are kept there (cfs.request_cache), keyed to this model
-    folder and harness: a rerun computes only what is not cached."""
+    folder and harness: a rerun computes only what is not cached. `seconds`, if given, gets
+    the model's load time."""
     import lm_eval
     from lm_eval.api.registry import get_model
 
@@ -251,7 +253,10 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder: Path | None = Non
     if backend == "cfs-hf":
         import cfs.lm_eval_model  # noqa: F401 - registers the backend with lm-eval
     log.info("lm-eval backend %s, model_args %s", backend, scrub_secrets(model_args))
+    started = time.perf_counter()
     lm = get_model(backend).create_from_arg_obj(model_args, extra)
+    if seconds is not None:
+        seconds["model_load"] = time.perf_counter() - started
     counter = PositionCounter(lm.model) if backend in HF_BACKENDS else None
     harness = lm_eval_harness_settings(settings, backend, model_args)
     prefix = cache_prefix(cache_folder, model_dir, harness) if cache_folder else None
@@ -317,7 +322,7 @@ def item_scores(samples: dict[str, list[dict]], entries: list[dict]) -> dict[str
     return items
 
 
-def local_task_manager(include_path: str, tasks: list[str]):
+def local_task_manager(include_path: str | list[str], tasks: list[str]):
     """Index only the local task folder when it holds every task: scanning lm-eval's
     thousands of built-in task files costs seconds in every evaluation job."""
     from lm_eval.tasks import TaskManager
@@ -382,6 +387,8 @@ def evaluate(
             base_record, lm_eval_harness_settings(settings, backend, model_args), base_eval
         )
     # KL first: its HF models are freed before lm-eval (perhaps vLLM) claims the GPU.
+    seconds = {"start_up": process_seconds()}
+    started = time.perf_counter()
     kl_metrics = {"kl_to_base": 0.0}
     if base_model_dir is not None:
         samples = read_jsonl(heldout)
@@ -396,7 +403,9 @@ def evaluate(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    task_scores, items, harness, requests = run_lm_eval(model_dir, settings, cache_folder)
+    seconds["kl_to_base"] = time.perf_counter() - started
+    task_scores, items, harness, requests = run_lm_eval(model_dir, settings, cache_folder, seconds)
+    seconds["lm_eval"] = time.perf_counter() - started - seconds["kl_to_base"]
     metrics = summarise(task_scores, settings)
     metrics.update(kl_metrics)
     record = {
@@ -410,6 +419,7 @@ def evaluate(
         },
         "items": items,
         "requests": requests,
+        "seconds": seconds,  # start-up: imports and argument parsing, before any work
     }
     if base_record is not None:
         base = base_record["metrics"]

@@ -30,16 +30,11 @@ def padded_batches(samples: list[dict], batch_size: int, pad_id: int = 0):
 
 @torch.no_grad()
 def predicted_logprobs(model, ids: torch.Tensor, mask: torch.Tensor):
-    """(log-probabilities, targets) at the positions followed by a real token, float32.
-    The LM head runs at those positions only."""
-    keep = torch.nn.functional.pad(mask[:, 1:], (0, 1)).bool()
-    logits = model(
-        input_ids=ids.to(model.device),
-        attention_mask=mask.to(model.device),
-        logits_to_keep=keep.to(model.device),
-    ).logits
-    targets = ids[:, 1:][mask[:, 1:].bool()].to(logits.device)
-    return F.log_softmax(logits.float(), dim=-1), targets
+    """(log-probabilities, targets) at the positions followed by a real token, float32."""
+    logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+    keep = mask[:, 1:].bool().to(logits.device)
+    targets = ids[:, 1:].to(logits.device)[keep]
+    return F.log_softmax(logits[:, :-1][keep].float(), dim=-1), targets
 
 
 def kl_and_nll_sums(base_logprobs, logprobs, targets) -> tuple[float, float, int]:

@@ -88,9 +88,68 @@ def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one of its own."""
+    shortest = min(len(prompt) for prompt in prompts)
+    length = 0
+    while length < shortest - 1 and all(p[length] == prompts[0][length] for p in prompts):
+        length += 1
+    return length
+
+
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch: each row counts from its first real token."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class SharedContext:
+    """The requests of one context as one packed row: the context, then each continuation
+    but its last token (which predicts nothing scored), every continuation attending to
+    the context and to itself only, its positions following the context's. The first
+    token of every continuation is scored at the context's last position."""
+
+    def __init__(self, context: tuple, indices: list[int], requests):
+        self.context = context
+        self.tokens = list(context)
+        self.segments = [0] * len(context)
+        self.positions = list(range(len(context)))
+        self.scored = [len(context) - 1]
+        self._spans = {}
+        for segment, index in enumerate(indices, start=1):
+            continuation = requests[index][2]
+            first = len(self.tokens)
+            self.tokens += continuation[:-1]
+            self.segments += [segment] * (len(continuation) - 1)
+            self.positions += range(len(context), len(context) + len(continuation) - 1)
+            self.scored += range(first, len(self.tokens))
+            self._spans[index] = (first, continuation)
+        self.length = len(self.tokens)
+
+    def targets(self) -> dict[int, tuple[list[int], list[int]]]:
+        """{request: (rows of this row's scored logits, the tokens they score)}."""
+        rank = {position: row for row, position in enumerate(self.scored)}
+        return {
+            index: (
+                [0] + [rank[p] for p in range(first, first + len(continuation) - 1)],
+                list(continuation),
+            )
+            for index, (first, continuation) in self._spans.items()
+        }
+
+
+def shared_context_mask(segments: torch.Tensor, dtype) -> torch.Tensor:
+    """(batch, 1, length, length) attention mask of packed SharedContext rows: causal,
+    within the context (segment 0) and within each continuation, and from every
+    continuation to the context. A padding position (-1) attends to itself only."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = causal & ((query == key) | (key == 0)) & (query >= 0)
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding: itself (no empty row)
+    allowed = allowed[:, None]
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @register_model(NAME)
@@ -104,92 +163,73 @@ class SharedPrefixHFLM(HFLM):
             len(context) + len(continuation) <= self.max_length + 1
             for _, context, continuation in requests
         ]
-        if self.backend != "causal" or self.batch_size == "auto" or not all(fits):
+        packable = self.model.config._attn_implementation in ("sdpa", "eager")
+        if self.backend != "causal" or self.batch_size == "auto" or not all(fits) or not packable:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         groups = defaultdict(list)  # context tokens -> indices of its requests
         for index, (_, context, _) in enumerate(requests):
             groups[tuple(context)].append(index)
-        # longest contexts first, as lm-eval orders its batches
-        order = sorted(groups, key=lambda context: (-len(context), context))
-        rows_per_batch = override_bs or self.batch_size
+        rows = [SharedContext(context, indices, requests) for context, indices in groups.items()]
+        rows.sort(key=lambda row: (-row.length, row.context))  # longest first, as lm-eval
+        # at most the positions of lm-eval's own largest batch: batch_size x longest request
+        budget = (override_bs or self.batch_size) * max(
+            len(context) + len(continuation) for _, context, continuation in requests
+        )
         results: list = [None] * len(requests)
         progress = tqdm(
             total=len(requests),
             disable=disable_tqdm or self.rank != 0,
             desc="Running loglikelihood requests (shared contexts)",
         )
-        batch: list[tuple] = []
-        rows = 0
-        for context in order:
-            members = groups[context]
-            if batch and rows + len(members) > rows_per_batch:
-                self._score_contexts(batch, requests, results, progress)
-                batch, rows = [], 0
-            batch.append((context, members))
-            rows += len(members)
-        if batch:
-            self._score_contexts(batch, requests, results, progress)
+        start = 0
+        while start < len(rows):
+            width = rows[start].length  # the longest row of the batch comes first
+            count = max(1, min(len(rows) - start, budget // width))
+            self._score_rows(rows[start : start + count], width, requests, results, progress)
+            start += count
         progress.close()
         return results
 
     @torch.no_grad()
-    def _score_contexts(self, batch, requests, results, progress) -> None:
-        """Contexts once (left-padded, the head at the last position only), then every
-        continuation on its context's keys and values (right-padded after it)."""
+    def _score_rows(self, rows, width, requests, results, progress) -> None:
+        """One forward of packed rows (SharedContext); the LM head at scored positions."""
         pad_id = self.tokenizer.pad_token_id or 0
-        ids, mask = left_padded([list(context) for context, _ in batch], pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache()
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        scored = torch.zeros((len(rows), width), dtype=torch.bool)
+        for index, row in enumerate(rows):
+            ids[index, : row.length] = torch.tensor(row.tokens)
+            segments[index, : row.length] = torch.tensor(row.segments)
+            positions[index, : row.length] = torch.tensor(row.positions)
+            scored[index, row.scored] = True
         with self._autocast():
-            last = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions(mask),
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-        members = [(group, index) for group, (_, indices) in enumerate(batch) for index in indices]
-        owner = torch.tensor([group for group, _ in members], device=self.device)
-        continuations = [requests[index][2] for _, index in members]
-        # each continuation's first token is scored at its context's last position, the
-        # others at the continuation's own positions (the head at those positions only)
-        first = F.log_softmax(last[owner].float(), dim=-1)
-        rest = [first.new_zeros((0, first.shape[-1])) for _ in members]
-        width = max(len(continuation) for continuation in continuations) - 1
-        if width:
-            cache.reorder_cache(owner)
-            tail = torch.full((len(members), width), pad_id, dtype=torch.long)
-            tail_mask = torch.zeros((len(members), width), dtype=torch.bool)
-            for row, continuation in enumerate(continuations):
-                tail[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
-                tail_mask[row, : len(continuation) - 1] = True
-            tail, tail_mask = tail.to(self.device), tail_mask.to(self.device)
-            start = mask.sum(-1)[owner, None]  # each row's context length
-            with self._autocast():
-                logits = self.model(
-                    input_ids=tail,
-                    attention_mask=torch.cat([mask[owner], tail_mask.long()], dim=1),
-                    position_ids=start + torch.arange(width, device=self.device),
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=tail_mask,
-                ).logits
-            scored = F.log_softmax(logits.float(), dim=-1).split(tail_mask.sum(-1).tolist())
-            rest = list(scored)
-        for row, (_, index) in enumerate(members):
-            continuation = continuations[row]
-            logprobs = torch.cat([first[row, None], rest[row]])
-            targets = torch.tensor(continuation, device=self.device)
-            answer = (
-                float(logprobs.gather(1, targets[:, None]).sum()),
-                bool((logprobs.argmax(-1) == targets).all()),
-            )
-            results[index] = answer
-            request_str = requests[index][0]
-            if request_str is not None:  # loglikelihood_rolling caches per document
-                self.cache_hook.add_partial("loglikelihood", request_str, answer)
-            progress.update(1)
+            logits = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=shared_context_mask(segments, self._mask_dtype()).to(self.device),
+                position_ids=positions.to(self.device),
+                logits_to_keep=scored.to(self.device),
+            ).logits
+        logprobs = F.log_softmax(logits.float(), dim=-1).split(scored.sum(-1).tolist())
+        for row, row_logprobs in zip(rows, logprobs, strict=True):
+            for index, (picks, targets) in row.targets().items():
+                chosen = row_logprobs[torch.tensor(picks, device=self.device)]
+                targets = torch.tensor(targets, device=self.device)
+                answer = (
+                    float(chosen.gather(1, targets[:, None]).sum()),
+                    bool((chosen.argmax(-1) == targets).all()),
+                )
+                results[index] = answer
+                request_str = requests[index][0]
+                if request_str is not None:  # loglikelihood_rolling caches per document
+                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                progress.update(1)
+
+    def _mask_dtype(self):
+        """SDPA takes a boolean mask; eager attention adds a float one."""
+        if self.model.config._attn_implementation == "sdpa":
+            return torch.bool
+        return next(self.model.parameters()).dtype
 
     # ------------------------------------------------------------------ greedy generation
 
@@ -254,12 +294,25 @@ class SharedPrefixHFLM(HFLM):
         eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
         lookback = max(len(self.tok_encode(t, add_special_tokens=False)) for t in until) + 2
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids, mask = left_padded(prompts, pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
+        # the prompts' common beginning (a template's, few-shot examples) runs once
+        shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+        if shared:
+            with self._autocast():
+                self.model(
+                    input_ids=torch.tensor([prompts[0][:shared]], device=self.device),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            cache.reorder_cache(torch.zeros(len(prompts), dtype=torch.long, device=self.device))
+        ids, mask = left_padded([prompt[shared:] for prompt in prompts], pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        step_ids, step_positions = ids, shared + positions(mask)
+        mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=1)
         generated: list[list[int]] = [[] for _ in prompts]
         active = list(range(len(prompts)))  # the prompt of each row of the batch
-        step_ids, step_positions = ids, positions(mask)
+        done: set[int] = set()  # stopped prompts whose rows are still in the batch
         while True:
             with self._autocast():
                 logits = self.model(
@@ -273,6 +326,8 @@ class SharedPrefixHFLM(HFLM):
             tokens = logits.argmax(-1).tolist()
             keep = []
             for row, (prompt, token) in enumerate(zip(active, tokens, strict=True)):
+                if prompt in done:
+                    continue
                 generated[prompt].append(token)
                 recent = self.tok_decode(generated[prompt][-lookback:], skip_special_tokens=False)
                 stopped = (
@@ -280,15 +335,22 @@ class SharedPrefixHFLM(HFLM):
                     or len(generated[prompt]) >= max_gen_toks
                     or any(term and term in recent for term in until)
                 )
-                if not stopped:
+                if stopped:
+                    done.add(prompt)
+                else:
                     keep.append(row)
             if not keep:
                 return generated
-            if len(keep) < len(active):
+            # Stopped rows leave once they are a quarter of the batch: each compaction
+            # copies the whole key-value cache, and a stopped row costs one position a step.
+            if len(active) - len(keep) >= max(1, len(active) // 4):
+                done.clear()
                 index = torch.tensor(keep, device=self.device)
                 cache.reorder_cache(index)
                 mask, active = mask[index], [active[row] for row in keep]
                 tokens = [tokens[row] for row in keep]
+            else:  # stopped rows decode on, their tokens unused
+                keep = list(range(len(active)))
             step_positions = mask.sum(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step_ids = torch.tensor(tokens, device=self.device)[:, None]

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cfs.distributed import gather
 from cfs.tokens import IGNORE_INDEX, batch_seed
 
 
@@ -231,12 +232,8 @@ class KLToBase(WeightedSyntheticLoss):
 def synthetic_draws(term: WeightedSyntheticLoss) -> dict:
     """What the synthetic term drew in this run, over all processes: samples per optimizer
     step (configured: round(ratio x train.batch_size)) and how many of them were distinct."""
-    drawn = [term.drawn]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        drawn = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(drawn, term.drawn)
     steps: dict[int, list[int]] = {}
-    for part in drawn:
+    for part in gather(term.drawn):
         for step, indices in part.items():
             steps.setdefault(int(step), []).extend(indices)
     counts = sorted({len(indices) for indices in steps.values()})

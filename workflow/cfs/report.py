@@ -28,6 +28,7 @@ from cfs.artifacts import atomic_path, read_json, write_json
 from cfs.cli import run_stage
 from cfs.errors import DataError
 from cfs.figures import read_curves, write_figures
+from cfs.results_page import results_page
 from cfs.statistics import (
     CONFIDENCE,
     paired_difference,
@@ -351,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     table.add_argument("--out", required=True, type=Path)
     table.add_argument("--differences", type=Path)
     table.add_argument("--verdicts", type=Path)
+    table.add_argument("--page", type=Path, help="the results as one Markdown page")
+    table.add_argument("--study", default="default", help="the study's name, for the page")
     figures = commands.add_parser("figures", help="write PNG figures from summary.csv")
     figures.add_argument("--summary", required=True, type=Path)
     figures.add_argument("--differences", type=Path, help="differences.csv (paired)")
@@ -365,13 +368,17 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "table":
         cells = read_cells(args.evals)
         write_csv(sort_rows(pd.DataFrame([summary_row(c) for c in cells])), args.out)
+        summary = sort_rows(pd.DataFrame([summary_row(c) for c in cells]))
+        differences, verdicts = build_differences(cells), build_verdicts(cells)
         if args.differences:
-            write_csv(build_differences(cells), args.differences)
+            write_csv(differences, args.differences)
         if args.verdicts:
-            verdicts = build_verdicts(cells)
             write_csv(verdicts, args.verdicts)
             for row in verdicts.itertuples():
                 log.info("%s: %s (%s)", row.verdict, row.claim, row.comparison)
+        if args.page:
+            with atomic_path(args.page) as tmp:
+                tmp.write_text(results_page(args.study, summary, differences, verdicts))
     else:
         summary = pd.read_csv(args.summary)
         differences = pd.read_csv(args.differences) if args.differences else None

@@ -100,13 +100,18 @@ def check_entry(key: str, entry: dict, index: dict) -> dict:
     return record
 
 
-def task_index(include_path: str | None) -> dict:
-    """lm-eval's index of task names: built-in tasks and those under `include_path`."""
+def task_index(include_path: str | list[str] | None) -> dict:
+    """lm-eval's index of task names: built-in tasks and those under `include_path` (a
+    folder or a list of folders; a later folder's task of the same name wins)."""
     from lm_eval.tasks import TaskManager
 
-    if include_path and not Path(include_path).is_dir():
-        raise SettingsError(f"evaluation.include_path '{include_path}' is not a folder")
-    return TaskManager(include_path=include_path or None).task_index
+    listed = not isinstance(include_path, str)
+    folders = list(include_path or []) if listed else [include_path]
+    for index, folder in enumerate(folders):
+        if not Path(folder).is_dir():
+            key = f"evaluation.include_path[{index}]" if listed else "evaluation.include_path"
+            raise SettingsError(f"{key}: '{folder}' is not a folder")
+    return TaskManager(include_path=folders or None).task_index
 
 
 def check_tasks(settings: dict, index: dict | None = None) -> dict:
@@ -125,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="JSON record of the check")
     args = parser.parse_args(argv)
     record = check_tasks(args.settings)
-    for task in record["tasks"]:
-        log.info("%s: %s (%s)", task["key"], task["task"], task.get("checked"))
+    for checked in record["tasks"]:
+        log.info("%s: %s (%s)", checked["key"], checked["task"], checked.get("checked"))
     record["provenance"] = provenance("check_evaluation_tasks", args.settings)
     write_json(args.out, record)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -216,6 +217,8 @@ def fine_tune(
     ]
     if schedule:
         rows = [rows[index] for index in schedule.order]
+    if "tensorboard" in settings["report_to"]:  # beside the model, not in the working folder
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out.parent / "tensorboard"))
     # The arguments first: they join the process group, which loading under FSDP needs.
     args = training_arguments(settings, checkpoints, device, schedule)
     # Under FSDP the weights are read once (by rank 0; the others build the model on the

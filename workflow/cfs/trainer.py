@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
+from cfs.distributed import gather
 from cfs.examples import trained_positions_only
 from cfs.objectives import KLToBase, L2ToInitial
 
@@ -135,12 +136,8 @@ class SkipFinalCheckpoint(TrainerCallback):
 def examples_per_step(trainer) -> list[list[int]]:
     """[task examples, all examples] of each optimizer step, as the trainer consumed them
     (summed over the processes)."""
-    counts = [trainer.examples_per_step]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        counts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(counts, trainer.examples_per_step)
     steps: dict[int, list[int]] = {}
-    for part in counts:
+    for part in gather(trainer.examples_per_step):
         for step, (task, total) in part.items():
             both = steps.setdefault(int(step), [0, 0])
             both[0], both[1] = both[0] + task, both[1] + total

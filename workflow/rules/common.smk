@@ -44,6 +44,7 @@ EVAL_CELL = alternatives(METHODS)
 # The study's tables and figures, under its name: studies sharing one results/ folder
 # share their cells' jobs but never overwrite each other's tables.
 REPORT_DIR = f"results/studies/{STUDY.name}"
+RESULTS_PAGE = f"{REPORT_DIR}/results.md"
 REPORT_TABLES = {
     name: f"{REPORT_DIR}/{name}.csv" for name in ("summary", "differences", "verdicts")
 }
@@ -101,7 +102,7 @@ def figure_paths():
 
 
 def final_outputs():
-    return list(REPORT_TABLES.values()) + cell_cards() + figure_paths()
+    return list(REPORT_TABLES.values()) + [RESULTS_PAGE] + cell_cards() + figure_paths()
 
 
 def samples_file(kind, suffix=".jsonl"):

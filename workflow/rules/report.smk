@@ -41,15 +41,19 @@ rule summary_table:
             caption="../report/verdicts.rst",
             category="Table",
         ),
+        page=RESULTS_PAGE,
     log:
         f"results/logs/summary_table/{STUDY.name}.log",
     conda:
         "../../envs/cfs.yaml"
     resources:
         **stage_resources("report"),
+    params:
+        study=STUDY.name,
     shell:
         "python -m cfs.report table --evals {input} --out {output.summary}"
-        " --differences {output.differences} --verdicts {output.verdicts} > {log} 2>&1"
+        " --differences {output.differences} --verdicts {output.verdicts}"
+        " --page {output.page} --study {params.study} > {log} 2>&1"
 
 
 rule figures:

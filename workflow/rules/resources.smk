@@ -44,13 +44,16 @@ def stage_resources(stage):
             )
         )
         for resource, key in config_keys.items()
-    } | (gpu_site_resources() if stage in GPU_STAGES else {})
+    } | (gpu_stage_resources() if stage in GPU_STAGES else {})
 
 
-def gpu_site_resources():
-    """Partition and GPU type of the GPU stages' jobs, where the site sets them."""
+def gpu_stage_resources():
+    """One node for every GPU-stage job (the Slurm plugin passes --nodes only when a `nodes`
+    resource exists: without it, 8 GPUs may come as 4 + 4 on two nodes, and
+    `torchrun --standalone` sees 4), and the partition and GPU type where the site sets
+    them."""
     site = {
         "slurm_partition": os.environ.get("CFS_SLURM_GPU_PARTITION"),
         "gpu_model": os.environ.get("CFS_SLURM_GPU_MODEL"),
     }
-    return {key: value for key, value in site.items() if value}
+    return {"nodes": 1} | {key: value for key, value in site.items() if value}

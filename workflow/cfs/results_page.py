@@ -1,0 +1,104 @@
+"""The study's results on one Markdown page (results/studies/<name>/results.md): when and
+where it ran, each cell's numbers with their 95% intervals, the paired differences from
+plain fine-tuning, the verdicts and the figures.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from cfs.statistics import CONFIDENCE
+from cfs.study import FIGURES
+
+PERCENT = ("target", "forgetting_avg")
+
+
+def interval(row, column: str, scale: float) -> str:
+    value, low, high = (row[column], row[f"{column}_low"], row[f"{column}_high"])
+    if pd.isna(low) or pd.isna(high):
+        return f"{value * scale:.3g}"
+    return f"{value * scale:.3g} [{low * scale:.3g}, {high * scale:.3g}]"
+
+
+def signed(value: float, low: float, high: float, scale: float) -> str:
+    return f"{value * scale:+.2f} [{low * scale:+.2f}, {high * scale:+.2f}]"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def results_page(
+    name: str, summary: pd.DataFrame, differences: pd.DataFrame, verdicts: pd.DataFrame
+) -> str:
+    level = f"{CONFIDENCE:.0%}"
+    lines = [
+        f"# Study `{name}`: results",
+        "",
+        f"Written {datetime.date.today().isoformat()} on {machine()}. Target and forgetting "
+        f"average in percent; every interval is {level} (seeds and test items resampled; "
+        "KL to base: Student t over seeds).",
+        "",
+        "## Each cell",
+        "",
+    ]
+    rows = []
+    for row in summary.itertuples(index=False):
+        row = row._asdict()
+        rows.append(
+            [
+                row["model"],
+                row["label"],
+                row["num_seeds"],
+                interval(row, "target", 100),
+                interval(row, "forgetting_avg", 100),
+                interval(row, "kl_to_base", 1),
+                "" if pd.isna(row.get("effective_lambda")) else f"{row['effective_lambda']:.2f}",
+            ]
+        )
+    header = ["model", "cell", "seeds", "target", "forgetting avg", "KL to base", "eff. λ"]
+    lines += markdown_table(header, rows)
+    lines += ["", "## Each cell minus plain fine-tuning (paired)", ""]
+    rows = []
+    against_plain = differences[differences["versus"] == "plain"]
+    for (model, label), group in against_plain.groupby(["model", "label"], sort=False):
+        by_metric = group.set_index("metric")
+        cells = [model, label]
+        for metric, scale in (("target", 100), ("forgetting_avg", 100), ("kl_to_base", 1)):
+            item = by_metric.loc[metric]
+            cells.append(signed(item["difference"], item["low"], item["high"], scale))
+        rows.append(cells)
+    lines += markdown_table(["model", "cell", "target", "forgetting avg", "KL to base"], rows)
+    lines += ["", "## Verdicts", ""]
+    rows = [
+        [
+            row.claim,
+            row.comparison,
+            f"{row.verdict} ({signed(row.forgetting_avg_difference, row.low, row.high, 100)})",
+            f"{row.kl_verdict} ({signed(row.kl_to_base_difference, row.kl_low, row.kl_high, 1)})",
+        ]
+        for row in verdicts.itertuples()
+    ]
+    lines += markdown_table(["claim", "comparison", "on forgetting avg", "on KL to base"], rows)
+    lines += ["", "## Figures", ""]
+    for model in summary["model"].unique():
+        lines += [f"![{model} {figure}](figures/{model}_{figure}.png)" for figure in FIGURES]
+    return "\n".join(lines) + "\n"
