@@ -35,14 +35,9 @@ DEFAULT_CONFIG = REPO / "config" / "config.yaml"
 
 def machine() -> dict:
     """nproc, CPU model, memory, torch/transformers versions, GPU if any."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from cfs.results_page import cpu_name
+
+    cpu = cpu_name()
     memory = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -277,6 +277,7 @@ def train_settings(**overrides) -> dict:
     """cfs.train's settings as the rules hand them: config.train whole (schema defaults
     filled in), the seed and the method (plain full fine-tuning unless overridden)."""
     settings = {**validated_config()["train"], "seed": 0, "method": {"name": "plain", "ratio": 0.0}}
+    settings["curve_every"] = 0  # no curves unless a test asks (they need held-out data)
     return {**settings, **overrides}
 
 

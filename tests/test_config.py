@@ -257,6 +257,7 @@ def test_optional_sections_fall_back_to_schema_defaults(tmp_path):
     config = default_config()
     for section in ("generation", "train"):
         config.pop(section, None)
+    config["task"]["num_train"] = 100  # within the default generation.num_samples (200)
     config["evaluation"].pop("kl", None)
     config["evaluation"].pop("limit", None)
     (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -287,7 +288,7 @@ def every_method_config():
     config["methods"]["contextual"] = {"temperatures": [0.5, 1.0], "ratios": [0.5, 1.0]}
     config["methods"]["replay"] = {"corpus": {"python_stdlib": "*.py"}, "ratios": None}
     config["methods"]["lora"]["ranks"] = [4, 8]
-    config["methods"]["l2"]["lambdas"] = [0.01, 1000000.0]
+    config["methods"]["l2"] = {"lambdas": [0.01, 1000000.0]}
     config["methods"]["wiseft"]["alphas"] = [0.25, 0.5, 0.75]
     # the synthetic-term methods use a temperature the context-free grid also has (shared
     # generation) and one it has not (its own generation)

@@ -94,7 +94,10 @@ def test_gpu_site_values_reach_every_gpu_stage_job_and_no_other(tmp_path):
     (generation, fine-tuning, evaluation), whatever their rule: no list of rule names."""
     repo = copy_repo(tmp_path / "repo")
     env = snakemake_env({"CFS_SLURM_GPU_PARTITION": "gpu", "CFS_SLURM_GPU_MODEL": "a100"})
-    result = run_snakemake(repo, "-n", "all", timeout=300, env=env)
+    # the sweep has every generation rule (contextual samples are not in the default)
+    result = run_snakemake(
+        repo, "-n", "all", "--configfile", "config/sweep.yaml", timeout=300, env=env
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     blocks = re.split(r"^(?=(?:local)?rule \w+:)", result.stdout, flags=re.M)
     jobs = [(re.match(r"(?:local)?rule (\w+):", b).group(1), b) for b in blocks[1:]]

@@ -6,6 +6,8 @@ plain fine-tuning, the verdicts and the figures.
 from __future__ import annotations
 
 import datetime
+import os
+import platform
 from pathlib import Path
 
 import pandas as pd
@@ -32,18 +34,19 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_name() -> str:
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import os
+    return platform.processor() or "unknown CPU"
 
-    return f"{cpu}, {os.cpu_count()} cores"
+
+def machine() -> str:
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def results_page(
