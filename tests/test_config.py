@@ -353,6 +353,7 @@ def test_resources_per_method_override_the_stage(repo):
     METHOD_KEY wins over STAGE_KEY for that method's fine-tunes only."""
     config = copy.deepcopy(default_config())
     config["models"]["smollm2"]["resources"] = {"train_gpus": 4, "lora_gpus": 1}
+    config["study"]["methods"] = sorted({*config["study"]["methods"], "lora"})
     result = dry_run_with(repo, "per_method.yaml", config)
     assert result.returncode == 0, result.stdout[-3000:]
     gpus = fine_tune_gpus(result.stdout)

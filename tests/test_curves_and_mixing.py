@@ -164,14 +164,43 @@ def test_equal_steps_refuses_a_ratio_that_splits_a_sample(tiny_model_dir, files,
 
 
 def test_equal_step_schedule_draws_every_example_once_per_pass():
-    kinds = ["task"] * 8 + ["context_free"] * 4
-    schedule = examples.equal_step_schedule(kinds, batch_size=4, epochs=2, seed=0)
+    records = task_records(8) + samples(4)
+    schedule = examples.step_schedule(records, batch_size=4, epochs=2, seed=0)
     assert schedule.steps == 4 and schedule.samples_per_step == 2
     blocks = [schedule.order[6 * step : 6 * step + 6] for step in range(4)]
     for first, second in ((0, 1), (2, 3)):  # each epoch: every task example and sample once
         drawn = sorted(blocks[first] + blocks[second])
-        assert drawn == list(range(12))
+        assert drawn == list(range(12)), f"epoch of steps {first}, {second} drew {drawn}"
     assert schedule.per_device(2) == 3
+
+
+def test_every_cell_of_a_seed_trains_on_the_same_task_examples_at_each_step():
+    """Plain fine-tuning and a mixed set, whose files hold the task examples in other
+    orders, get the same task examples at every step: differences between cells are
+    paired on the task's batches."""
+    import random
+
+    task = task_records(16)
+    plain = random.Random(1).sample(task, len(task))
+    mixed = random.Random(2).sample(task + samples(8), len(task) + 8)
+
+    def task_steps(records, seed):
+        schedule = examples.step_schedule(records, batch_size=4, epochs=2, seed=seed)
+        per_step = schedule.task_per_step + schedule.samples_per_step
+        chosen = [records[index] for index in schedule.order]
+        return [
+            sorted(r["prompt"] for r in chosen[start : start + per_step] if r["kind"] == "task")
+            for start in range(0, len(chosen), per_step)
+        ]
+
+    assert task_steps(plain, seed=0) == task_steps(mixed, seed=0), "same seed, same batches"
+    assert task_steps(plain, seed=0) != task_steps(plain, seed=1), "another seed, other batches"
+
+
+def test_a_task_set_of_any_size_trains_for_ceil_epochs_steps():
+    schedule = examples.step_schedule(task_records(10), batch_size=4, epochs=1, seed=0)
+    assert schedule.steps == 3, "10 examples in steps of 4: 3 steps, as the Trainer counts"
+    assert len(schedule.order) == 12 and schedule.samples_per_step == 0
 
 
 # --------------------------------------------------------------------------- tracking

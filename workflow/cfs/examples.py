@@ -8,6 +8,7 @@ added, so a sample cut at the length limit does not learn to end there.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -113,8 +114,8 @@ def trained_positions_only(inputs: dict) -> dict:
 
 @dataclass(frozen=True)
 class StepSchedule:
-    """Equal-step mixing: `steps` optimizer steps, each of `task_per_step` task examples
-    and `samples_per_step` samples, the training set's examples taken in `order`."""
+    """`steps` optimizer steps, each of `task_per_step` task examples and
+    `samples_per_step` mixed-in samples, the training set's examples taken in `order`."""
 
     order: list[int]
     steps: int
@@ -133,16 +134,26 @@ class StepSchedule:
         return examples // self.task_per_step
 
 
-def equal_step_schedule(kinds: list[str], batch_size: int, epochs: float, seed: int):
-    """The order of a mixed training set's examples that gives every optimizer step
-    `batch_size` task examples, as plain fine-tuning has, and the samples in proportion
-    (ratio x batch_size), for as many steps as plain fine-tuning takes: step after step,
-    each a shuffled block. Task examples and samples are each drawn through a seeded
-    permutation per pass over them."""
-    task = [index for index, kind in enumerate(kinds) if kind == TASK]
+def step_schedule(records: list[dict], batch_size: int, epochs: float, seed: int):
+    """The order of a training set's examples that gives every optimizer step `batch_size`
+    task examples and the set's samples in proportion (ratio x batch_size), for
+    ceil(epochs x task examples / batch_size) steps.
+
+    The task examples come from a seeded permutation per pass over them, taken in the
+    order of their text, not of the file: every cell of a seed, mixed or not, trains on the
+    same task examples at the same step, so the differences between cells are paired on
+    the task's batches as well as on the seed. Samples are drawn through a stream of their
+    own, and each step's examples shuffled."""
+    kinds = [record["kind"] for record in records]
+    task = sorted(
+        (index for index, kind in enumerate(kinds) if kind == TASK),
+        key=lambda index: (records[index]["prompt"], records[index]["response"]),
+    )
     samples = [index for index, kind in enumerate(kinds) if kind != TASK]
+    if not task:
+        raise DataError("the training set has no task examples")
     per_step = len(samples) * batch_size / len(task)
-    if per_step != int(per_step) or len(task) % batch_size:
+    if samples and (per_step != int(per_step) or len(task) % batch_size):
         raise SettingsError(
             f"train.mixing equal_steps: {len(task)} task examples and {len(samples)} samples "
             f"in steps of train.batch_size {batch_size} task examples need a whole number of "
@@ -150,19 +161,22 @@ def equal_step_schedule(kinds: list[str], batch_size: int, epochs: float, seed: 
             f"{per_step:g}); change task.num_train, the ratio or the batch size, or set "
             "train.mixing: augment"
         )
-    steps = max(1, round(epochs * len(task) / batch_size))
-    rng = random.Random(seed)
-    task_stream, sample_stream = _permutations(task, rng), _permutations(samples, rng)
+    steps = max(1, math.ceil(epochs * len(task) / batch_size))
+    task_stream = _permutations(task, random.Random(seed))
+    sample_stream = _permutations(samples, random.Random(f"samples {seed}"))
+    within_step = random.Random(f"steps {seed}")
     order = []
     for _ in range(steps):
         block = [next(task_stream) for _ in range(batch_size)]
         block += [next(sample_stream) for _ in range(int(per_step))]
-        rng.shuffle(block)
+        within_step.shuffle(block)
         order += block
     return StepSchedule(order, steps, batch_size, int(per_step))
 
 
 def _permutations(indices: list[int], rng: random.Random):
+    if not indices:
+        return
     while True:
         yield from rng.sample(indices, len(indices))
 
@@ -196,7 +210,7 @@ def mixing_record(settings, regularizer, method, rows, schedule) -> dict:
         "synthetic_tokens_per_task_token": tokens[False] / tokens[True],
         "effective_lambda": tokens[False] / tokens[True],
     }
-    if schedule:
+    if schedule and mixed:
         record["samples_per_step"] = schedule.samples_per_step
     if regularizer is not None and regularizer.separate_backward:
         record["effective_lambda"] = method["lambda"]

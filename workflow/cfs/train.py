@@ -42,10 +42,10 @@ from cfs.examples import (
     CountingCollator,
     build_examples,
     count_trained_tokens,
-    equal_step_schedule,
     load_synthetic,
     mixing_record,
     padding_collator,
+    step_schedule,
     training_collator,
 )
 from cfs.modeling import load_model, load_tokenizer
@@ -64,8 +64,8 @@ log = logging.getLogger("cfs.train")
 
 def training_arguments(settings: dict, checkpoints: Path, device: torch.device, steps=None):
     """The Trainer's arguments; `steps` (a StepSchedule) fixes the examples and the number
-    of every optimizer step (equal-step mixing), else the Trainer draws random batches of
-    the whole set for train.epochs."""
+    of every optimizer step, else (a set augmented with samples) the Trainer draws random
+    batches of the whole set for train.epochs."""
     from transformers import TrainingArguments
 
     batch_size = require(settings, "batch_size")
@@ -206,10 +206,10 @@ def fine_tune(
             synthetic, spec.samples, method["ratio"], len(examples), tokenizer, max_length
         )
     kinds = [record["kind"] for record in records]
-    schedule = None
-    if settings["mixing"] == "equal_steps" and set(kinds) != {TASK}:
-        schedule = equal_step_schedule(
-            kinds, settings["batch_size"], settings["epochs"], settings["seed"]
+    schedule = None  # augmenting the set: the Trainer draws random batches of all of it
+    if settings["mixing"] == "equal_steps" or set(kinds) == {TASK}:
+        schedule = step_schedule(
+            records, settings["batch_size"], settings["epochs"], settings["seed"]
         )
     rows = [
         {**example, "task_example": int(kind == TASK)}
