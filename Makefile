@@ -24,8 +24,11 @@ study: $(BIN)/.cfs-installed
 report: $(BIN)/.cfs-installed
 	PATH="$(abspath $(BIN)):$$PATH" snakemake --report report.html
 
+# Two processes, each test module in one of them (its fixtures built once), the longest
+# modules first (tests/conftest.py).
 test: $(BIN)/.cfs-installed
-	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -v --durations=15
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -v --durations=15 \
+		-n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(BIN)/.cfs-installed
 	PATH="$(abspath $(BIN)):$$PATH" sh -c 'ruff check . && ruff format --check . && snakefmt --check Snakefile workflow/rules && snakemake --lint'

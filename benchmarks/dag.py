@@ -4,7 +4,7 @@ jobs scheduled when one temperature is added to a finished grid.
     .venv/bin/python benchmarks/dag.py [--quick] [CONFIG ...]   # default: the paper configs
 
 For each config file (merged over config/config.yaml, as `--configfile` does), in a
-throw-away copy of the checkout (no results/):
+throw-away copy of the workflow's files (no results/):
 
 1. the grid is widened to the full paper grid: every method the schema knows, and 4
    temperatures x 4 ratios (the config's own where it has 4 of each);
@@ -18,6 +18,8 @@ throw-away copy of the checkout (no results/):
    run checks that nothing is scheduled, and one temperature is added: the jobs scheduled
    are set against the jobs that value needs (the minimum of the wider grid less the
    minimum of the finished one, plus the table, figures and `all` that read every cell).
+
+--quick: config/quick.yaml's grid as it is (not widened), one timed dry run, steps 1-3.
 """
 
 from __future__ import annotations
@@ -40,38 +42,21 @@ from _common import (
     REPO,
     goal,
     load_config,
-    machine,
+    merged,
+    quick_mode,
     report,
     stall_seconds,
     table,
     wait_for_quiet,
 )
+from cfs.study import METHODS, Study, fmt, parse_cell
 
 GOAL_SECONDS = 5.0
 PAPER_TEMPERATURES = [0.5, 0.7, 1.0, 1.3]
 PAPER_RATIOS = [0.0, 0.25, 0.5, 1.0]
 AGGREGATORS = ("summary_table", "figures", "all")
-sys.path.insert(0, str(REPO / "workflow"))
-from cfs.study import METHODS, Study, fmt, parse_cell  # noqa: E402
 
 # --------------------------------------------------------------------------- config
-
-
-def merged(*configs: dict) -> dict:
-    """Snakemake's --configfile merge: dicts key by key, everything else replaced."""
-    out: dict = {}
-    for config in configs:
-        out = _merge(out, config)
-    return out
-
-
-def _merge(base, update):
-    if isinstance(base, dict) and isinstance(update, dict):
-        result = dict(base)
-        for key, value in update.items():
-            result[key] = _merge(base.get(key), value) if key in base else copy.deepcopy(value)
-        return result
-    return copy.deepcopy(update)
 
 
 def all_methods() -> list[str]:
@@ -135,20 +120,14 @@ def validated(config: dict) -> dict:
 # --------------------------------------------------------------------------- snakemake
 
 
-def copy_checkout(dest: Path) -> Path:
-    """Tracked and untracked-but-not-ignored files of the checkout: what a clone has."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, (item.decode() for item in listed)):
-        source = REPO / name
-        if source.is_file():
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+def copy_workflow(dest: Path) -> Path:
+    """What Snakemake reads (the Snakefile, workflow/, config/, tasks/, envs/), nothing built."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "Snakefile", dest / "Snakefile")
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    for name in ("workflow", "config", "tasks", "envs"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dest / name, ignore=ignore)
     return dest
 
 
@@ -226,17 +205,22 @@ def mark_finished(workdir: Path, dry_jobs: list[dict], files: list[str]) -> int:
 def bench_config(config_file: Path, repeats: int, quick: bool) -> dict:
     base = load_config(REPO / "config" / "config.yaml")
     own = yaml.safe_load(config_file.read_text())
-    override = paper_grid(merged(base, own))
+    if quick:  # the config's own grid
+        study = merged(base, own)["study"]
+        override = {"study": {k: study[k] for k in ("temperatures", "ratios", "methods")}}
+    else:
+        override = paper_grid(merged(base, own))
     config = merged(base, own, override)
     workdir = Path(tempfile.mkdtemp(prefix="cfs-bench-dag-"))
     try:
-        copy_checkout(workdir)
+        copy_workflow(workdir)
         inside = workdir / "bench_grid.yaml"
         inside.write_text(yaml.safe_dump(override, sort_keys=False))
         own_copy = workdir / "bench_config.yaml"
         shutil.copy2(config_file, own_copy)
         files = ["--configfile", own_copy.name, inside.name]
-        snakemake(workdir, "-n", *files)  # warm-up: byte-compile, file-system caches
+        if not quick:
+            snakemake(workdir, "-n", *files)  # warm-up: byte-compile, file-system caches
         times, stalls, output = [], [], ""
         for _ in range(repeats):
             wait_for_quiet(120)
@@ -246,8 +230,10 @@ def bench_config(config_file: Path, repeats: int, quick: bool) -> dict:
             if before is not None:
                 stalls.append(round((stall_seconds() - before) / seconds, 3))
         # floors, same run: starting Snakemake, and parsing the workflow without a DAG
-        startup = min(snakemake(workdir, "--version")[1] for _ in range(3))
-        parse = min(snakemake(workdir, "--list-rules", *files)[1] for _ in range(3))
+        startup = parse = None
+        if not quick:
+            startup = min(snakemake(workdir, "--version")[1] for _ in range(3))
+            parse = min(snakemake(workdir, "--list-rules", *files)[1] for _ in range(3))
         counts = job_stats(output)
         dry_jobs = jobs(output)
         need = minimum_jobs(config)
@@ -320,12 +306,13 @@ def print_result(result: dict) -> None:
         f"({times}; CPU contended {stalls}"
         f"); goal < {GOAL_SECONDS:g} s: {goal(result['dry_run_best'] < GOAL_SECONDS)}"
     )
-    print(
-        f"floors: `snakemake --version` {result['snakemake_startup_best']:.2f} s, "
-        f"`--list-rules` (parse, no DAG) {result['parse_only_best']:.2f} s: the dry run is "
-        f"{result['dry_run_best'] / result['snakemake_startup_best']:.2f}x bare start-up, "
-        f"{result['dry_run_best'] / result['parse_only_best']:.2f}x parsing"
-    )
+    if result["snakemake_startup_best"] is not None:
+        print(
+            f"floors: `snakemake --version` {result['snakemake_startup_best']:.2f} s, "
+            f"`--list-rules` (parse, no DAG) {result['parse_only_best']:.2f} s: the dry run "
+            f"is {result['dry_run_best'] / result['snakemake_startup_best']:.2f}x bare "
+            f"start-up, {result['dry_run_best'] / result['parse_only_best']:.2f}x parsing"
+        )
     rules = sorted(set(result["jobs"]) | set(result["minimum"]))
     rows = []
     for rule in rules:
@@ -372,10 +359,15 @@ def print_result(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", type=Path, help="config files (default: paper)")
-    parser.add_argument("--quick", action="store_true", help="timing and counts only")
+    parser.add_argument(
+        "--quick", action="store_true", help="config/quick.yaml's own grid, one timed run"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed dry runs per config")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.quick:
+        quick_mode()
+        args.configs = args.configs or [REPO / "config" / "quick.yaml"]
     configs = args.configs or [
         path
         for path in (REPO / "config" / "olmo.yaml", REPO / "config" / "reasoning.yaml")
@@ -386,8 +378,8 @@ def main() -> None:
             "no paper configs (config/olmo.yaml, config/reasoning.yaml): using config/config.yaml"
         )
         configs = [REPO / "config" / "config.yaml"]
-    repeats = args.repeats or (2 if args.quick else 5)
-    print(f"DAG: snakemake -n on {machine()['nproc']} CPU cores, {repeats} timed runs per config")
+    repeats = args.repeats or (1 if args.quick else 5)
+    print(f"DAG: snakemake -n on {os.cpu_count()} CPU cores, {repeats} timed runs per config")
     results = []
     for config_file in configs:
         result = bench_config(config_file.resolve(), repeats, args.quick)

@@ -12,26 +12,34 @@ it, once per backend (alternating), in this process after a warm-up, and times i
 - the share of this machine's fp32 matrix-product limit (benchmarks/machine_limit.py)
   that the FLOPs of those positions make over the time, and over the whole job with the
   start-up of `python -m cfs.evaluate` (imports, task index, model load) added.
---quick limits every task to 16 items (the CI smoke mode).
+--quick: a tiny random model, 8 items a task, one round, the target's held-out problems
+made by cfs.data in a scratch folder (what the prepare_task_data rule writes).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from _common import (
     DEFAULT_MODEL,
     REPO,
     load_config,
+    quick_mode,
     quiet,
     report,
     require_model,
     rule_settings,
     set_threads,
     table,
+    tiny_model,
 )
 from machine_limit import machine_limit
 
@@ -45,8 +53,30 @@ def eval_settings(quick: bool) -> dict:
     if settings is None:
         sys.exit("the evaluate_base rule's settings could not be read (snakemake -n failed)")
     if quick:
-        settings["limit"] = 16
+        settings["limit"] = 8
     return settings
+
+
+def scratch_folder(model_dir: Path | None) -> tuple[Path, Path]:
+    """--quick: a folder holding tasks/ and the default task's data as prepare_task_data
+    writes it (lm-eval reads both relative to the working folder), and a tiny model."""
+    from cfs.data import main as prepare_task_data
+
+    folder = Path(tempfile.mkdtemp(prefix="cfs-bench-eval-"))
+    shutil.copytree(REPO / "tasks", folder / "tasks")
+    task = load_config()["task"]
+    data = folder / "results" / "data" / task["name"]
+    prepare_task_data(
+        [
+            "--settings",
+            json.dumps(task),
+            "--train",
+            str(data / "train.jsonl"),
+            "--test",
+            str(data / "test.jsonl"),
+        ]
+    )
+    return folder, model_dir or tiny_model(folder / "model")
 
 
 def captured_run(model_dir, settings: dict, backend: str):
@@ -137,18 +167,21 @@ def flops(model_dir, positions: dict) -> float:
     return 2 * body * positions["layer_positions"] + 2 * head * positions["head_positions"]
 
 
-def startup_seconds(model_dir) -> dict:
-    """The start-up of an evaluation job: the interpreter and the stage's imports, then
-    (in-process) the task index of the local tasks and the model load."""
-    command = [sys.executable, "-c", "import cfs.evaluate"]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True, env={"PYTHONPATH": str(REPO / "workflow")})
-    imports = time.perf_counter() - start
+def startup_seconds(model_dir, settings: dict, quick: bool) -> dict:
+    """The start-up of an evaluation job: the interpreter and the stage's imports (not in
+    --quick), then (in-process) the task index of the local tasks and the model load."""
+    imports = 0.0
+    if not quick:
+        command = [sys.executable, "-c", "import cfs.evaluate"]
+        start = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
+        subprocess.run(command, check=True, env=env)
+        imports = time.perf_counter() - start
     from cfs import evaluate
     from cfs.modeling import load_model
 
     start = time.perf_counter()
-    evaluate.local_task_manager("tasks", ["cfs_add_sub"])
+    evaluate.local_task_manager(settings["include_path"], [settings["target"]["task"]])
     index = time.perf_counter() - start
     start = time.perf_counter()
     load_model(model_dir, "float32")
@@ -158,8 +191,8 @@ def startup_seconds(model_dir) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder to evaluate")
-    parser.add_argument("--quick", action="store_true", help="16 items a task (CI smoke)")
+    parser.add_argument("--model", help=f"model folder to evaluate (default: {DEFAULT_MODEL})")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 8 items a task")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
         "--stock-batch-size",
@@ -170,12 +203,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    if args.json:
+        args.json = str(Path(args.json).resolve())  # --quick works in a scratch folder
     quiet()
     threads = set_threads(args.threads)
-    model_dir = require_model(args.model)
-    load_config()  # the schema must accept the config the rule reads
     settings = eval_settings(args.quick)
-    limit = machine_limit(seconds=0.5 if args.quick else 2.0)["float32"]
+    if args.quick:
+        quick_mode()
+        folder, model_dir = scratch_folder(Path(args.model).resolve() if args.model else None)
+        os.chdir(folder)
+        args.rounds = 1
+        limit = machine_limit(0.05, (64, 128))["float32"]
+    else:
+        folder, model_dir = None, require_model(Path(args.model or DEFAULT_MODEL))
+        limit = machine_limit(seconds=2.0)["float32"]
     runs = {"hf": [], "cfs-hf": []}
     captured_run(model_dir, {**settings, "limit": 2}, "cfs-hf")  # warm-up
     batch = {
@@ -188,7 +229,7 @@ def main() -> None:
             runs[backend].append(captured_run(model_dir, run_settings, backend))
     best = {backend: min(done, key=lambda run: run["seconds"]) for backend, done in runs.items()}
     same = compare(best["hf"], best["cfs-hf"])
-    startup = startup_seconds(model_dir)
+    startup = startup_seconds(model_dir, settings, args.quick)
     rows, figures = [], {}
     for backend, run in best.items():
         positions = {k: run["requests"][k] for k in ("layer_positions", "head_positions")}
@@ -239,6 +280,8 @@ def main() -> None:
         },
         args.json,
     )
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
     if not ok:
         sys.exit("cfs-hf's results differ from lm-eval's HF model beyond the tolerance")
 

@@ -1,6 +1,6 @@
 """Generation: the pipeline's context-free sampling against a naive loop, and the bound.
 
-    .venv/bin/python benchmarks/generation.py [--quick] [--json out.json]
+    .venv/bin/python benchmarks/generation.py [--quick] [--model DIR] [--json out.json]
 
 - pipeline: `cfs.generate.sample_context_free` (the batched HF `generate`, the settings of
   `generation:` in config/config.yaml) on the embedded default model (SmolLM2-135M, float32,
@@ -16,15 +16,17 @@
   sampling by inverse CDF.
 
 Goal: pipeline tokens/s >= 8x the naive loop.
+--quick: a tiny random model, one batch, 8 new tokens, one round.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import shutil
+import tempfile
+from pathlib import Path
 
 from _common import (
-    DEFAULT_CONFIG,
     DEFAULT_MODEL,
     ForwardClock,
     Timer,
@@ -32,14 +34,15 @@ from _common import (
     best,
     goal,
     load_config,
-    machine,
     profile_call,
+    quick_mode,
     quiet,
     report,
     require_model,
     round_ratios,
     set_threads,
     table,
+    tiny_model,
 )
 from cfs.generate import sample_context_free
 
@@ -49,22 +52,19 @@ GOAL_RATIO = 8.0
 def call_pipeline(model, tokenizer, settings: dict, num_samples: int, temperature: float):
     from cfs.tokens import context_free_prompt_id
 
-    prompt_id = context_free_prompt_id(tokenizer, settings.get("prompt_token_id"))
-    arguments = {
-        "num_samples": num_samples,
-        "max_new_tokens": settings["max_new_tokens"],
-        "temperature": temperature,
-        "top_p": settings["top_p"],
-        "seed": settings.get("seed", 0),
-        "batch_size": settings["batch_size"],
-        "prompt_token_id": prompt_id,
-    }
-    accepted = inspect.signature(sample_context_free).parameters
     clock = ForwardClock(model)
     try:
         with Timer() as timer:
             samples = sample_context_free(
-                model, tokenizer, **{k: v for k, v in arguments.items() if k in accepted}
+                model,
+                tokenizer,
+                num_samples=num_samples,
+                max_new_tokens=settings["max_new_tokens"],
+                temperature=temperature,
+                top_p=settings["top_p"],
+                seed=settings["seed"],
+                batch_size=settings["batch_size"],
+                prompt_token_id=context_free_prompt_id(tokenizer, settings["prompt_token_id"]),
             )
     finally:
         clock.remove()
@@ -90,7 +90,7 @@ def call_naive(model, tokenizer, settings: dict, num_samples: int, temperature: 
     import torch
     from cfs.tokens import context_free_prompt_id
 
-    prompt_id = context_free_prompt_id(tokenizer, settings.get("prompt_token_id"))
+    prompt_id = context_free_prompt_id(tokenizer, settings["prompt_token_id"])
     eos = tokenizer.eos_token_id
     tokens = 0
     with Timer() as timer, torch.no_grad():
@@ -136,14 +136,14 @@ def decode_inverse_cdf(model, tokenizer, settings: dict, num_samples: int, tempe
     from cfs.tokens import context_free_prompt_id
     from transformers import DynamicCache
 
-    prompt_id = context_free_prompt_id(tokenizer, settings.get("prompt_token_id"))
+    prompt_id = context_free_prompt_id(tokenizer, settings["prompt_token_id"])
     eos = tokenizer.eos_token_id
     batch_size, steps = settings["batch_size"], settings["max_new_tokens"]
     tokens = 0
     with Timer() as timer, torch.no_grad():
         for index, start in enumerate(range(0, num_samples, batch_size)):
             size = min(batch_size, num_samples - start)
-            generator = torch.Generator().manual_seed(settings.get("seed", 0) * 1_000_003 + index)
+            generator = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + index)
             ids = torch.full((size, 1), prompt_id, dtype=torch.long)
             cache = DynamicCache(config=model.config)
             done = torch.zeros(size, dtype=torch.bool)
@@ -164,7 +164,7 @@ def prefill_bound(model, batch_size: int, steps: int):
     """One forward pass over the same number of positions, no cache (the compute ceiling)."""
     import torch
 
-    ids = torch.randint(3, 1000, (batch_size, steps + 1))
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, steps + 1))
     with Timer() as timer, torch.no_grad():
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return {"seconds": timer.seconds, "tokens": batch_size * (steps + 1)}
@@ -172,9 +172,9 @@ def prefill_bound(model, batch_size: int, steps: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one batch, one round")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--quick", action="store_true", help="tiny model, one batch, one round")
+    parser.add_argument("--model", help=f"model folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--config", help="a config file merged over config/config.yaml")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--naive-samples", type=int, default=None)
@@ -192,25 +192,30 @@ def main() -> None:
     import torch
     from cfs.modeling import load_model, load_tokenizer
 
-    model_dir = require_model(args.model)
-    config = load_config(args.config)
-    settings = {**config.get("generation", {}), "seed": config["study"].get("seed", 0)}
-    settings.setdefault("top_p", 1.0)
-    settings.setdefault("batch_size", 32)
-    settings.setdefault("max_new_tokens", 64)
+    config = load_config(*([args.config] if args.config else []))
+    # cfs.generate's settings as the rule hands them (seed 0: the first seed's samples)
+    settings = {**config["generation"], "seed": 0}
+    scratch = None
+    if args.quick:
+        quick_mode()
+        scratch = Path(tempfile.mkdtemp(prefix="cfs-bench-generation-"))
+        model_dir = Path(args.model) if args.model else tiny_model(scratch / "tiny")
+        settings.update(batch_size=8, max_new_tokens=8)
+    else:
+        model_dir = require_model(Path(args.model or DEFAULT_MODEL))
     if args.batch_size:
         settings["batch_size"] = args.batch_size
     if args.num_samples:
         settings["num_samples"] = args.num_samples
-    num_samples = settings["batch_size"] if args.quick else settings.get("num_samples", 64)
-    naive_samples = args.naive_samples or (4 if args.quick else 8)
+    num_samples = settings["batch_size"] if args.quick else settings["num_samples"]
+    naive_samples = args.naive_samples or (2 if args.quick else 8)
     rounds = args.rounds or (1 if args.quick else 2)
 
     model = load_model(model_dir, "float32").eval()
     tokenizer = load_tokenizer(model_dir)
     batch, steps = settings["batch_size"], settings["max_new_tokens"]
     print(
-        f"generation: {model_dir.name} float32 on {machine()['nproc']} CPU cores, "
+        f"generation: {model_dir.name} float32, "
         f"{torch.get_num_threads()} torch threads; {num_samples} samples x {steps} new tokens, "
         f"batch {batch}, T={args.temperature}, top-p {settings['top_p']}; naive: "
         f"{naive_samples} samples one at a time; best of {rounds} alternating rounds"
@@ -345,6 +350,8 @@ def main() -> None:
         },
         args.json,
     )
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

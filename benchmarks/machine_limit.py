@@ -1,13 +1,13 @@
 """The limit of this machine: sustained matrix-product FLOP/s in fp32 and bf16.
 
-    .venv/bin/python benchmarks/machine_limit.py [--threads N] [--seconds S] [--json out.json]
+    .venv/bin/python benchmarks/machine_limit.py [--quick] [--threads N] [--seconds S] [--json F]
 
 A (512 x n) by (n x n) product, n in 576 / 1024 / 1536 / 2048 (576 and 1536 are SmolLM2's
 hidden and MLP widths), repeated for about --seconds each on the cores a stage uses (torch
 threads = cores, as a stage given --cores all). The limit of a dtype is the best n's rate:
-the rate the model's matmuls could reach at most here. The other benchmarks divide a stage's
-model FLOP/s by it (an MFU for CPUs: 6 x params x tokens/s for training, 2 x params x
-tokens/s for a forward pass).
+the rate the model's matmuls could reach at most here. eval_speed.py divides a stage's
+model FLOP/s by it (an MFU for CPUs: 2 x params x tokens/s for a forward pass).
+--quick: n 64 and 128, 0.05 s each.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import machine, quiet, report, set_threads, table, wait_for_quiet
+from _common import quick_mode, quiet, report, set_threads, table, wait_for_quiet
 
 SIZES = (576, 1024, 1536, 2048)
 ROWS = 512
@@ -57,12 +57,16 @@ def machine_limit(seconds: float = 2.0, sizes=SIZES) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two small sizes, 0.05 s each")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per size and dtype")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     quiet()
     threads = set_threads(args.threads)
+    sizes, seconds = ((64, 128), 0.05) if args.quick else (SIZES, args.seconds)
+    if args.quick:
+        quick_mode()
     import torch
 
     flags = open("/proc/cpuinfo").read()
@@ -72,15 +76,15 @@ def main() -> None:
         f"torch {torch.__version__}, CPU flags {' '.join(isa)}"
     )
     wait_for_quiet()
-    limit = machine_limit(args.seconds)
+    limit = machine_limit(seconds, sizes)
     rows = [
         [n, *(f"{limit['per_size'][d][n] / 1e9:.0f}" for d in ("float32", "bfloat16"))]
-        for n in SIZES
+        for n in sizes
     ]
     rows.append(["limit (best n)", *(f"**{limit[d] / 1e9:.0f}**" for d in ("float32", "bfloat16"))])
     print(table(rows, ["n", "fp32 GFLOP/s", "bf16 GFLOP/s"]))
     print(f"bf16 / fp32: {limit['bfloat16'] / limit['float32']:.2f}x")
-    report("machine_limit", {"threads": threads, "machine": machine(), **limit}, args.json)
+    report("machine_limit", {"threads": threads, "quick": args.quick, **limit}, args.json)
 
 
 if __name__ == "__main__":

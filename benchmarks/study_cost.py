@@ -5,7 +5,8 @@ writes for every job (`benchmark:`, results/benchmarks/), summed per rule.
 
 The jobs are the study's own (`snakemake all -n -F` with the config, its `benchmark:`
 paths); one that has not run yet is listed as missing. Run with one job per core (the
-default config's `threads: 1`), a job's wall seconds are its core-seconds.
+default config's `threads: 1`), a job's wall seconds are its core-seconds. --quick is the
+same on config/quick.yaml (the smallest study).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ def study_benchmarks(config: str | None) -> dict[str, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="a --configfile merged over config/config.yaml")
+    parser.add_argument("--quick", action="store_true", help="the study of config/quick.yaml")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    config = "config/quick.yaml" if args.quick and not args.config else args.config
     import pandas as pd
 
     rows, figures, missing = [], {}, []
-    for rule, paths in sorted(study_benchmarks(args.config).items()):
+    for rule, paths in sorted(study_benchmarks(config).items()):
         seconds = []
         for path in paths:
             if (REPO / path).is_file():
@@ -60,7 +63,9 @@ def main() -> None:
     if missing:
         print(f"{len(missing)} jobs not run yet, e.g. {missing[0]}")
     report(
-        "study_cost", {"config": args.config, "rules": figures, "total_seconds": total}, args.json
+        "study_cost",
+        {"config": config, "rules": figures, "total_seconds": total, "missing": len(missing)},
+        args.json,
     )
 
 

@@ -1,11 +1,14 @@
-"""Shared fixtures: a tiny byte-level BPE tokenizer trained here, tiny random-weight Llama
-models saved to disk, and helpers to run Snakemake in a throw-away copy of the repository.
+"""Shared fixtures of tests/unit, tests/workflow and tests/end_to_end: a tiny byte-level BPE
+tokenizer trained here, tiny random-weight Llama models saved to disk (and one wrapped in
+LoRA adapters), the stages' settings as the rules hand them, helpers to run Snakemake in a
+throw-away copy of the repository, and the paper's two configs' dry runs, job by job.
 
 Everything is offline and built in seconds; nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -27,7 +30,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 PACKAGE_DIR = REPO / "workflow"
 if str(PACKAGE_DIR) not in sys.path:
     sys.path.insert(0, str(PACKAGE_DIR))
@@ -40,10 +44,27 @@ TEMPLATE = "### Instruction:\n{query}\n\n### Response:\n"
 VOCAB_SIZE = 500
 
 
+# The longest modules, first: `make test` runs the suite in two processes, a module to one
+# process (pytest-xdist's --dist loadfile, in collection order), and these keep one process
+# busy while the other works through the rest.
+LONGEST_FIRST = ("end_to_end/test_pipeline.py", "end_to_end/test_slurm.py")
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: end-to-end Snakemake runs (run by default; deselect with -m 'not slow')"
     )
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        try:
+            module = item.path.relative_to(TESTS).as_posix()
+        except ValueError:
+            return len(LONGEST_FIRST)
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every other module keeps its place
 
 
 # --------------------------------------------------------------------------- corpus
@@ -105,7 +126,8 @@ def train_bpe_tokenizer():
         show_progress=False,
     )
     tokenizer.train_from_iterator(training_corpus(), trainer=trainer)
-    assert [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2]
+    special_ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
+    assert special_ids == [0, 1, 2], f"special tokens at ids {special_ids}, expected 0, 1, 2"
     return tokenizer
 
 
@@ -115,8 +137,6 @@ def bpe_tokenizer_object():
 
 
 def wrap_tokenizer(tokenizer_object, with_bos: bool):
-    import copy
-
     from transformers import PreTrainedTokenizerFast
 
     if with_bos:  # SmolLM2-like
@@ -143,7 +163,7 @@ def tokenizer(bpe_tokenizer_object):
 def tokenizer_no_bos(bpe_tokenizer_object):
     """OLMo-like tokenizer: no BOS; EOS (= end of document) <|endoftext|> (0)."""
     tok = wrap_tokenizer(bpe_tokenizer_object, with_bos=False)
-    assert tok.bos_token_id is None and tok.eos_token_id == 0
+    assert (tok.bos_token_id, tok.eos_token_id) == (None, 0)
     return tok
 
 
@@ -189,6 +209,37 @@ def tiny_model_no_bos_dir(tmp_path_factory, tokenizer_no_bos) -> Path:
     return build_tiny_model(tokenizer_no_bos, tmp_path_factory.mktemp("tiny_olmo") / "model")
 
 
+@pytest.fixture(scope="session")
+def perturbed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with every weight moved by seeded noise (std 0.05): another model of
+    the same shape, as a fine-tune would leave it."""
+    import torch
+    from cfs.modeling import load_model, load_tokenizer
+
+    out = tmp_path_factory.mktemp("perturbed") / "model"
+    model = load_model(tiny_model_dir, "float32")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(out)
+    load_tokenizer(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------- records
+
+
+def task_records(count: int, seed: int) -> list[dict]:
+    """`count` arithmetic problems (cfs.data, `seed`) as task records of a training set."""
+    from cfs.data import arithmetic_problems, render
+
+    return [
+        {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
+        for r in render(arithmetic_problems(count, seed=seed), TEMPLATE)
+    ]
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -200,6 +251,44 @@ def model_weights(model_dir: Path) -> dict:
         weights.update(load_file(shard))
     assert weights, f"no safetensors weights in {model_dir}"
     return weights
+
+
+def assert_same_weights(expected_dir: Path, actual_dir: Path) -> None:
+    """Every tensor of the two model folders bit for bit equal."""
+    import torch
+
+    expected, actual = model_weights(expected_dir), model_weights(actual_dir)
+    assert sorted(actual) == sorted(expected), "the two folders hold different tensors"
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert different == [], f"tensors of {actual_dir} differ from {expected_dir}: {different}"
+
+
+def assert_weights_differ(first_dir: Path, second_dir: Path) -> None:
+    """At least one tensor of the two model folders differs."""
+    import torch
+
+    first, second = model_weights(first_dir), model_weights(second_dir)
+    same = all(torch.equal(first[name], second[name]) for name in first)
+    assert not same, f"every tensor of {second_dir} equals {first_dir}'s"
+
+
+def lora_model(model_dir, dtype=None):
+    """The model in `model_dir` (float32 unless `dtype`) with LoRA adapters on q_proj and
+    down_proj as cfs.train adds them, their B matrices non-zero so that a merge changes
+    the weights."""
+    import torch
+    from cfs import train
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    method = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "down_proj"]}
+    peft_model = train.add_lora(model, method, seed=0)
+    torch.manual_seed(1)
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters something to merge
+            torch.nn.init.normal_(parameter, std=0.1)
+    return peft_model
 
 
 def copy_repo(dest: Path) -> Path:
@@ -325,6 +414,16 @@ def run_snakemake(cwd: Path, *args: str, timeout: int = 600, env: dict | None = 
     )
 
 
+def failure_report(repo: Path, result) -> str:
+    """The end of a Snakemake run's output and of every job log that shows an error."""
+    logs = []
+    for log in sorted((repo / "results" / "logs").rglob("*.log")):
+        text = log.read_text(errors="replace")
+        if "Error" in text or "Traceback" in text:
+            logs.append(f"--- {log}\n{text[-2500:]}")
+    return result.stdout[-4000:] + "\n" + "\n".join(logs)
+
+
 def job_stats(output: str) -> dict[str, int]:
     """Parse Snakemake's "Job stats" table into {rule: count} (without the total)."""
     if "Nothing to be done" in output:
@@ -338,6 +437,122 @@ def job_stats(output: str) -> dict[str, int]:
             counts[parts[0]] = int(parts[1])
     counts.pop("total", None)
     return counts
+
+
+# --------------------------------------------------------------------------- the rules
+
+# The rule that makes each kind of samples (cfs.study.SAMPLE_KINDS), once per model, knob
+# values and seed.
+SAMPLE_RULES = {
+    "context_free": "generate_context_free",
+    "contextual": "generate_contextual",
+    "replay": "replay_chunks",
+}
+
+
+def expected_jobs(config: dict) -> dict[str, int]:
+    """Per-rule job counts of a (validated) config's full grid, from the grid arithmetic
+    on cfs.study's methods: each method's cells are the product of its knobs' values
+    (methods.<name>.<knob>s, else study.<knob>s; ratio 0 is plain fine-tuning's). Per model
+    and seed: each kind of samples once per temperature its cells use (replay once), one
+    mix per mixing cell plus one of the task set if any cell trains on it, a fine-tune per
+    trained cell, a WiSE-FT merge per other cell, an eval per cell; per model the base eval,
+    the held-out samples and a summary over seeds per cell; the task's data, the task check,
+    the tables and `all` once. (The figures, once per model, are not counted.)"""
+    from cfs.study import METHODS
+
+    config = validated_config(copy.deepcopy(config))
+    study, sections = config["study"], config.get("methods", {})
+    seeds = study["seeds"]
+    num_seeds = 1 if isinstance(seeds, int) else len(seeds)
+
+    def values(method: str, knob: str) -> list:
+        listed = sections.get(method, {}).get(f"{knob}s") or study.get(f"{knob}s") or []
+        return [value for value in listed if knob != "ratio" or value > 0]
+
+    cells = {"plain": 1 if 0 in study["ratios"] else 0}
+    for name in study["methods"]:
+        count = 1
+        for knob in METHODS[name].knobs:
+            count *= len(values(name, knob))
+        cells[name] = count
+    used = [name for name, count in cells.items() if count]
+    temperatures = {kind: set() for kind in SAMPLE_RULES}
+    for name in used:
+        spec = METHODS[name]
+        if spec.samples is not None:
+            knob = "temperature" in spec.knobs
+            temperatures[spec.samples] |= set(values(name, "temperature")) if knob else {None}
+    trained = sum(cells[name] for name in used if METHODS[name].trains)
+    mixed = sum(cells[name] for name in used if METHODS[name].mixes)
+    on_task_set = any(METHODS[name].trains and not METHODS[name].mixes for name in used)
+    per_seed = {SAMPLE_RULES[kind]: len(temps) for kind, temps in temperatures.items()}
+    per_seed.update(
+        mix_at_ratio=mixed + (1 if on_task_set else 0),
+        fine_tune=trained,
+        interpolate_wiseft=sum(cells[name] for name in used if not METHODS[name].trains),
+        evaluate_finetuned=sum(cells.values()),
+    )
+    per_model = {rule: count * num_seeds for rule, count in per_seed.items()}
+    per_model.update(
+        prepare_model=1, evaluate_base=1, generate_heldout=1, summarise_seeds=sum(cells.values())
+    )
+    jobs = {rule: count * len(study["models"]) for rule, count in per_model.items()}
+    jobs.update(check_evaluation_tasks=1, prepare_task_data=1, summary_table=1, all=1)
+    return {rule: count for rule, count in jobs.items() if count}
+
+
+# --------------------------------------------------------------------------- the paper's configs
+
+PAPER_CONFIGS = {"olmo": "config/olmo.yaml", "reasoning": "config/reasoning.yaml"}
+DAY_MINUTES = 24 * 60  # a 24-hour Slurm partition's time limit
+
+
+def jobs(output: str) -> list[tuple[str, str]]:
+    """(rule, block) of each job in a dry run's output."""
+    blocks = re.split(r"^(?=(?:local)?rule \w+:)", output, flags=re.M)
+    return [(re.match(r"(?:local)?rule (\w+):", block).group(1), block) for block in blocks[1:]]
+
+
+@pytest.fixture(scope="session")
+def dry_runs(tmp_path_factory):
+    """{config name: jobs(...)} of a dry run (-n -p all) of each of PAPER_CONFIGS."""
+    repo = copy_repo(tmp_path_factory.mktemp("paper_dry_runs") / "repo")
+    runs = {}
+    for name, path in PAPER_CONFIGS.items():
+        result = run_snakemake(repo, "-n", "-p", "all", "--configfile", path, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:]
+        runs[name] = jobs(result.stdout)
+    return runs
+
+
+# --------------------------------------------------------------------------- a tiny study
+
+MODEL = "tiny"  # the model key of the tiny studies
+FORGETTING = ["cfs_capitals", "cfs_antonyms", "cfs_categories"]
+
+
+def tiny_config(model_dir) -> dict:
+    """A tiny study of plain fine-tuning and context-free data on the tiny model in
+    `model_dir`, evaluated on 4 items of the target and of 3 local forgetting tasks."""
+    config = default_config()
+    config["study"] = {
+        "models": [MODEL],
+        "temperatures": [0.7, 1.0],
+        "ratios": [0, 0.5],
+        "seeds": [0],
+        "methods": ["context_free"],
+    }
+    config["methods"] = {}
+    config["models"] = {MODEL: {"local_path": str(model_dir)}}
+    config["task"].update(num_train=16, num_test=8)
+    config["generation"].update(num_samples=8, max_new_tokens=12, batch_size=8)
+    config["train"].update(epochs=1, batch_size=4, micro_batch_size=4, max_length=64)
+    evaluation = config["evaluation"]
+    evaluation.update(limit=4, batch_size=8)
+    evaluation["forgetting"] = [{"task": t, "metric": "p_correct,none"} for t in FORGETTING]
+    evaluation.setdefault("kl", {}).update(num_samples=4, max_new_tokens=12)
+    return config
 
 
 # --------------------------------------------------------------------------- real-model ids
@@ -362,7 +577,8 @@ def tokenizer_with_ids(special: dict[str, int], **names):
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     raw.add_special_tokens([AddedToken(token, special=True) for token in special])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", **names)
-    assert all(tokenizer.convert_tokens_to_ids(token) == id_ for token, id_ in special.items())
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special}
+    assert ids == special, f"special tokens at {ids}, expected {special}"
     return tokenizer
 
 
@@ -374,7 +590,7 @@ def olmo_like_tokenizer():
         eos_token=OLMO_END_OF_DOC,
         pad_token="<|padding|>",
     )
-    assert tokenizer.bos_token_id is None
+    assert tokenizer.bos_token_id is None, f"BOS id {tokenizer.bos_token_id}, expected none"
     return tokenizer
 
 

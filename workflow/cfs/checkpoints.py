@@ -25,12 +25,23 @@ def run_fingerprint(model_dir: Path, data: Path, settings: dict) -> str:
 
 def is_complete_checkpoint(path: Path) -> bool:
     """The Trainer writes trainer_state.json last: a checkpoint without a whole one was cut
-    short by a kill."""
+    short by a kill. A sharded (FSDP) checkpoint's folders are complete once their
+    `.metadata` is there: torch.distributed.checkpoint writes it after every process has
+    written its shard."""
     try:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return True
+    sharded = [folder for folder in path.iterdir() if folder.is_dir()]
+    return all((folder / ".metadata").is_file() for folder in sharded if is_dcp_folder(folder))
+
+
+def is_dcp_folder(folder: Path) -> bool:
+    """A torch.distributed.checkpoint folder (accelerate names them pytorch_model_fsdp_<i>
+    and optimizer_<i>)."""
+    return any(folder.glob("*.distcp")) or folder.name.startswith(
+        ("pytorch_model_fsdp", "optimizer")
+    )
 
 
 def checkpoint_to_resume(checkpoints: Path, fingerprint: str, barrier=lambda: None) -> str | None:

@@ -67,10 +67,18 @@ def distributed_arguments(settings: dict) -> dict:
       weights into every process's shards; the model stays on the CPU until then,
       `fsdp_load_device`);
     - `train.gradient_checkpointing` is FSDP's own activation checkpointing (the Trainer's
-      would add an all-gather per layer in the backward pass).
+      would add an all-gather per layer in the backward pass);
+    - checkpoints are sharded (`sharded_checkpoints`);
+    - with `train.fsdp_reduce_each_micro_batch` (the default), every micro-batch's
+      gradient is reduce-scattered at once and accumulated in the float32 shards
+      (accelerate's `sync_each_batch`): with FSDP2's `no_sync` instead, each process keeps
+      the whole unsharded gradient across the accumulation steps (8B: 16 GB, accumulated in
+      bf16, the reduce dtype of bf16 mixed precision). The cost is one reduce-scatter per
+      micro-batch instead of per optimizer step (a third more collective traffic per
+      micro-batch than the two all-gathers alone), overlapped with the backward pass.
     In one process `fsdp` is ignored, so the same config also runs on one GPU or on CPU.
     accelerate runs several CPU processes as DDP even with FSDP requested (its FSDP path is
-    for GPU-like devices); the CPU tests switch it to FSDP (tests/fsdp_on_cpu.py)."""
+    for GPU-like devices); the CPU tests switch it to FSDP (tests/end_to_end/fsdp_on_cpu.py)."""
     arguments: dict = {}
     if world_size() > 1:
         arguments["ddp_backend"] = "nccl" if torch.cuda.is_available() else "gloo"
@@ -84,7 +92,38 @@ def distributed_arguments(settings: dict) -> dict:
             }
             arguments["fsdp"] = True
             arguments["fsdp_config"] = fsdp_config
+            if settings["fsdp_reduce_each_micro_batch"]:
+                arguments["accelerator_config"] = {
+                    "gradient_accumulation_kwargs": {"sync_each_batch": True}
+                }
     return arguments
+
+
+def sharded_checkpoints(arguments: dict) -> dict:
+    """`arguments` (distributed_arguments') with sharded checkpoints under FSDP, unless
+    `train.fsdp_config` names a `state_dict_type`: each process writes its own shard of the
+    weights and of the optimizer state (torch.distributed.checkpoint, through accelerate's
+    save_fsdp_model / save_fsdp_optimizer) and reads it back on resume. accelerate's
+    default, FULL_STATE_DICT, gathers everything on rank 0, which writes the float32 weights
+    twice (model.safetensors and pytorch_model_fsdp.bin) and the whole optimizer state: at
+    8B about 128 GB per checkpoint through one process while the others wait. The final
+    model is still saved whole (cfs.saving)."""
+    if not arguments.get("fsdp"):
+        return arguments
+    fsdp_config = {"state_dict_type": "SHARDED_STATE_DICT", **arguments["fsdp_config"]}
+    return {**arguments, "fsdp_config": fsdp_config}
+
+
+def training_record(trainer) -> dict:
+    """How the run synchronised gradients and wrote checkpoints, from the accelerator
+    itself: `gradient_sync` each micro-batch (reduce-scatter at once) or per optimizer step,
+    and the checkpoint format (full or sharded) under FSDP."""
+    sync_each_batch = trainer.accelerator.gradient_state.plugin_kwargs.get("sync_each_batch")
+    record = {"gradient_sync": "each_micro_batch" if sync_each_batch else "each_step"}
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and plugin is not None:
+        record["checkpoint_format"] = str(plugin.state_dict_type).rpartition(".")[2]
+    return record
 
 
 def fsdp_load_device(args, device: torch.device) -> torch.device:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cfs.answers import count_cut_answers, cut_answers_marked, marks_cut_answers
 from cfs.artifacts import (
     provenance,
     read_json,
@@ -36,6 +37,7 @@ from cfs.cli import process_seconds, require, run_stage, set_threads, stage_pars
 from cfs.errors import DataError, SettingsError
 from cfs.heldout import kl_and_nll_sums, padded_batches, predicted_logprobs
 from cfs.heldout import summarise as heldout_summary
+from cfs.hub import go_offline_unless_reachable
 from cfs.lm_eval_model import PositionCounter
 from cfs.modeling import dtype_name, load_model, pick_device
 from cfs.request_cache import cache_prefix, cached_requests
@@ -94,7 +96,7 @@ def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> 
     """What must be the same for a base eval and the post evals compared with it."""
     from importlib import metadata
 
-    return {
+    harness = {
         "backend": backend,
         "lm_eval_version": metadata.version("lm_eval"),
         "batch_size": settings["batch_size"],
@@ -107,6 +109,9 @@ def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> 
             for entry in task_entries(settings)
         },
     }
+    if marks_cut_answers(model_args.get("think_end_token")):
+        harness["cut_answers"] = "scored as no answer (cfs.answers)"
+    return harness
 
 
 def check_same_harness(base_record: dict, harness: dict, base_eval: Path) -> None:
@@ -267,20 +272,21 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
         group = [entry for entry in entries if bool(entry["apply_chat_template"]) == chat]
         if not group:
             continue
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=build_tasks(task_manager, group, require(settings, "seed")),
-            task_manager=task_manager,
-            apply_chat_template=chat,
-            use_cache=str(prefix) if prefix else None,
-            log_samples=True,  # per-item scores, for paired intervals (cfs.statistics)
-            bootstrap_iters=0,
-            limit=settings["limit"],
-            random_seed=require(settings, "seed"),
-            numpy_random_seed=settings["seed"],
-            torch_random_seed=settings["seed"],
-            fewshot_random_seed=settings["seed"],
-        )
+        with cut_answers_marked(model_args.get("think_end_token")):
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=build_tasks(task_manager, group, require(settings, "seed")),
+                task_manager=task_manager,
+                apply_chat_template=chat,
+                use_cache=str(prefix) if prefix else None,
+                log_samples=True,  # per-item scores, for paired intervals (cfs.statistics)
+                bootstrap_iters=0,
+                limit=settings["limit"],
+                random_seed=require(settings, "seed"),
+                numpy_random_seed=settings["seed"],
+                torch_random_seed=settings["seed"],
+                fewshot_random_seed=settings["seed"],
+            )
         results.update(output["results"])
         samples.update(output["samples"])
     missing = [task for task in tasks if task not in results]
@@ -295,6 +301,9 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
         for task in tasks
     }
     requests = {"per_task": count_requests(samples)}
+    if "cut_answers" in harness:  # answers cut at the token limit inside their thinking
+        filters = {e["task"]: e["metric"].partition(",")[2] or "none" for e in entries}
+        requests["cut_answers"] = count_cut_answers(samples, filters)
     if counter is not None:  # what the model computed, padding included
         requests.update(counter.remove())
     if prefix:
@@ -460,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     if (args.base_model is None) != (args.heldout is None):
         raise SettingsError("--base-model and --heldout go together")
     set_threads(args.threads)
+    # a compute node without network reads the task datasets the first job fetched
+    go_offline_unless_reachable()
     # finished requests are kept beside the output: a rerun computes only the rest
     cache_folder = args.out.with_name(args.out.stem + "_cache")
     record = evaluate(

@@ -143,7 +143,7 @@ def step_schedule(records: list[dict], batch_size: int, epochs: float, seed: int
     order of their text, not of the file: every cell of a seed, mixed or not, trains on the
     same task examples at the same step, so the differences between cells are paired on
     the task's batches as well as on the seed. Samples are drawn through a stream of their
-    own, and each step's examples shuffled."""
+    own (a pass over them need not end with an epoch), and each step's examples shuffled."""
     kinds = [record["kind"] for record in records]
     task = sorted(
         (index for index, kind in enumerate(kinds) if kind == TASK),
@@ -152,14 +152,13 @@ def step_schedule(records: list[dict], batch_size: int, epochs: float, seed: int
     samples = [index for index, kind in enumerate(kinds) if kind != TASK]
     if not task:
         raise DataError("the training set has no task examples")
-    per_step = len(samples) * batch_size / len(task)
-    if samples and (per_step != int(per_step) or len(task) % batch_size):
+    exact = len(samples) * batch_size / len(task)
+    per_step = round(exact)
+    if abs(exact - per_step) > 0.01 * max(per_step, 1):
         raise SettingsError(
-            f"train.mixing equal_steps: {len(task)} task examples and {len(samples)} samples "
-            f"in steps of train.batch_size {batch_size} task examples need a whole number of "
-            f"steps and of samples per step (here {len(task) / batch_size:g} and "
-            f"{per_step:g}); change task.num_train, the ratio or the batch size, or set "
-            "train.mixing: augment"
+            f"train.mixing equal_steps: {len(samples)} samples per {len(task)} task examples "
+            f"are {exact:g} samples per step of train.batch_size {batch_size}, not a whole "
+            "number; change the ratio or the batch size, or set train.mixing: augment"
         )
     steps = max(1, math.ceil(epochs * len(task) / batch_size))
     task_stream = _permutations(task, random.Random(seed))
@@ -168,10 +167,10 @@ def step_schedule(records: list[dict], batch_size: int, epochs: float, seed: int
     order = []
     for _ in range(steps):
         block = [next(task_stream) for _ in range(batch_size)]
-        block += [next(sample_stream) for _ in range(int(per_step))]
+        block += [next(sample_stream) for _ in range(per_step)]
         within_step.shuffle(block)
         order += block
-    return StepSchedule(order, steps, batch_size, int(per_step))
+    return StepSchedule(order, steps, batch_size, per_step)
 
 
 def _permutations(indices: list[int], rng: random.Random):

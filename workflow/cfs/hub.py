@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import urllib.error
 import urllib.request
 
@@ -66,6 +67,11 @@ def go_offline_unless_reachable() -> bool:
         log.warning("the hub at %s cannot be reached; using the local cache only", endpoint())
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[key] = "1"
+    # the libraries read these at import: tell the ones already imported too
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
     return False
 
 

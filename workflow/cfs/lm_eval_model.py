@@ -13,7 +13,7 @@ its HFLM changes only how the numbers are computed, for a decoder-only model:
 
 Anything else (sampled generation, seq2seq models, generation settings that HF generate
 would apply beyond greedy decoding) goes to HFLM unchanged. The results are lm-eval's up to
-the order of floating-point sums (tests/test_lm_eval_model.py).
+the order of floating-point sums (tests/unit/test_lm_eval_model.py).
 """
 
 from __future__ import annotations

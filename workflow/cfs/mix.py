@@ -6,7 +6,9 @@ fields its training example needs.
 
 The ratio counts synthetic examples per fine-tuning example (0.5 = half as many); ratio 0
 is plain fine-tuning. Samples are taken in generation order, so a smaller ratio's set is a
-subset of a larger one's, then the whole set is shuffled with the seed.
+subset of a larger one's, then the whole set is shuffled with the seed. The stage streams:
+it keeps where each line starts, not the records (a reasoning model's sample file is
+gigabytes, and mixing runs on the submitting host).
 
     python -m cfs.mix --task results/data/arith/train.jsonl \
         --generations results/smollm2/temp0.7/context_free.jsonl --ratio 0.5 \
@@ -15,11 +17,13 @@ subset of a larger one's, then the whole set is shuffled with the seed.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import random
 from pathlib import Path
 
-from cfs.artifacts import provenance, read_jsonl, require_fields, write_json, write_jsonl
+from cfs.artifacts import atomic_path, provenance, read_jsonl, require_fields, write_json
 from cfs.cli import require, run_stage, stage_parser
 from cfs.errors import DataError, SettingsError
 from cfs.examples import TASK
@@ -33,18 +37,25 @@ def synthetic_count(num_task: int, ratio: float) -> int:
     return round(num_task * ratio)
 
 
+def samples_wanted(num_task: int, num_samples: int, ratio: float) -> int:
+    """round(ratio x num_task), or an error where the ratio is negative or asks for more
+    samples than there are."""
+    if ratio < 0:
+        raise SettingsError(f"ratio must be >= 0, got {ratio}")
+    wanted = synthetic_count(num_task, ratio)
+    if wanted > num_samples:
+        raise DataError(
+            f"ratio {ratio} needs {wanted} synthetic samples for {num_task} task examples, "
+            f"but only {num_samples} were generated: raise generation.num_samples"
+        )
+    return wanted
+
+
 def mix_at_ratio(
     task: list[dict], samples: list[dict], ratio: float, seed: int, kind: str = "context_free"
 ) -> list[dict]:
     """Task examples (kind "task") plus round(ratio * len(task)) samples of `kind`."""
-    if ratio < 0:
-        raise SettingsError(f"ratio must be >= 0, got {ratio}")
-    wanted = synthetic_count(len(task), ratio)
-    if wanted > len(samples):
-        raise DataError(
-            f"ratio {ratio} needs {wanted} synthetic samples for {len(task)} task examples, "
-            f"but only {len(samples)} were generated: raise generation.num_samples"
-        )
+    wanted = samples_wanted(len(task), len(samples), ratio)
     mixed = [{"kind": TASK, **{field: ex[field] for field in TASK_FIELDS}} for ex in task]
     fields = SAMPLE_KINDS[kind].fields
     mixed += [
@@ -57,11 +68,86 @@ def mix_at_ratio(
 def load_generations(path: Path, kind: str = "context_free") -> list[dict]:
     samples = read_jsonl(path)
     if not samples:
-        raise DataError(
-            f"{path}: the generation set is empty; refusing to fine-tune on task data only"
-        )
+        raise DataError(empty_generations(path))
     require_fields(samples, SAMPLE_KINDS[kind].fields, path)
     return samples
+
+
+def empty_generations(path: Path) -> str:
+    return f"{path}: the generation set is empty; refusing to fine-tune on task data only"
+
+
+class LineIndex:
+    """Where each record of a JSONL file starts, checked line by line as `read_jsonl` and
+    `require_fields` check it (the same messages), without holding the records: the
+    sample files of long generations are gigabytes."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...]):
+        self.path = path
+        self.offsets: list[int] = []
+        with path.open("rb") as handle:
+            offset = 0
+            for line_number, line in enumerate(handle, start=1):
+                if line.strip():
+                    record = self._parse(line, line_number)
+                    missing = [field for field in fields if field not in record]
+                    if missing:
+                        raise DataError(
+                            f"{path}:{line_number}: missing field(s) {', '.join(missing)}"
+                        )
+                    self.offsets.append(offset)
+                offset += len(line)
+
+    def _parse(self, line: bytes, line_number: int) -> dict:
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            reason = getattr(error, "msg", None) or str(error)
+            raise DataError(f"{self.path}:{line_number}: malformed JSON line ({reason})") from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{self.path}:{line_number}: expected a JSON object, got {record!r:.60}"
+            )
+        return record
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def reader(self, handle):
+        def read(index: int) -> dict:
+            handle.seek(self.offsets[index])
+            return json.loads(handle.readline())
+
+        return read
+
+
+def write_mixed(
+    task: LineIndex, samples: LineIndex | None, ratio: float, seed: int, kind: str, out: Path
+) -> int:
+    """`mix_at_ratio` of the two files, written to `out` record by record: the same bytes
+    as `write_jsonl(out, mix_at_ratio(...))` (the shuffle's permutation depends only on the
+    seed and the set's size), with two lists of line offsets in memory instead of the
+    records. Returns the number of samples mixed in."""
+    wanted = samples_wanted(len(task), len(samples) if samples else 0, ratio)
+    order = list(range(len(task) + wanted))
+    random.Random(seed).shuffle(order)
+    fields = SAMPLE_KINDS[kind].fields
+    with contextlib.ExitStack() as stack:
+        read_task = task.reader(stack.enter_context(task.path.open("rb")))
+        read_sample = None
+        if wanted:
+            read_sample = samples.reader(stack.enter_context(samples.path.open("rb")))
+        tmp = stack.enter_context(atomic_path(out))
+        handle = stack.enter_context(tmp.open("w", encoding="utf-8"))
+        for index in order:
+            if index < len(task):
+                example = read_task(index)
+                record = {"kind": TASK, **{field: example[field] for field in TASK_FIELDS}}
+            else:
+                sample = read_sample(index - len(task))
+                record = {"kind": kind, **{field: sample[field] for field in fields}}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return wanted
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,17 +158,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratio", required=True, type=float)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    task = read_jsonl(args.task)
-    if not task:
+    task = LineIndex(args.task, TASK_FIELDS)
+    if not len(task):
         raise DataError(f"{args.task}: the fine-tuning set is empty")
-    require_fields(task, TASK_FIELDS, args.task)
     if args.ratio > 0 and args.generations is None:
         raise SettingsError(f"ratio {args.ratio} > 0 needs --generations")
-    samples = load_generations(args.generations, args.kind) if args.ratio > 0 else []
+    samples = None
+    if args.ratio > 0:
+        samples = LineIndex(args.generations, SAMPLE_KINDS[args.kind].fields)
+        if not len(samples):
+            raise DataError(empty_generations(args.generations))
     seed = require(args.settings, "seed")
-    mixed = mix_at_ratio(task, samples, args.ratio, seed, args.kind)
-    num_synthetic = len(mixed) - len(task)
-    log.info("%d task examples + %d %s samples", len(task), num_synthetic, args.kind)
+    wanted = samples_wanted(len(task), len(samples) if samples else 0, args.ratio)
+    log.info("%d task examples + %d %s samples", len(task), wanted, args.kind)
     write_json(
         args.out.with_suffix(".provenance.json"),
         provenance(
@@ -92,11 +180,11 @@ def main(argv: list[str] | None = None) -> None:
             ratio=args.ratio,
             kind=args.kind,
             num_task=len(task),
-            num_synthetic=num_synthetic,
+            num_synthetic=wanted,
             generations=str(args.generations) if args.generations else None,
         ),
     )
-    write_jsonl(args.out, mixed)
+    write_mixed(task, samples, args.ratio, seed, args.kind, args.out)
 
 
 if __name__ == "__main__":

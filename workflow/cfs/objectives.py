@@ -5,7 +5,8 @@ methods, each a term added to the Trainer's loss with its weight lambda.
 - Weighted synthetic loss: the negative log-likelihood of a batch of synthetic samples,
   a separate term instead of mixed examples (the paper's objective with explicit lambda).
 - KL to base: on synthetic samples, the token-level KL(base || model) against a frozen
-  copy of the base model (memory: a second model's weights plus its logits per batch).
+  copy of the base model (memory: a second model's weights plus its logits per batch; the
+  float32 log-probabilities one chunk of positions at a time, `token_kl`).
 """
 
 from __future__ import annotations
@@ -173,24 +174,49 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _chunk_kl(base_logits: torch.Tensor, model_logits: torch.Tensor, weight: torch.Tensor):
+    """Sum over positions of weight x KL(base || model), in float32."""
+    target = F.log_softmax(base_logits.float(), dim=-1)
+    current = F.log_softmax(model_logits.float(), dim=-1)
+    per_position = F.kl_div(current, target, log_target=True, reduction="none").sum(-1)
+    return (per_position * weight).sum()
+
+
 def token_kl(
     base_logits, model_logits, labels, chunk: int = 1024, reduction: str = "mean"
 ) -> torch.Tensor:
     """Mean (or, with reduction="sum", sum) over trained positions of KL(base || model) of
     the next-token distributions: position t predicts token t+1, and counts where the label
-    of t+1 is not IGNORE_INDEX. In chunks of `chunk` positions so that the float32
-    log-probabilities of a long sequence (8192 positions x a 128k vocabulary: 4 GB each)
-    are never all held at once. cfs.evaluate measures the evaluation's KL with it too."""
+    of t+1 is not IGNORE_INDEX.
+
+    In chunks of `chunk` positions of one sequence, each checkpointed when a gradient is
+    wanted: a chunk's float32 log-probabilities (for 8192 positions of a 128k vocabulary,
+    4 GB each over the whole sequence) exist only while that chunk is computed, in the
+    forward pass and again, one chunk at a time, in the backward pass. The backward pass
+    keeps only the two logits tensors themselves (slices of them, never copies), not one
+    float32 tensor per chunk: the same values and gradients as without chunks."""
+    from torch.utils.checkpoint import checkpoint
+
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    mask = labels[:, 1:] != IGNORE_INDEX
-    base_rows, model_rows = base_logits[:, :-1][mask], model_logits[:, :-1][mask]
-    total = model_rows.new_zeros((), dtype=torch.float32)
-    for start in range(0, base_rows.shape[0], chunk):
-        base = F.log_softmax(base_rows[start : start + chunk].float(), dim=-1)
-        current = F.log_softmax(model_rows[start : start + chunk].float(), dim=-1)
-        total = total + F.kl_div(current, base, log_target=True, reduction="sum")
-    return total if reduction == "sum" else total / max(base_rows.shape[0], 1)
+    weights = (labels[:, 1:] != IGNORE_INDEX).to(torch.float32)
+    recompute = torch.is_grad_enabled() and model_logits.requires_grad
+    total = model_logits.new_zeros((), dtype=torch.float32)
+    positions = weights.shape[1]
+    for row in range(weights.shape[0]):
+        for start in range(0, positions, chunk):
+            end = min(start + chunk, positions)
+            pieces = (
+                base_logits[row, start:end],
+                model_logits[row, start:end],
+                weights[row, start:end],
+            )
+            if recompute:
+                part = checkpoint(_chunk_kl, *pieces, use_reentrant=False)
+            else:
+                part = _chunk_kl(*pieces)
+            total = total + part
+    return total if reduction == "sum" else total / weights.sum().clamp(min=1)
 
 
 class KLToBase(WeightedSyntheticLoss):

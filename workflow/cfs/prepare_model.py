@@ -66,6 +66,13 @@ def download_from_hub(repo_id: str, revision: str | None, out_dir: Path) -> None
     HF_TOKEN is read from the environment by huggingface_hub and never recorded. Without
     network (or with HF_HUB_OFFLINE set) only the cache is read, and a model missing from
     it stops the stage at once with a message saying how to provide it."""
+    link_or_copy_tree(fetch_model(repo_id, revision), out_dir)
+
+
+def fetch_model(repo_id: str, revision: str | None) -> Path:
+    """The model's snapshot folder in the Hugging Face cache, downloaded first where the
+    hub is reachable (the first job does this on the submitting host, cfs.fetch; a compute
+    node without network then finds it in the cache)."""
     from cfs.hub import MissingFromHub, explain_hub_error, go_offline_unless_reachable
 
     reachable = go_offline_unless_reachable()
@@ -91,7 +98,7 @@ def download_from_hub(repo_id: str, revision: str | None, out_dir: Path) -> None
             f"model '{repo_id}' has no safetensors weights in {snapshot}; convert it, or "
             "point `local_path` in config at a folder with safetensors weights"
         )
-    link_or_copy_tree(snapshot, out_dir)
+    return snapshot
 
 
 def link_or_copy_tree(source: Path, out_dir: Path) -> None:

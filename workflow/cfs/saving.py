@@ -5,7 +5,9 @@ Every process takes part in gathering the full state dict (under FSDP each holds
 the gather is a collective, so no process may return before it); the main process then
 merges LoRA adapters into the gathered full weights (W + scaling x B @ A, as peft's
 `merge_and_unload` does), casts to the save precision and writes. Nothing is merged on
-weights still sharded across the other processes.
+weights still sharded across the other processes, and nothing on the GPU: the state dict
+is gathered into host memory first (under FSDP, accelerate's full state dict is offloaded
+to the CPU already), so the merge needs no GPU memory beside the model's own.
 """
 
 from __future__ import annotations
@@ -25,12 +27,30 @@ SAVE_DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16")}  # train.
 
 
 def full_state_dict(trainer) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on the main process (an empty dict or a copy on the
-    others). A collective under FSDP: call it on every process."""
+    """The whole model's state dict, in host memory, on the main process (an empty dict or
+    a copy on the others). A collective under FSDP: call it on every process."""
     if trainer.is_fsdp_enabled:
-        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return {key: value.detach() for key, value in model.state_dict().items()}
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    else:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state_dict = {key: value.detach() for key, value in model.state_dict().items()}
+    return on_cpu(state_dict)
+
+
+def on_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with every tensor in host memory (tensors already there as they
+    are); tensors that share storage (tied embeddings) share one copy."""
+    copies: dict = {}
+    out = {}
+    for key, value in state_dict.items():
+        if value.device.type == "cpu":
+            out[key] = value
+            continue
+        shared = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape)
+        if shared not in copies:
+            copies[shared] = value.to("cpu")
+        out[key] = copies[shared]
+    return out
 
 
 def lora_layers(model, adapter: str = "default") -> dict[str, tuple[float, bool]]:

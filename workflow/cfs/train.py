@@ -34,6 +34,8 @@ from cfs.distributed import (
     process_device,
     process_rank,
     reads_weights,
+    sharded_checkpoints,
+    training_record,
     world_size,
 )
 from cfs.errors import DataError, SettingsError
@@ -77,7 +79,7 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device, 
         )
     precision = settings["precision"]
     use_bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
-    distributed = distributed_arguments(settings)
+    distributed = sharded_checkpoints(distributed_arguments(settings))
     return TrainingArguments(
         output_dir=str(checkpoints),
         learning_rate=require(settings, "learning_rate"),
@@ -97,8 +99,12 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device, 
         bf16=use_bf16,
         use_cpu=device.type == "cpu",
         logging_steps=settings["logging_steps"],
-        save_strategy="steps",
-        save_steps=settings["save_steps"],
+        # save_steps null: checkpoints only every train.save_minutes (checkpoint_callbacks)
+        **(
+            {"save_strategy": "steps", "save_steps": settings["save_steps"]}
+            if settings["save_steps"]
+            else {"save_strategy": "no"}
+        ),
         save_total_limit=1,
         report_to=settings["report_to"],
         dataloader_num_workers=0,
@@ -108,6 +114,25 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device, 
         activation_checkpointing=settings["gradient_checkpointing"] and not distributed.get("fsdp"),
         **distributed,
     )
+
+
+def weights_dtype(spec: Method, args, device: torch.device) -> str:
+    """The dtype the model to train is loaded in: float32 master weights, except for LoRA
+    in bf16 on a GPU without FSDP, whose frozen base stays in bfloat16 (8B: 16 GB instead
+    of 32; nothing of it trains) while peft keeps the adapters in float32."""
+    if spec.trains == "lora" and device.type == "cuda" and args.bf16 and not args.fsdp:
+        return "bfloat16"
+    return "float32"
+
+
+def checkpoint_callbacks(settings: dict) -> list:
+    """`train.save_minutes` (a checkpoint once that much time has passed) and, unless
+    checkpoints are kept, no checkpoint at the last step (the model is saved right after)."""
+    from cfs.trainer import SaveEveryMinutes, SkipFinalCheckpoint
+
+    minutes = settings["save_minutes"]
+    callbacks = [SaveEveryMinutes(minutes)] if minutes else []
+    return callbacks if settings["keep_checkpoints"] else [*callbacks, SkipFinalCheckpoint()]
 
 
 def study_method(settings: dict) -> Method:
@@ -188,7 +213,7 @@ def fine_tune(
     curves' held-out context-free samples and target problems (train.curve_every)."""
     from datasets import Dataset
 
-    from cfs.trainer import RegularizedTrainer, SkipFinalCheckpoint, examples_per_step
+    from cfs.trainer import RegularizedTrainer, examples_per_step
 
     device = process_device()
     spec, method = study_method(settings), settings["method"]
@@ -226,7 +251,10 @@ def fine_tune(
     if not reads_weights(args):
         log.info("process %d: the model without its weights (rank 0 reads them)", process_rank())
     model = load_model(
-        model_dir, "float32", fsdp_load_device(args, device), weights=reads_weights(args)
+        model_dir,
+        weights_dtype(spec, args, device),
+        fsdp_load_device(args, device),
+        weights=reads_weights(args),
     )
     # No KV cache in training: with one, a packed row's attention would not be split
     # per sample (transformers builds the block-diagonal mask only without a cache).
@@ -243,7 +271,7 @@ def fine_tune(
         data_collator=CountingCollator(training_collator(tokenizer, settings["packing"])),
         regularizer=regularizer,
         weight=method["lambda"] if regularizer else 0.0,
-        callbacks=[] if settings["keep_checkpoints"] else [SkipFinalCheckpoint()],
+        callbacks=checkpoint_callbacks(settings),
     )
     if settings["curve_every"]:
         from cfs.curves import forgetting_curves
@@ -274,6 +302,7 @@ def fine_tune(
         "examples_per_step": examples_per_step(trainer),
         "resumed_from": resume_from,
         "fsdp": trainer.is_fsdp_enabled,
+        **training_record(trainer),
     }
     if isinstance(regularizer, WeightedSyntheticLoss):
         summary["synthetic_term"] = synthetic_draws(regularizer)

@@ -9,6 +9,8 @@ processes like the first's. The term is logged from a running on-device sum: no 
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import Trainer, TrainerCallback
 
@@ -119,6 +121,31 @@ class RegularizedTrainer(Trainer):
             logs[self.regularizer.name] = mean.item()
             self._term_sum, self._term_share = None, 0.0
         super().log(logs, start_time)
+
+
+class SaveEveryMinutes(TrainerCallback):
+    """A checkpoint once `minutes` have passed since the last one (or since the run
+    started), whatever the time per step: `train.save_minutes`. The main process's clock
+    decides, and every process learns its decision at each step (one small broadcast), so
+    all of them save at the same step: under FSDP a checkpoint is a collective."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = [time.monotonic() - self.last >= self.seconds]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(due, src=0)
+        if due[0]:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
 
 
 class SkipFinalCheckpoint(TrainerCallback):

@@ -1,16 +1,21 @@
-# Checks that run before any other job: the highest priority among the first ready jobs.
-# Only the jobs that use what a check checks wait on its output, so a changed evaluation
-# setting reruns the check and the evaluations, not the models.
+# Checks that run before any other job, on the submitting host: the highest priority
+# among the first ready jobs. The evaluations wait on the task check; in a study that
+# reads from the hub, the task's preparation and the generations (and through them every
+# GPU job) on what it fetched. A changed set of evaluation tasks reruns the check and the
+# evaluations, not the models.
 
 
 # The evaluation's lm-eval task names (built-in and under evaluation.include_path) and
-# each metric's filter and name, from the task YAMLs only (no dataset download): a typo
-# stops the study here, naming the config key and the nearest known task, instead of
-# failing inside the first eval after the fine-tunes. One check file per set of tasks
-# (TASK_CHECK): another study's tasks do not rerun this study's check or evaluations.
+# each metric's filter and name, from the task YAMLs: a typo stops the study here, naming
+# the config key and the nearest known task, instead of failing inside the first eval
+# after the fine-tunes. One check file per set of tasks (TASK_CHECK): another study's
+# tasks do not rerun this study's check or evaluations. Then everything the study reads
+# from the hub is fetched into HF_HOME here, where the network is (compute nodes may
+# have none): the study's hub models, the task's hub dataset and every evaluation
+# task's hub dataset (cfs.fetch); a missing or gated one fails here, by name.
 rule check_evaluation_tasks:
     output:
-        TASK_CHECK,
+        **CHECK_OUTPUTS,
     log:
         TASK_CHECK.replace("results/checks", "results/logs/checks").replace(
             ".json", ".log"
@@ -20,5 +25,8 @@ rule check_evaluation_tasks:
         "../../envs/cfs.yaml"
     params:
         settings=as_arg(task_check_settings()),
+        fetch=as_arg(FETCH),
+        fetched=f"--fetched {HUB_FETCH}" if READS_THE_HUB else "",
     shell:
-        "python -m cfs.task_check --settings {params.settings} --out {output} > {log} 2>&1"
+        "python -m cfs.task_check --settings {params.settings} --fetch {params.fetch}"
+        " {params.fetched} --out {output.checks} > {log} 2>&1"

@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from cfs.fetch import reads_the_hub
 from cfs.study import (
     FIGURES,
     INTEGER,
@@ -294,5 +295,49 @@ def digest(settings):
     ]
 
 
+def fetch_settings():
+    """What the first job fetches into the Hugging Face cache besides the evaluation
+    datasets (cfs.fetch): the study's hub models and the task's hub dataset."""
+    models = [
+        {"model": model, "hub_id": settings["hub_id"], "revision": settings["revision"]}
+        for model, settings in config["models"].items()
+        if model in STUDY.study["models"] and "hub_id" in settings
+    ]
+    task = None
+    if config["task"]["source"] == "hub":
+        keys = (
+            "source",
+            "dataset",
+            "dataset_config",
+            "revision",
+            "split",
+            "test_split",
+        )
+        task = {key: config["task"][key] for key in keys}
+    return {"models": models, "task": task}
+
+
+def replay_from_hub():
+    """The study's replay corpus is a hub dataset, streamed (no cache to fetch into)."""
+    if "replay" not in STUDY.methods:
+        return False
+    return bool(STUDY.method_options("replay")["corpus"].get("hub_dataset"))
+
+
 # One check file per set of evaluation tasks: studies with other tasks have their own.
 TASK_CHECK = f"results/checks/evaluation_tasks/{digest(task_check_settings())}.json"
+# What the first job fetched, for a study that reads from the hub: the task's preparation
+# and the generations, and through them every GPU job, wait on it (ancient: a later
+# fetch, e.g. for another study, does not make them run again); the evaluations wait on
+# the check itself. A study on local files only fetches nothing and waits on nothing.
+HUB_FETCH = "results/checks/hub_fetch.json"
+FETCH = fetch_settings()
+READS_THE_HUB = reads_the_hub(FETCH, config["evaluation"])
+CHECK_OUTPUTS = {"checks": TASK_CHECK} | (
+    {"fetched": HUB_FETCH} if READS_THE_HUB else {}
+)
+
+
+def fetched_first(wildcards):
+    """The first job's fetch, where the study reads from the hub."""
+    return {"fetched": ancient(HUB_FETCH)} if READS_THE_HUB else {}

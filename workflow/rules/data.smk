@@ -1,4 +1,6 @@
 rule prepare_task_data:
+    input:
+        unpack(fetched_first),
     output:
         train="results/data/{task}/train.jsonl",
         test="results/data/{task}/test.jsonl",
@@ -16,6 +18,13 @@ rule prepare_task_data:
     shell:
         "python -m cfs.data --settings {params.settings}"
         " --train {output.train} --test {output.test} > {log} 2>&1"
+
+
+# A hub corpus is streamed, so it needs the network: on the submitting host.
+if replay_from_hub():
+
+    localrules:
+        replay_chunks,
 
 
 # Pretraining-data replay (a baseline): corpus documents cut like context-free samples.

@@ -1,6 +1,6 @@
 rule evaluate_base:
     input:
-        checks=TASK_CHECK,
+        checks=ancient(TASK_CHECK),
         model="results/models/{model}/base",
         target_data=task_data("test"),
     output:
@@ -26,7 +26,7 @@ rule evaluate_base:
 
 rule evaluate_finetuned:
     input:
-        checks=TASK_CHECK,
+        checks=ancient(TASK_CHECK),
         model="results/{model}/{cell}/seed{seed}/model",
         base_model="results/models/{model}/base",
         base_eval="results/{model}/base/eval.json",

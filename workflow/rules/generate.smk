@@ -2,6 +2,7 @@
 # every ratio and method that uses them.
 rule generate_context_free:
     input:
+        unpack(fetched_first),
         model="results/models/{model}/base",
     output:
         samples=samples_file("context_free"),
@@ -47,6 +48,7 @@ use rule generate_context_free as generate_heldout with:
 # prompts, once per (model, temperature, seed), shared by every ratio.
 use rule generate_context_free as generate_contextual with:
     input:
+        unpack(fetched_first),
         model="results/models/{model}/base",
         prompts=task_data("train"),
     output:

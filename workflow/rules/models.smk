@@ -1,3 +1,10 @@
+# A hub model is downloaded where the network is, as the first job fetches it too.
+if FETCH["models"]:
+
+    localrules:
+        prepare_model,
+
+
 rule prepare_model:
     output:
         directory("results/models/{model}/base"),

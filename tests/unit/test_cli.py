@@ -1,0 +1,56 @@
+"""cfs.cli's settings: defaults live in the schema only, so no stage reads a setting with a
+fallback of its own.
+
+The stages get their settings as cfs.cli.Settings, whose `get` refuses; and no module of
+the package calls `get` with a fallback on a settings mapping (checked in the source)."""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import pytest
+from cfs.cli import parse_settings
+from cfs.errors import SettingsError
+from conftest import PACKAGE_DIR
+
+# names the stages give their settings and the sections within them
+SETTINGS_NAMES = {"settings", "method", "corpus", "entry", "options", "section", "kl", "task"}
+
+
+def fallback_reads(source: str) -> list[tuple[int, str]]:
+    """(line, text) of each `<settings name>.get(...)` call in `source`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in SETTINGS_NAMES
+        ):
+            found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_no_stage_reads_a_setting_with_a_fallback():
+    found = {
+        path.name: reads
+        for path in sorted((PACKAGE_DIR / "cfs").glob("*.py"))
+        if path.name != "study.py"  # the grid reads the raw config, before any stage
+        and (reads := fallback_reads(path.read_text()))
+    }
+    assert found == {}, f"settings read with a fallback (put the default in the schema): {found}"
+
+
+def test_the_source_check_finds_a_fallback():
+    assert fallback_reads("def f(settings):\n    return settings.get('x', 3)\n") == [
+        (2, "settings.get('x', 3)")
+    ]
+
+
+def test_stage_settings_refuse_a_fallback_at_run_time():
+    settings = parse_settings(json.dumps({"train": {"epochs": 1}}))
+    assert settings["train"]["epochs"] == 1
+    with pytest.raises(SettingsError, match="schema"):
+        settings["train"].get("learning_rate", 1e-4)

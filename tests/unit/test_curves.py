@@ -1,0 +1,120 @@
+"""cfs.curves: forgetting curves along a fine-tune (KL to the base model and NLL on the
+held-out samples, loss on the target's test set), at step 0 and every `curve_every` steps,
+in the Trainer's log, in curves.csv and in TensorBoard; on a tiny model, through
+cfs.train.fine_tune as the rule runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from cfs import evaluate, train
+from cfs.modeling import load_model
+from conftest import read_jsonl, task_records, train_settings, write_jsonl
+
+SETTINGS = train_settings(
+    learning_rate=5e-3,
+    lr_scheduler="constant",
+    warmup_ratio=0.0,
+    epochs=1,
+    batch_size=4,
+    micro_batch_size=2,
+    max_length=64,
+    logging_steps=1,
+)
+
+
+def heldout_samples(count: int) -> list[dict]:
+    return [
+        {
+            "kind": "context_free",
+            "index": i,
+            "prompt_token_id": 1,
+            "token_ids": [110 + i, 70 + i, 80 + i, 90 + i, 100 + i],
+            "finish_reason": "length",
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curves")
+    return {
+        "root": root,
+        "task": write_jsonl(root / "task.jsonl", task_records(8, seed=1)),
+        "heldout": write_jsonl(root / "heldout.jsonl", heldout_samples(5)),
+        "test": write_jsonl(root / "test.jsonl", task_records(6, seed=2)),
+    }
+
+
+def fine_tune(model_dir, files, name, **overrides):
+    out = files["root"] / name
+    train.fine_tune(
+        model_dir,
+        files["task"],
+        {**SETTINGS, **overrides},
+        out / "checkpoints",
+        out / "model",
+        heldout=files["heldout"],
+        target_test=files["test"],
+    )
+    return out / "model", json.loads((out / "model" / "train_log.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def curved(tiny_model_dir, files):
+    return fine_tune(tiny_model_dir, files, "curved", epochs=2, curve_every=2)
+
+
+def test_curves_are_logged_at_step_zero_and_every_k_steps(curved):
+    model_dir, log = curved
+    steps = [entry["step"] for entry in log["log_history"] if "curve/kl_to_base" in entry]
+    assert steps == [0, 2, 4]  # 2 epochs of 8 examples in steps of 4: 4 steps
+    table = pd.read_csv(model_dir / "curves.csv")
+    assert table["step"].tolist() == [0, 2, 4]
+    assert list(table.columns) == ["step", "kl_to_base", "heldout_nll", "target_loss"]
+
+
+def test_curve_kl_is_zero_at_step_zero_and_grows(curved):
+    table = pd.read_csv(curved[0] / "curves.csv")
+    kl, target_loss = table["kl_to_base"].tolist(), table["target_loss"].tolist()
+    assert abs(kl[0]) <= 1e-6, f"KL to base at step 0 is {kl[0]}, expected 0"
+    assert kl[-1] > 1e-4, f"KL to base after training is {kl[-1]}, expected above 1e-4"
+    assert target_loss[-1] < target_loss[0], f"the target loss does not go down: {target_loss}"
+
+
+def test_last_curve_point_is_the_evaluations_kl(curved, tiny_model_dir, files):
+    """The curve's KL at the last step is the post eval's KL of the saved model."""
+    base = load_model(tiny_model_dir, "float32").eval()
+    model = load_model(curved[0], "float32").eval()
+    measured = evaluate.kl_to_base(base, model, read_jsonl(files["heldout"]), batch_size=8)
+    last = pd.read_csv(curved[0] / "curves.csv").iloc[-1]
+    assert last["kl_to_base"] == pytest.approx(measured["kl_to_base"], rel=1e-4, abs=1e-7)
+    assert last["heldout_nll"] == pytest.approx(measured["heldout_nll"], rel=1e-5)
+
+
+def test_no_curves_when_curve_every_is_zero(tiny_model_dir, files):
+    model_dir, log = fine_tune(tiny_model_dir, files, "flat", curve_every=0)
+    logged = [entry for entry in log["log_history"] if "curve/kl_to_base" in entry]
+    assert logged == []
+    assert not (model_dir / "curves.csv").exists(), "curves.csv written with curve_every 0"
+
+
+def test_losses_and_curves_reach_tensorboard(tiny_model_dir, files, monkeypatch):
+    """train.report_to: the Trainer's logs, the curves with them, in a TensorBoard event
+    file beside the model (read back offline)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    model_dir, _ = fine_tune(
+        tiny_model_dir, files, "tracked", curve_every=1, report_to=["tensorboard"]
+    )
+    (events,) = (model_dir.parent / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events)).Reload()
+    # the loss of every step, with a curve point at every step beside it
+    for tag, steps in (("train/curve/kl_to_base", [0, 1, 2]), ("train/loss", [1, 2])):
+        assert [event.step for event in accumulator.Scalars(tag)] == steps, tag
+    scalars = accumulator.Tags()["scalars"]
+    assert "train/curve/target_loss" in scalars, f"no target-loss curve in {scalars}"

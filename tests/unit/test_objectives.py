@@ -1,0 +1,320 @@
+"""cfs.objectives: the regularising terms of the study's methods beside the task loss (L2
+toward the original weights, the lambda-weighted synthetic NLL, the KL to the base model),
+their values on their own and in fine-tunes on a tiny model (cfs.train.fine_tune), the
+token KL computed in chunks (the unchunked value and gradient, with or without gradient,
+and no float32 log-probabilities kept for the backward pass), and the synthetic samples
+each optimizer step draws, in one process or split over several."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cfs import examples, objectives, train
+from cfs.errors import SettingsError
+from cfs.modeling import load_model
+from cfs.objectives import SyntheticBatches
+from cfs.tokens import IGNORE_INDEX
+from conftest import (
+    assert_same_weights,
+    assert_weights_differ,
+    model_weights,
+    task_records,
+    train_settings,
+    write_jsonl,
+)
+
+SETTINGS = train_settings(
+    learning_rate=5e-3,
+    lr_scheduler="constant",
+    warmup_ratio=0.0,
+    epochs=1,
+    batch_size=4,
+    micro_batch_size=2,
+    max_length=64,
+    save_steps=100,
+    logging_steps=1,
+)
+
+
+def cf_samples(count=8):
+    return [
+        {
+            "index": i,
+            "prompt_token_id": 1,
+            "token_ids": [60 + i, 70 + i, 80 + i, 90 + i],
+            "finish_reason": "length",
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("objectives_data")
+    return {
+        "task": write_jsonl(root / "task.jsonl", task_records(8, seed=1)),
+        "samples": write_jsonl(root / "context_free.jsonl", cf_samples()),
+        "root": root,
+    }
+
+
+def run_fine_tune(model_dir, data_files, name, method=None, synthetic=False):
+    out = data_files["root"] / name
+    settings = dict(SETTINGS)
+    if method is not None:
+        settings["method"] = method
+    summary = train.fine_tune(
+        model_dir,
+        data_files["task"],
+        settings,
+        out / "checkpoints",
+        out / "model",
+        synthetic=data_files["samples"] if synthetic else None,
+    )
+    return out / "model", summary
+
+
+def logged(model_dir, term: str) -> list[float]:
+    """The term's value at each logged step of the fine-tune."""
+    log = json.loads((model_dir / "train_log.json").read_text())["log_history"]
+    return [entry[term] for entry in log if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_model_dir, data_files):
+    return run_fine_tune(tiny_model_dir, data_files, "plain")[0]
+
+
+# --------------------------------------------------------------------------- L2
+
+
+def test_l2_penalty_is_zero_at_start_and_grows_as_weights_move(tiny_model_dir):
+    model = load_model(tiny_model_dir, "float32")
+    penalty = objectives.L2ToInitial()
+    penalty.setup(model.parameters())  # the Trainer does it on the wrapped model's
+    assert penalty(model, 0, 0).item() == 0.0
+    first = next(model.parameters())
+    values = []
+    with torch.no_grad():
+        for _ in range(3):
+            first.add_(0.01)
+            values.append(penalty(model, 0, 0).item())
+    assert 0 < values[0] < values[1] < values[2], f"penalties {values}, expected growing"
+    # sum of squares over all parameters / n_params: one tensor moved by 0.03 everywhere
+    expected = first.numel() * 0.03**2 / penalty.num_params
+    assert values[2] == pytest.approx(expected, rel=1e-4)
+
+
+def test_l2_with_lambda_zero_equals_plain_fine_tuning(tiny_model_dir, data_files, plain_model):
+    method = {"name": "l2", "lambda": 0.0}
+    model, summary = run_fine_tune(tiny_model_dir, data_files, "l2_zero", method)
+    assert_same_weights(plain_model, model)
+    terms = logged(model, "l2")
+    assert len(terms) == 2 and min(terms) >= 0, f"logged L2 terms {terms}, expected 2, >= 0"
+    assert summary["method"] == "l2"
+
+
+def test_l2_with_large_lambda_stays_closer_to_base(tiny_model_dir, data_files, plain_model):
+    model, _ = run_fine_tune(tiny_model_dir, data_files, "l2_big", {"name": "l2", "lambda": 1e5})
+    base = model_weights(tiny_model_dir)
+
+    def distance(path):
+        weights = model_weights(path)
+        return sum(((weights[n] - base[n]) ** 2).sum().item() for n in base)
+
+    regularised, plain = distance(model), distance(plain_model)
+    assert regularised < 0.5 * plain, f"squared distance to base {regularised} vs plain {plain}"
+
+
+# --------------------------------------------------------------------------- weighted synthetic
+
+
+def test_weighted_synthetic_lambda_zero_equals_plain_and_logs_the_term(
+    tiny_model_dir, data_files, plain_model
+):
+    method = {"name": "weighted_synthetic", "lambda": 0.0, "ratio": 1.0}
+    model, summary = run_fine_tune(tiny_model_dir, data_files, "ws0", method, synthetic=True)
+    assert_same_weights(plain_model, model)
+    assert summary["num_synthetic_term_samples"] == 8
+    terms = logged(model, "synthetic_nll")
+    assert len(terms) == 2 and min(terms) > 0, f"logged terms {terms}, expected 2, positive"
+
+
+def test_weighted_synthetic_lambda_positive_changes_training(
+    tiny_model_dir, data_files, plain_model
+):
+    method = {"name": "weighted_synthetic", "lambda": 1.0, "ratio": 1.0}
+    model, _ = run_fine_tune(tiny_model_dir, data_files, "ws1", method, synthetic=True)
+    assert_weights_differ(plain_model, model)
+
+
+def test_weighted_synthetic_without_samples_is_a_settings_error(tiny_model_dir, data_files):
+    method = {"name": "weighted_synthetic", "lambda": 1.0, "ratio": 1.0}
+    with pytest.raises(SettingsError, match="synthetic"):
+        run_fine_tune(tiny_model_dir, data_files, "ws_missing", method)
+
+
+# --------------------------------------------------------------------------- KL to base
+
+
+def test_kl_term_is_zero_when_the_model_is_the_base(tiny_model_dir, tokenizer):
+    base = load_model(tiny_model_dir, "float32")
+    same = load_model(tiny_model_dir, "float32")
+    built = examples.build_examples(
+        [{**sample, "kind": "context_free"} for sample in cf_samples(4)], tokenizer, 64, "x"
+    )
+    batches = SyntheticBatches(built, 2, 1, 0, examples.padding_collator(tokenizer))
+    term = objectives.KLToBase(batches, base_model=base)
+    value, share = term(same, 0, 0)
+    assert value.item() == pytest.approx(0.0, abs=1e-6)
+    assert share == 1.0
+    with torch.no_grad():
+        next(same.parameters()).add_(0.5)
+    moved = term(same, 0, 0)[0].item()
+    assert moved > 1e-4, f"KL {moved} after moving a weight, expected above 1e-4"
+
+
+def test_token_kl_matches_the_definition():
+    torch.manual_seed(0)
+    base, model = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    labels = torch.tensor([[-100, 1, 2, -100], [-100, 3, -100, -100]])
+    value = objectives.token_kl(base, model, labels).item()
+    p, q = base.log_softmax(-1), model.log_softmax(-1)
+    positions = [(0, 0), (0, 1), (1, 0)]  # logits at t predict labels at t + 1
+    expected = sum((p[b, t].exp() * (p[b, t] - q[b, t])).sum() for b, t in positions) / 3
+    assert value == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_kl_regularizer_trains_and_logs(tiny_model_dir, data_files, plain_model):
+    method = {"name": "kl_to_base", "lambda": 1.0, "ratio": 0.5}
+    model, summary = run_fine_tune(tiny_model_dir, data_files, "kl", method, synthetic=True)
+    assert summary["num_synthetic_term_samples"] == 4
+    kl = logged(model, "kl_to_base")
+    assert len(kl) == 2, f"logged KL terms {kl}, expected one per step"
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the base
+    assert_weights_differ(plain_model, model)
+
+
+def kl_inputs(positions: int, vocab: int = 512, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(2, positions, vocab, generator=generator)
+    model = torch.randn(2, positions, vocab, generator=generator, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, positions), generator=generator)
+    labels[0, : positions // 4] = IGNORE_INDEX  # prompt positions carry no loss
+    return base, model, labels
+
+
+def unchunked_kl(base, model, labels):
+    """KL(base || model) over the trained positions in one piece, as autograd sees it."""
+    import torch.nn.functional as F
+
+    mask = labels[:, 1:] != IGNORE_INDEX
+    target = F.log_softmax(base[:, :-1][mask].float(), dim=-1)
+    current = F.log_softmax(model[:, :-1][mask].float(), dim=-1)
+    return F.kl_div(current, target, log_target=True, reduction="sum") / mask.sum()
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_chunked_kl_has_the_unchunked_value_and_gradient(chunk):
+    base, model, labels = kl_inputs(300)
+    expected = unchunked_kl(base, model, labels)
+    (expected_grad,) = torch.autograd.grad(expected, model)
+    value = objectives.token_kl(base, model, labels, chunk=chunk)
+    (grad,) = torch.autograd.grad(value, model)
+    torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
+
+
+def saved_bytes(positions: int, chunk: int) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of token_kl (distinct
+    storages), beyond the logits given to it."""
+    base, model, labels = kl_inputs(positions)
+    given = {base.untyped_storage().data_ptr(), model.untyped_storage().data_ptr()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in given:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        objectives.token_kl(base, model, labels, chunk=chunk)
+    return sum(kept.values())
+
+
+def test_kl_keeps_no_float32_log_probabilities_for_the_backward():
+    """Chunks alone bound the forward pass only: every chunk's float32 log-softmax (and
+    the base's) would stay saved until the backward, 8 bytes x positions x vocabulary in
+    all. With each chunk recomputed in the backward pass, what is kept besides the logits
+    does not grow with the chunks, and stays under one chunk's float32 log-probabilities."""
+    vocab, chunk = 512, 64
+    one_chunk = chunk * vocab * 4
+    small, large = saved_bytes(256, chunk), saved_bytes(2048, chunk)
+    assert large < one_chunk, (small, large, one_chunk)
+    assert large - small < 2048 * 2 * 8, "kept memory grows with the number of chunks"
+
+
+def test_kl_without_gradient_computes_the_same_value():
+    base, model, labels = kl_inputs(100)
+    with torch.no_grad():
+        value = objectives.token_kl(base, model, labels, chunk=16)
+    torch.testing.assert_close(value, unchunked_kl(base, model, labels).detach(), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- synthetic batches
+
+
+def test_synthetic_batches_depend_only_on_position():
+    pool = [{"input_ids": [i], "labels": [i]} for i in range(5)]
+    batches = SyntheticBatches(pool, 2, accumulation=1, seed=3, collator=None)
+    first = [batches.indices(step, 0) for step in range(6)]
+    again = SyntheticBatches(pool, 2, accumulation=1, seed=3, collator=None)
+    backwards = [again.indices(step, 0) for step in reversed(range(6))]
+    assert backwards == first[::-1], "the samples of a step depend on the steps drawn before"
+    # each cycle through the pool uses every sample once
+    flat = [i for batch in first for i in batch]
+    assert (sorted(flat[:5]), sorted(flat[5:10])) == (list(range(5)), list(range(5)))
+
+
+@pytest.mark.parametrize(
+    "per_step, world, accumulation", [(2, 2, 2), (64, 8, 16), (6, 3, 4), (4, 1, 8), (8, 2, 1)]
+)
+def test_synthetic_batches_split_the_global_batch_disjointly(per_step, world, accumulation):
+    pool = [{"id": i} for i in range(1000)]
+    for step in range(3):
+        drawn_by_rank = []
+        for rank in range(world):
+            batches = SyntheticBatches(pool, per_step, accumulation, 0, list, rank, world)
+            indices = [i for m in range(accumulation) for i in batches.indices(step, m)]
+            assert sum(batches.share(step, m) for m in range(accumulation)) == pytest.approx(1)
+            drawn_by_rank.append(indices)
+        everything = [i for indices in drawn_by_rank for i in indices]
+        assert len(everything) == per_step, "the ratio holds for the global batch"
+        assert len(set(everything)) == per_step, "processes draw disjoint samples"
+        # every process has samples in the same micro-steps (no lone forward under FSDP)
+        for m in range(accumulation):
+            counts = {
+                len(
+                    SyntheticBatches(pool, per_step, accumulation, 0, list, r, world).indices(
+                        step, m
+                    )
+                )
+                for r in range(world)
+            }
+            assert len(counts) == 1, f"step {step}, micro-step {m}: processes draw {counts}"
+
+
+def test_synthetic_ratio_below_one_sample_per_micro_batch():
+    """Ratio 0.5 with micro-batch 1 (the reasoning config): 64 samples per step of 128,
+    not one per micro-batch (128)."""
+    batches = SyntheticBatches([{"id": i} for i in range(500)], 64, 16, 0, list, 0, 8)
+    per_process = [len(batches.indices(0, m)) for m in range(16)]
+    assert (sum(per_process), set(per_process)) == (8, {0, 1})
+
+
+def test_synthetic_batches_refuse_an_uneven_split():
+    with pytest.raises(ValueError, match="evenly over 3 processes"):
+        SyntheticBatches([{"id": 0}], 4, 1, 0, list, 0, 3)

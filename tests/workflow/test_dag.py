@@ -1,0 +1,295 @@
+"""The Snakemake DAG of the workflow (dry runs in a copy of the repository): the embedded
+default config's whole grid with per-rule job counts from the grid arithmetic
+(conftest.expected_jobs), the quick overlay, seeds, several models, every method, the
+schema's defaults reaching the stages, the wildcard constraints; and `snakemake --lint`.
+The hub fetch: in the paper's configs the first job (the task check, on the submitting
+host) fetches the study's hub models and datasets and every GPU job waits on it; a study
+on local files has no fetch; and a forgetting task whose hub dataset is not cached fails
+that first job, by name, before any other job starts."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import yaml
+from cfs.study import METHODS, SAMPLE_KINDS
+from conftest import (
+    PAPER_CONFIGS,
+    REPO,
+    SAMPLE_RULES,
+    copy_repo,
+    default_config,
+    expected_jobs,
+    job_stats,
+    jobs,
+    run_snakemake,
+    snakemake_env,
+)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A copy of the workflow (no .venv, no results) shared by this module's dry runs;
+    each test writes its own config file next to it."""
+    return copy_repo(tmp_path_factory.mktemp("dag_repo") / "repo")
+
+
+def dry_run(repo, *args: str):
+    result = run_snakemake(repo, "-n", *args, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout
+
+
+def dry_run_with(repo, name: str, config: dict, *args: str) -> str:
+    (repo / name).write_text(yaml.safe_dump(config, sort_keys=False))
+    return dry_run(repo, "--configfile", name, *args)
+
+
+def test_every_kind_of_samples_has_its_rule():
+    assert sorted(SAMPLE_RULES) == sorted(SAMPLE_KINDS)
+
+
+def test_lint_is_clean(repo):
+    result = run_snakemake(repo, "--lint", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_default_config_dry_run_schedules_the_whole_grid(repo):
+    config = default_config()
+    output = dry_run(repo)
+    stats = job_stats(output)
+    figures = stats.pop("figures")
+    assert figures == len(config["study"]["models"])
+    assert stats == expected_jobs(config)
+    # paths read like the study
+    model, temp = config["study"]["models"][0], config["study"]["temperatures"][0]
+    ratio = next(r for r in config["study"]["ratios"] if r > 0)
+    for path in (
+        f"results/{model}/temp{temp:g}/ratio{ratio:g}/eval.json",
+        f"results/{model}/temp{temp:g}/ratio{ratio:g}/seed0/eval.json",
+        f"results/{model}/ratio0/eval.json",
+    ):
+        assert path in output, f"{path} not in the dry run"
+
+
+def test_the_quick_overlay_runs_seed_zero_of_two_default_cells(repo):
+    quick = yaml.safe_load((REPO / "config" / "quick.yaml").read_text())
+    config = default_config()
+    config["study"].update(quick["study"])  # what --configfile does with the overlay
+    output = dry_run(repo, "--configfile", "config/quick.yaml")
+    stats = job_stats(output)
+    assert stats.pop("figures") == 1
+    assert stats == expected_jobs(config)
+    assert (stats["fine_tune"], stats["evaluate_finetuned"]) == (2, 2)
+    # the default's own seed-0 paths, so a later full run reuses these jobs
+    model = config["study"]["models"][0]
+    for cell in ("ratio0", "temp1/ratio1"):
+        path = f"results/{model}/{cell}/seed0/eval.json"
+        assert path in output, f"{path} not in the dry run"
+    for other in ("seed1", "temp0.7"):
+        assert other not in output, f"the quick overlay schedules {other}"
+
+
+def test_three_seeds_replicate_every_cell(repo):
+    config = default_config()
+    config["study"]["seeds"] = [0, 1, 2]
+    output = dry_run_with(repo, "three_seeds.yaml", config)
+    stats = job_stats(output)
+    stats.pop("figures")
+    assert stats == expected_jobs(config)
+    single = copy.deepcopy(config)
+    single["study"]["seeds"] = [0]
+    one = expected_jobs(single)
+    assert stats["fine_tune"] == 3 * one["fine_tune"]
+    assert stats["evaluate_base"] == one["evaluate_base"] == 1  # samples nothing
+    assert stats["generate_heldout"] == 1  # the KL yardstick stays the same
+    model = config["study"]["models"][0]
+    for seed in (0, 1, 2):
+        for path in (
+            f"results/{model}/temp1/seed{seed}/context_free.jsonl",
+            f"results/{model}/ratio0/seed{seed}/model",
+        ):
+            assert path in output, f"{path} not in the dry run"
+
+
+def test_a_single_seed_number_is_a_list_of_one(repo):
+    config = default_config()
+    config["study"]["seeds"] = 7
+    output = dry_run_with(repo, "one_seed.yaml", config)
+    path = f"results/{config['study']['models'][0]}/ratio0/seed7/eval.json"
+    assert path in output, f"{path} not in the dry run"
+    assert job_stats(output)["fine_tune"] == expected_jobs(config)["fine_tune"]
+
+
+def test_grid_with_two_models_shares_task_data(repo):
+    config = default_config()
+    config["models"]["second"] = {"hub_id": "org/second-model"}
+    config["study"]["models"] = [*config["study"]["models"], "second"]
+    stats = job_stats(dry_run_with(repo, "two_models.yaml", config))
+    assert stats.pop("figures") == 2
+    assert stats == expected_jobs(config)
+    assert stats["prepare_task_data"] == 1
+
+
+def test_optional_sections_fall_back_to_schema_defaults(tmp_path):
+    """generation, train and evaluation.kl may be left out: the schema's defaults reach
+    the stages' --settings (shown with -p)."""
+    repo = copy_repo(tmp_path / "repo")
+    config = default_config()
+    for section in ("generation", "train"):
+        config.pop(section, None)
+    config["task"]["num_train"] = 100  # within the default generation.num_samples (200)
+    config["evaluation"].pop("kl", None)
+    config["evaluation"].pop("limit", None)
+    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    lines = dry_run(repo, "-p").splitlines()
+    train_line = next(line for line in lines if "cfs.train" in line)
+    for setting in ('"epochs": 2', '"max_length": 128'):
+        assert setting in train_line, f"{setting} not in: {train_line}"
+    evals = [line for line in lines if "cfs.evaluate" in line]
+    fine_tuned = next(line for line in evals if "--base-model" in line)
+    for setting in ('"limit": null', '"kl": {"batch_size": 8}'):
+        assert setting in fine_tuned, f"{setting} not in: {fine_tuned}"
+
+
+def test_ratio_zero_cell_cannot_be_requested_under_a_temperature(repo):
+    """Ratio 0 is plain fine-tuning and lives at results/{model}/ratio0; the wildcard
+    constraints forbid a temperature-specific duplicate temp{T}/ratio0."""
+    model = default_config()["study"]["models"][0]
+    result = run_snakemake(repo, "-n", f"results/{model}/temp0.7/ratio0/eval.json", timeout=300)
+    assert result.returncode != 0, job_stats(result.stdout)
+    assert "No rule to produce results/" in result.stdout, result.stdout[-2000:]
+
+
+def every_method_config():
+    config = default_config()
+    config["study"]["temperatures"] = [0.5, 1.0]
+    config["study"]["ratios"] = [0.0, 0.5, 1.0]
+    config["study"]["seeds"] = [0]
+    config["study"]["methods"] = [name for name in METHODS if name != "plain"]
+    config["methods"]["contextual"] = {"temperatures": [0.5, 1.0], "ratios": [0.5, 1.0]}
+    config["methods"]["replay"] = {"corpus": {"python_stdlib": "*.py"}, "ratios": None}
+    config["methods"]["lora"]["ranks"] = [4, 8]
+    config["methods"]["l2"] = {"lambdas": [0.01, 1000000.0]}
+    config["methods"]["wiseft"]["alphas"] = [0.25, 0.5, 0.75]
+    # the synthetic-term methods use a temperature the context-free grid also has (shared
+    # generation) and one it has not (its own generation)
+    config["methods"]["weighted_synthetic"] = {
+        "temperatures": [1.0],
+        "ratios": [1.0],
+        "lambdas": [0.5, 2.0],
+    }
+    config["methods"]["kl_to_base"] = {"temperatures": [1.3], "ratios": [0.5], "lambdas": [1.0]}
+    return config
+
+
+def test_grid_with_every_method_schedules_each_job_once(repo):
+    config = every_method_config()
+    output = dry_run_with(repo, "every_method.yaml", config)
+    stats = job_stats(output)
+    assert stats.pop("figures") == 1
+    assert stats == expected_jobs(config)
+    # 2 context-free temperatures + 1.3 for the KL regulariser; 1.0 is shared
+    assert stats["generate_context_free"] == 3
+    assert stats["fine_tune"] == 1 + 4 + 4 + 2 + 2 + 2 + 2 + 1
+    assert stats["evaluate_finetuned"] == stats["fine_tune"] + 3
+    # each method's path carries its own knobs only
+    model = config["study"]["models"][0]
+    for cell in (
+        "contextual/temp0.5/ratio1",
+        "replay/ratio0.5",
+        "lora/rank8",
+        "l2/lambda1000000",
+        "wiseft/alpha0.25",
+        "cf_weighted/temp1/ratio1/lambda0.5",
+        "kl_to_base/temp1.3/ratio0.5/lambda1",
+    ):
+        path = f"results/{model}/{cell}/eval.json"
+        assert path in output, f"{path} not in the dry run"
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+FETCH_GATED = {"prepare_task_data", "generate_context_free", "generate_heldout"}
+FETCH_GATED |= {"generate_contextual"}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_the_first_job_fetches_and_every_gpu_job_waits_on_it(dry_runs, name):
+    """The check (a local job, on the submitting host) fetches the study's hub models,
+    task data and evaluation datasets; the task's preparation and the generations wait on
+    the fetch, the evaluations on the check, the fine-tunes on the task's data (and a
+    hub model is prepared on the submitting host: workflow/rules/models.smk)."""
+    blocks = dry_runs[name]
+    (check,) = [block for rule, block in blocks if rule == "check_evaluation_tasks"]
+    assert "results/checks/hub_fetch.json" in check
+    seen = set()
+    for rule, block in blocks:
+        inputs = re.search(r"^\s*input: (.*)$", block, re.M)
+        inputs = inputs.group(1) if inputs else ""
+        if rule in FETCH_GATED:
+            assert "results/checks/hub_fetch.json" in inputs, (rule, block)
+            seen.add(rule)
+        if rule.startswith("evaluate"):
+            assert "results/checks/evaluation_tasks/" in inputs, (rule, block)
+        if rule == "fine_tune":
+            assert "results/data/" in inputs and "results/models/" in inputs, block
+    assert seen == FETCH_GATED
+    config = yaml.safe_load((REPO / PAPER_CONFIGS[name]).read_text())
+    (model,) = config["study"]["models"]
+    hub_id = config["models"][model]["hub_id"]
+    assert f'"hub_id": "{hub_id}"' in check, check
+    assert f'"dataset": "{config["task"]["dataset"]}"' in check, check
+
+
+def test_a_study_on_local_files_waits_on_no_fetch(repo):
+    """The embedded default reads nothing from the hub: its jobs are those of a DAG
+    without the fetch."""
+    result = run_snakemake(repo, "-n", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "hub_fetch.json" not in result.stdout
+
+
+def test_a_missing_evaluation_dataset_stops_the_study_in_its_first_job(tmp_path):
+    """A run of the default study with a forgetting task whose hub dataset is not cached
+    (offline): the first job fails naming the task and the dataset, and no other job
+    starts, so no GPU job is ever queued."""
+    repo = copy_repo(tmp_path / "repo")
+    folder = repo / "tasks" / "cfs_test_hub"
+    folder.mkdir()
+    (folder / "cfs_test_hub.yaml").write_text(
+        "task: cfs_test_hub\ndataset_path: cfs-test-org/never-cached-dataset\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{q}}'\n"
+        "doc_to_target: '{{a}}'\nmetric_list:\n  - metric: exact_match\n"
+    )
+    overlay = {
+        "evaluation": {
+            "forgetting": [
+                {"task": "cfs_capitals", "metric": "p_correct,none"},
+                {"task": "cfs_test_hub", "metric": "exact_match,none"},
+            ]
+        }
+    }
+    (repo / "hub_task.yaml").write_text(yaml.safe_dump(overlay))
+    env = snakemake_env({"HF_HOME": str(tmp_path / "empty_hf_home")})
+    result = run_snakemake(
+        repo, "--cores", "1", "all", "--configfile", "hub_task.yaml", env=env, timeout=300
+    )
+    assert result.returncode != 0, result.stdout[-3000:]
+    logs = list((repo / "results" / "logs" / "checks").rglob("*.log"))
+    assert len(logs) == 1, result.stdout[-3000:]
+    text = logs[0].read_text()
+    for name in ("evaluation.forgetting[1]", "cfs_test_hub", "cfs-test-org/never-cached-dataset"):
+        assert name in text, f"{name!r} not in the check's log:\n{text[-3000:]}"
+    assert "Traceback" not in text
+    started = re.findall(r"^(?:local)?rule (\w+):", result.stdout, re.M)
+    assert started == ["check_evaluation_tasks"], started
+    assert not (repo / "results" / "models").exists()
+    # the task's preparation and the generations wait on the fetch: a run with more
+    # cores, or one that keeps going past the failure, starts no GPU job either
+    result = run_snakemake(repo, "-n", "all", "--configfile", "hub_task.yaml", env=env, timeout=300)
+    gated = [block for rule, block in jobs(result.stdout) if rule in FETCH_GATED]
+    assert gated and all("results/checks/hub_fetch.json" in block for block in gated)

@@ -1,0 +1,432 @@
+"""GPU-hours of a study on a Slurm cluster: every GPU job of the config's grid, its tokens,
+its hours and GPUs, from the config and stated throughputs, and whether the configured
+runtime of each job covers the slower estimate.
+
+    python -m cfs.budget config/reasoning.yaml        # a Markdown table
+    python -m cfs.budget config/olmo.yaml --jobs      # and every job
+
+Nothing here is measured. Each estimate is a range: the low end with the faster
+throughputs of ASSUMPTIONS and HARDWARE, the high end with the slower ones. What a token
+costs: a training token 6N FLOPs (8N with activation checkpointing, which recomputes the
+forward pass; LoRA 4N, or 6N with checkpointing: no weight gradients) plus attention; under
+FSDP each micro-batch also moves the bf16 weights twice (all-gathers for the forward and
+backward passes) and the gradient once (reduce-scatter), overlapped with compute at the
+low end and not at the high end. Generation and sampled evaluation are decode throughputs
+of vLLM on one GPU. Checkpoint writes: sharded (each GPU writes its part of the float32
+weights and Adam moments, 12 bytes a parameter) every `train.save_minutes`, or the full
+state of accelerate's default every `train.save_steps` (rank 0 alone, 16 bytes a
+parameter: the weights twice and the moments, while the other GPUs wait) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU kind and the node around it: ranges are (fast, slow)."""
+
+    name: str = "H100 SXM 80 GB"
+    bf16_flops: float = 989e12  # dense bf16 peak
+    flops_used: tuple[float, float] = (0.45, 0.30)  # share of the peak reached in training
+    collective_bytes_per_s: tuple[float, float] = (360e9, 200e9)  # NCCL bus bandwidth, NVLink
+    checkpoint_bytes_per_s: tuple[float, float] = (4e9, 1e9)  # a node writing to shared disk
+    single_writer_bytes_per_s: tuple[float, float] = (1e9, 0.4e9)  # one process writing
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """What a model and its task cost, by assumption (none of it measured here)."""
+
+    params: float
+    layers: int
+    hidden: int
+    task_tokens: int  # prompt + response of a fine-tuning example
+    context_free_tokens: dict  # temperature -> mean sample length (before max_new_tokens)
+    contextual_tokens: dict  # temperature -> mean response length
+    replay_tokens: int
+    decode_tokens_per_s: tuple[float, float]  # vLLM (or HF) on one GPU, many sequences
+    # evaluation: task -> (questions, mean tokens of an answer); log-likelihood tasks and
+    # the rest of an eval as fixed hours on one GPU
+    eval_answers: dict = field(default_factory=dict)
+    eval_fixed_hours: tuple[float, float] = (0.05, 0.1)
+
+
+ASSUMPTIONS = {
+    # MedReason examples: question and options ~200 tokens, reasoning ~700, answer ~60.
+    # R1-distill samples from its BOS alone are long thinking-style texts, most cut at
+    # 8192 at T 1.3 (where it rarely ends a text); its answers to MedReason prompts think
+    # for ~1.5k tokens. Answer lengths on the benchmarks: thinking included.
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": Assumption(
+        params=8.03e9,
+        layers=32,
+        hidden=4096,
+        task_tokens=1000,
+        context_free_tokens={0.5: 5000, 0.7: 5500, 1.0: 6500, 1.3: 8000},
+        contextual_tokens={0.5: 1500, 0.7: 1500, 1.0: 2000, 1.3: 5000},
+        replay_tokens=8000,
+        decode_tokens_per_s=(5000, 2500),
+        eval_answers={
+            "aime24": (30, 14000),
+            "minerva_math500": (500, 4000),
+            "gpqa_diamond_cot_zeroshot": (198, 8000),
+            "gpqa_diamond_cot_zeroshot_boxed": (198, 8000),
+            "medqa_4options_think": (1273, 1500),
+        },
+        eval_fixed_hours=(0.1, 0.2),  # engine start-up, KL to base, log-likelihood tasks
+    ),
+    # MetaMathQA: Alpaca prompt with the query ~90 tokens, response ~160. OLMo-1B samples
+    # from <|endoftext|> are documents, nearly all longer than 512 tokens.
+    "allenai/OLMo-1B-hf": Assumption(
+        params=1.18e9,
+        layers=16,
+        hidden=2048,
+        task_tokens=250,
+        context_free_tokens={0.5: 490, 0.7: 490, 1.0: 495, 1.3: 500},
+        contextual_tokens={0.5: 350, 0.7: 380, 1.0: 420, 1.3: 480},
+        replay_tokens=480,
+        decode_tokens_per_s=(30000, 12000),
+        eval_answers={},  # the hf backend: GSM8K 5-shot and 8 log-likelihood tasks
+        eval_fixed_hours=(0.25, 0.5),
+    ),
+}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def merged(base: dict, over: dict) -> dict:
+    """What Snakemake does with --configfile: merged key by key, lists replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path: Path) -> dict:
+    """config/config.yaml with `path` merged over it and the schema's defaults filled in."""
+    from snakemake.utils import validate
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    if Path(path).resolve() != DEFAULT_CONFIG.resolve():
+        config = merged(config, yaml.safe_load(Path(path).read_text()))
+    validate(config, str(SCHEMA))
+    return config
+
+
+def resource(config: dict, model: str, stage: str, key: str, method: str | None = None):
+    """models.<model>.resources as workflow/rules/resources.smk reads it."""
+    resources = config["models"][model].get("resources", {})
+    keys = ([f"{method}_{key}"] if method else []) + [f"{stage}_{key}", key]
+    default = config["resources"]["model_stages"].get(key)
+    return next((resources[k] for k in keys if k in resources), default)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class Job:
+    rule: str
+    name: str
+    gpus: int
+    tokens: float
+    hours: tuple[float, float]  # wall-clock (fast, slow)
+    runtime_minutes: int
+    checkpoint_hours: tuple[float, float] = (0.0, 0.0)  # wall-clock, included in `hours`
+    full_state_checkpoint_hours: tuple[float, float] = (0.0, 0.0)  # the same, unsharded
+    attempts: int = 1  # jobs of the slower estimate's length (each resumes the last)
+
+    @property
+    def gpu_hours(self) -> tuple[float, float]:
+        return (self.hours[0] * self.gpus, self.hours[1] * self.gpus)
+
+
+def sample_tokens(assumption: dict, temperature: float, cap: int) -> float:
+    return min(assumption[min(assumption, key=lambda t: abs(t - temperature))], cap)
+
+
+def decode_hours(tokens: float, speed: tuple[float, float]) -> tuple[float, float]:
+    return (tokens / speed[0] / 3600, tokens / speed[1] / 3600)
+
+
+def generation_jobs(config, model, study, spec: Assumption) -> list[Job]:
+    from cfs.study import METHODS
+
+    generation = config["generation"]
+    cap, samples = generation["max_new_tokens"], generation["num_samples"]
+    runtime = resource(config, model, "generate", "runtime")
+    gpus = resource(config, model, "generate", "gpus")
+    kinds = {}
+    for cell in study.cells():
+        from cfs.study import parse_cell
+
+        knobs = parse_cell(cell)
+        kind = METHODS[knobs["method"]].samples
+        if kind in ("context_free", "contextual"):
+            kinds[(kind, knobs["temperature"])] = True
+    jobs = []
+    for seed in study.seeds:
+        for kind, temperature in sorted(kinds):
+            lengths = spec.context_free_tokens if kind == "context_free" else spec.contextual_tokens
+            tokens = samples * sample_tokens(lengths, temperature, cap)
+            hours = decode_hours(tokens, spec.decode_tokens_per_s)
+            jobs.append(
+                Job(
+                    f"generate_{kind}",
+                    f"{kind} T{temperature:g} seed{seed}",
+                    gpus,
+                    tokens,
+                    hours,
+                    runtime,
+                    attempts=math.ceil(hours[1] * 60 / runtime),
+                )
+            )
+    kl = config["evaluation"]["kl"]
+    tokens = kl["num_samples"] * kl["max_new_tokens"]
+    hours = decode_hours(tokens, spec.decode_tokens_per_s)
+    jobs.append(Job("generate_heldout", "heldout", gpus, tokens, hours, runtime))
+    return jobs
+
+
+def train_tokens(config, knobs: dict, spec: Assumption) -> tuple[float, float, float]:
+    """(examples, their tokens, tokens of a separate synthetic term) a cell trains on."""
+    from cfs.study import METHODS
+
+    train, task = config["train"], config["task"]
+    method = METHODS[knobs["method"]]
+    num_train, batch = task["num_train"], train["batch_size"]
+    steps = math.ceil(train["epochs"] * num_train / batch)
+    ratio = knobs.get("ratio", 0.0)
+    cap = min(config["generation"]["max_new_tokens"], train["max_length"])
+    if method.samples == "replay":
+        sample = min(spec.replay_tokens, cap)
+    elif method.samples == "contextual":
+        sample = sample_tokens(spec.contextual_tokens, knobs["temperature"], cap)
+    elif method.samples:
+        sample = sample_tokens(spec.context_free_tokens, knobs["temperature"], cap)
+    else:
+        sample = 0
+    task_examples = steps * batch
+    task_tokens = task_examples * min(spec.task_tokens, train["max_length"])
+    if method.mixes:
+        if train["mixing"] == "augment":  # the samples extend the set: more steps
+            samples = math.ceil(train["epochs"] * round(ratio * num_train))
+        else:  # equal_steps: ratio x batch samples beside each step's task examples
+            samples = steps * round(ratio * batch)
+        return task_examples + samples, task_tokens + samples * sample, 0.0
+    if method.synthetic_term:
+        return task_examples, task_tokens, steps * round(ratio * batch) * sample
+    return task_examples, task_tokens, 0.0
+
+
+def train_job(config, model, cell, seed, spec: Assumption, hardware: Hardware) -> Job:
+    from cfs.study import METHODS, parse_cell
+
+    knobs = parse_cell(cell)
+    method = METHODS[knobs["method"]]
+    train = config["train"]
+    gpus = resource(config, model, "train", "gpus", knobs["method"])
+    runtime = resource(config, model, "train", "runtime", knobs["method"])
+    examples, tokens, term_tokens = train_tokens(config, knobs, spec)
+    lora = method.trains == "lora"
+    recompute = train["gradient_checkpointing"]
+    passes = 3 + (1 if recompute else 0)  # forward, backward (twice a forward), recompute
+    linear = (2 if lora else 3) * passes / 3 * 2 * spec.params  # LoRA: no weight gradients
+    sequence = min(tokens / examples, train["max_length"])
+    attention = passes * 2 * spec.layers * spec.hidden * sequence  # causal: half the square
+    flops = tokens * (linear + attention)
+    if method.trains in ("weighted_synthetic", "kl_to_base"):
+        flops += term_tokens * (linear + attention)
+    if method.trains == "kl_to_base":  # the frozen base model's forward
+        flops += term_tokens * 2 * spec.params
+    compute = [flops / (gpus * hardware.bf16_flops * share) for share in hardware.flops_used]
+    sharded = train["fsdp"] and gpus > 1
+    communication = [0.0, 0.0]
+    steps = math.ceil(examples / train["batch_size"])
+    if sharded:
+        # bf16 weights gathered for the forward and the backward pass, the gradient
+        # reduce-scattered each micro-batch (or once a step); the synthetic term's passes
+        # again, and KL's base model gathered for its forward
+        micro_batches = examples / (train["micro_batch_size"] * gpus)
+        term_batches = steps * round(knobs.get("ratio", 0) * train["batch_size"]) / gpus
+        if method.trains not in ("weighted_synthetic", "kl_to_base"):
+            term_batches = 0
+        reduce = micro_batches if train["fsdp_reduce_each_micro_batch"] else steps
+        gathers = 2 * micro_batches + reduce + 3 * term_batches
+        gathers += term_batches if method.trains == "kl_to_base" else 0
+        moved = gathers * 2 * spec.params * (gpus - 1) / gpus
+        communication = [moved / speed for speed in hardware.collective_bytes_per_s]
+    seconds = (max(compute[0], communication[0]), compute[1] + communication[1])
+    # checkpoints: every save_minutes (or save_steps); under FSDP each GPU writes its part
+    # of the float32 weights and Adam moments at once, otherwise one process writes them
+    size = (0.05 if lora else 12) * spec.params
+    speeds = hardware.checkpoint_bytes_per_s if sharded else hardware.single_writer_bytes_per_s
+    by_steps = steps // train["save_steps"] if train["save_steps"] else math.inf
+    checkpoint_hours, full_state_hours, hours = [], [], []
+    for end in range(2):
+        by_time = seconds[end] / 60 // train["save_minutes"] if train["save_minutes"] else math.inf
+        count = min(by_steps, by_time)
+        checkpoint_hours.append((0 if count == math.inf else count) * size / speeds[end] / 3600)
+        # accelerate's default under FSDP, every 50 steps: the whole state through rank 0
+        full = (
+            steps // (train["save_steps"] or 50) * 16 * spec.params if sharded and not lora else 0
+        )
+        full_state_hours.append(full / hardware.single_writer_bytes_per_s[end] / 3600)
+        final_save = 2 * spec.params / hardware.single_writer_bytes_per_s[end] / 3600
+        hours.append(seconds[end] / 3600 + checkpoint_hours[end] + final_save)
+    return Job(
+        "fine_tune",
+        f"{cell} seed{seed}",
+        gpus,
+        tokens + term_tokens,
+        tuple(hours),
+        runtime,
+        tuple(checkpoint_hours),
+        tuple(full_state_hours),
+    )
+
+
+def evaluation_jobs(config, model, study, spec: Assumption) -> list[Job]:
+    from cfs.study import METHODS, parse_cell
+
+    evaluation = config["evaluation"]
+    gpus = resource(config, model, "evaluate", "gpus")
+    runtime = resource(config, model, "evaluate", "runtime")
+    tokens = 0.0
+    for entry in [evaluation["target"], *evaluation["forgetting"]]:
+        questions, length = spec.eval_answers.get(entry["task"], (0, 0))
+        cap = entry["gen_kwargs"].get("max_gen_toks", length)
+        limit = evaluation["limit"] or questions
+        tokens += min(questions, limit) * entry["repeats"] * min(length, cap)
+    decode = decode_hours(tokens, spec.decode_tokens_per_s)
+    hours = (decode[0] + spec.eval_fixed_hours[0], decode[1] + spec.eval_fixed_hours[1])
+    cells = ["base"] + [
+        f"{cell} seed{seed}"
+        for cell in study.cells()
+        if METHODS[parse_cell(cell)["method"]].trains or parse_cell(cell)["method"] == "wiseft"
+        for seed in study.seeds
+    ]
+    jobs = []
+    for name in cells:
+        rule = "evaluate_base" if name == "base" else "evaluate_finetuned"
+        jobs.append(Job(rule, name, gpus, tokens, hours, runtime))
+    return jobs
+
+
+def study_jobs(config: dict, hardware: Hardware = Hardware()) -> list[Job]:
+    from cfs.study import METHODS, Study, parse_cell
+
+    study = Study(config)
+    jobs = []
+    for model in study.study["models"]:
+        hub_id = config["models"][model].get("hub_id")
+        if hub_id not in ASSUMPTIONS:
+            raise SystemExit(f"cfs.budget: no assumptions for model '{model}' ({hub_id})")
+        spec = ASSUMPTIONS[hub_id]
+        jobs += generation_jobs(config, model, study, spec)
+        for cell in study.cells():
+            if METHODS[parse_cell(cell)["method"]].trains:
+                jobs += [train_job(config, model, cell, s, spec, hardware) for s in study.seeds]
+        jobs += evaluation_jobs(config, model, study, spec)
+    return jobs
+
+
+# --------------------------------------------------------------------------- report
+
+
+def totals(jobs: list[Job]) -> dict:
+    """Per rule: jobs, tokens, GPU-hours (fast, slow) and the longest job (slow)."""
+    table: dict = {}
+    for job in jobs:
+        row = table.setdefault(
+            job.rule, {"jobs": 0, "tokens": 0.0, "gpu_hours": [0.0, 0.0], "longest": None}
+        )
+        row["jobs"] += 1
+        row["tokens"] += job.tokens
+        for end in range(2):
+            row["gpu_hours"][end] += job.gpu_hours[end]
+        if row["longest"] is None or job.hours[1] > row["longest"].hours[1]:
+            row["longest"] = job
+    return table
+
+
+def checkpoint_gpu_hours(jobs: list[Job]) -> dict:
+    sharded = [sum(j.checkpoint_hours[e] * j.gpus for j in jobs) for e in range(2)]
+    full = [sum(j.full_state_checkpoint_hours[e] * j.gpus for j in jobs) for e in range(2)]
+    return {"sharded": sharded, "full_state": full}
+
+
+def too_long(jobs: list[Job]) -> list[Job]:
+    """Jobs whose slower estimate exceeds their configured runtime, generation excepted
+    (it resumes from its finished chunks across attempts: `attempts`)."""
+    return [job for job in jobs if job.attempts == 1 and job.hours[1] * 60 > job.runtime_minutes]
+
+
+def markdown(config: dict, jobs: list[Job], with_jobs: bool = False) -> str:
+    def hours(pair):
+        low, high = pair
+        return f"{low:,.0f}–{high:,.0f}" if high >= 10 else f"{low:.1f}–{high:.1f}"
+
+    lines = [
+        "| jobs | count | tokens | GPUs a job | GPU-hours | longest job (slow estimate) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    table = totals(jobs)
+    for rule, row in table.items():
+        longest = row["longest"]
+        gpus = "/".join(str(n) for n in sorted({job.gpus for job in jobs if job.rule == rule}))
+        attempts = f", {longest.attempts} attempts" if longest.attempts > 1 else ""
+        lines.append(
+            f"| `{rule}` | {row['jobs']} | {row['tokens'] / 1e9:.2f} B | {gpus} | "
+            f"{hours(row['gpu_hours'])} | {longest.name}: {longest.hours[1]:.1f} h "
+            f"(runtime {longest.runtime_minutes / 60:g} h{attempts}) |"
+        )
+    total = [sum(row["gpu_hours"][end] for row in table.values()) for end in range(2)]
+    lines.append(f"| **all** | {len(jobs)} | | | **{hours(total)}** | |")
+    checkpoints = checkpoint_gpu_hours(jobs)
+    lines += ["", f"Checkpoint writes, included above: {hours(checkpoints['sharded'])} GPU-hours."]
+    if checkpoints["full_state"][1] > 0:
+        every = config["train"]["save_steps"] or 50
+        lines[-1] += (
+            f" Full-state checkpoints (accelerate's default) every {every} steps instead: "
+            f"{hours(checkpoints['full_state'])}."
+        )
+    if with_jobs:
+        lines += ["", "| job | GPUs | hours | runtime |", "| --- | --- | --- | --- |"]
+        for job in jobs:
+            lines.append(
+                f"| {job.rule} {job.name} | {job.gpus} | {hours(job.hours)} | "
+                f"{job.runtime_minutes} min |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="a config merged over config/config.yaml")
+    parser.add_argument("--jobs", action="store_true", help="list every job too")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    jobs = study_jobs(config)
+    print(markdown(config, jobs, args.jobs))
+    for job in too_long(jobs):
+        print(f"runtime too short: {job.rule} {job.name}: {job.hours[1]:.1f} h estimated")
+
+
+if __name__ == "__main__":
+    main()
