@@ -101,6 +101,13 @@ from _common import (  # noqa: E402
     train_settings,
 )
 
+# tests/end_to_end/fsdp_on_cpu.py: accelerate routes CPU processes to DDP even when the
+# Trainer asks for FSDP, and the CPU smoke switches its state to FSDP as the tests do, so
+# that it runs FSDP2's code path (run_accelerate_fsdp_on_cpu); each fine-tune of a worker
+# runs as in a process of its own (reset_accelerate)
+sys.path.append(str(REPO / "tests" / "end_to_end"))
+from fsdp_on_cpu import reset_accelerate, run_accelerate_fsdp_on_cpu  # noqa: E402
+
 OLMO_CONFIG = REPO / "config" / "olmo.yaml"
 # dense bf16 peak FLOP/s (no sparsity), by the name torch reports
 PEAK_BF16 = {
@@ -422,37 +429,6 @@ def instrument(probe: Probe) -> None:
     train.save_fine_tuned = save
     train.distributed_arguments = fsdp_in_one_process
     trainer_module.RegularizedTrainer = Instrumented
-
-
-def fsdp_on_cpu() -> None:
-    """accelerate routes CPU processes to DDP even when the Trainer asks for FSDP; switch
-    its state to FSDP (as tests/end_to_end/fsdp_on_cpu.py does), so the smoke runs FSDP2's
-    code path."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    original = AcceleratorState.__init__
-
-    def __init__(self, *args, fsdp_plugin=None, **kwargs):
-        fresh = not AcceleratorState._shared_state
-        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fresh and fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            if self._mixed_precision != "no":
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            self.fsdp_plugin = fsdp_plugin
-
-    AcceleratorState.__init__ = __init__
-
-
-def reset_accelerate() -> None:
-    """Each fine-tune as in a process of its own (the process group stays)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    os.environ.pop("ACCELERATE_USE_FSDP", None)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def cell_settings(method: str, overrides: dict) -> dict:
@@ -1123,7 +1099,7 @@ def main() -> None:
     if args.worker:
         context = json.loads(Path(args.context).read_text())
         if context["device"] == "cpu":
-            fsdp_on_cpu()
+            run_accelerate_fsdp_on_cpu()
         worker = worker_train if args.worker == "train" else worker_resume
         worker(context, Path(args.result), *([args.mode] if args.mode else []))
         return

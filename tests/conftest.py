@@ -70,15 +70,16 @@ def pytest_collection_modifyitems(items):
 # --------------------------------------------------------------------------- corpus
 
 
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
+def json_leaves(value):
+    """Every value of a JSON document that is no object or array, in document order."""
+    if isinstance(value, dict):
         for item in value.values():
-            yield from _strings(item)
+            yield from json_leaves(item)
     elif isinstance(value, list):
         for item in value:
-            yield from _strings(item)
+            yield from json_leaves(item)
+    else:
+        yield value
 
 
 def forgetting_task_texts() -> list[str]:
@@ -87,7 +88,7 @@ def forgetting_task_texts() -> list[str]:
     for path in sorted((REPO / "tasks").rglob("*.jsonl")):
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                texts.extend(_strings(json.loads(line)))
+                texts.extend(v for v in json_leaves(json.loads(line)) if isinstance(v, str))
             except json.JSONDecodeError:
                 continue
     return texts
@@ -240,6 +241,24 @@ def task_records(count: int, seed: int) -> list[dict]:
     ]
 
 
+def context_free_samples(
+    count: int, tokens=(60, 70, 80, 90, 100), kind: bool = True, index: bool = True
+) -> list[dict]:
+    """`count` context-free samples after prompt token 1, cut at the length limit: the i-th
+    holds t + i for each t in `tokens`. With `kind` each names its kind, as the records of
+    a training set do (cfs.mix); with `index`, its number, as cfs.generate writes it."""
+    return [
+        {
+            **({"kind": "context_free"} if kind else {}),
+            **({"index": i} if index else {}),
+            "prompt_token_id": 1,
+            "token_ids": [token + i for token in tokens],
+            "finish_reason": "length",
+        }
+        for i in range(count)
+    ]
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -370,6 +389,38 @@ def train_settings(**overrides) -> dict:
     return {**settings, **overrides}
 
 
+def quick_train_settings(**overrides) -> dict:
+    """train_settings for a few quick steps on the tiny model: a learning rate of 5e-3 held
+    constant from the first step, one epoch in steps of 4 examples (micro-batches of 2) of
+    at most 64 tokens, the loss logged at every step; `overrides` on top."""
+    quick = dict(
+        learning_rate=5e-3,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        epochs=1,
+        batch_size=4,
+        micro_batch_size=2,
+        max_length=64,
+        logging_steps=1,
+    )
+    return train_settings(**{**quick, **overrides})
+
+
+def fine_tune_into(folder: Path, model_dir, data, settings: dict, **inputs) -> tuple[Path, dict]:
+    """cfs.train.fine_tune of the model in `model_dir` on `data` with `settings`, its
+    checkpoints in folder/checkpoints and the model in folder/model; `inputs`: the other
+    arguments (synthetic, heldout, target_test). The model's folder and the run's summary."""
+    from cfs import train
+
+    checkpoints, model = Path(folder) / "checkpoints", Path(folder) / "model"
+    return model, train.fine_tune(model_dir, data, settings, checkpoints, model, **inputs)
+
+
+def train_log(model_dir: Path) -> dict:
+    """The train_log.json cfs.train writes beside a fine-tuned model."""
+    return json.loads((Path(model_dir) / "train_log.json").read_text())
+
+
 def method_options(name: str, section: dict) -> dict:
     """methods.<name> as the schema fills it in from `section`, without its sweeps: what
     every cell of the method shares (cfs.study.Study.method_options)."""
@@ -448,6 +499,16 @@ SAMPLE_RULES = {
     "contextual": "generate_contextual",
     "replay": "replay_chunks",
 }
+# The rules of the model stages (generation, fine-tuning, evaluation): each runs on
+# config.threads threads, and on GPUs where there are some.
+MODEL_STAGE_RULES = (
+    "generate_context_free",
+    "generate_heldout",
+    "generate_contextual",
+    "fine_tune",
+    "evaluate_base",
+    "evaluate_finetuned",
+)
 
 
 def expected_jobs(config: dict) -> dict[str, int]:

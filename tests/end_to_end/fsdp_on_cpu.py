@@ -12,7 +12,9 @@ of KL-to-base, LoRA merged on the gathered weights).
     torchrun --standalone --nproc-per-node 2 tests/end_to_end/fsdp_on_cpu.py --model ...
     torchrun --standalone --nproc-per-node 2 tests/end_to_end/fsdp_on_cpu.py --runs runs.json
 
-(the first with cfs.train's own arguments).
+(the first with cfs.train's own arguments). benchmarks/gpu_check.py imports the switch
+(run_accelerate_fsdp_on_cpu, for its CPU smoke) and reset_accelerate (between the
+fine-tunes of one process) from here.
 """
 
 from __future__ import annotations

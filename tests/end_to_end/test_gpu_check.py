@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import json_leaves
 
 REPO = Path(__file__).resolve().parents[2]
 WHEELS = REPO / "benchmarks" / "wheels"
@@ -24,16 +25,10 @@ CARRY_LIMIT = 64 * 2**20  # everything a GPU call carries, the repository includ
 
 
 def numbers(value):
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int | float):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from numbers(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from numbers(item)
+    """The numbers of a JSON document (not its booleans)."""
+    for leaf in json_leaves(value):
+        if isinstance(leaf, int | float) and not isinstance(leaf, bool):
+            yield leaf
 
 
 @pytest.fixture(scope="module")

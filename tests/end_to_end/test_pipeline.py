@@ -24,6 +24,7 @@ from cfs.study import FIGURES, METHODS, PROPOSED
 from conftest import (
     FORGETTING,
     MODEL,
+    MODEL_STAGE_RULES,
     SAMPLE_RULES,
     copy_repo,
     default_config,
@@ -36,14 +37,6 @@ from conftest import (
 
 pytestmark = pytest.mark.slow
 
-THREADED_RULES = (
-    "generate_context_free",
-    "generate_heldout",
-    "generate_contextual",
-    "fine_tune",
-    "evaluate_base",
-    "evaluate_finetuned",
-)
 TOY = (
     "METHODS['toy'] = Method('toy', 'toy/temp{temperature}/ratio{ratio}/lambda{lambda}', "
     "'context_free', trains='weighted_synthetic', claim='the toy keeps less than "
@@ -83,7 +76,7 @@ def add_toy_method(repo):
 
 def run(repo, config, name="config/config.yaml", *args, timeout=900):
     (repo / name).write_text(yaml.safe_dump(config, sort_keys=False))
-    threads = [f"{rule}=1" for rule in THREADED_RULES]
+    threads = [f"{rule}=1" for rule in MODEL_STAGE_RULES]
     extra = [] if name == "config/config.yaml" else ["--configfile", name]
     return run_snakemake(
         repo, "--cores", "2", "--set-threads", *threads, *extra, *args, timeout=timeout

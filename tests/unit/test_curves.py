@@ -5,37 +5,21 @@ cfs.train.fine_tune as the rule runs it."""
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
-from cfs import evaluate, train
+from cfs import evaluate
 from cfs.modeling import load_model
-from conftest import read_jsonl, task_records, train_settings, write_jsonl
-
-SETTINGS = train_settings(
-    learning_rate=5e-3,
-    lr_scheduler="constant",
-    warmup_ratio=0.0,
-    epochs=1,
-    batch_size=4,
-    micro_batch_size=2,
-    max_length=64,
-    logging_steps=1,
+from conftest import (
+    context_free_samples,
+    fine_tune_into,
+    quick_train_settings,
+    read_jsonl,
+    task_records,
+    train_log,
+    write_jsonl,
 )
 
-
-def heldout_samples(count: int) -> list[dict]:
-    return [
-        {
-            "kind": "context_free",
-            "index": i,
-            "prompt_token_id": 1,
-            "token_ids": [110 + i, 70 + i, 80 + i, 90 + i, 100 + i],
-            "finish_reason": "length",
-        }
-        for i in range(count)
-    ]
+SETTINGS = quick_train_settings()
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +28,23 @@ def files(tmp_path_factory):
     return {
         "root": root,
         "task": write_jsonl(root / "task.jsonl", task_records(8, seed=1)),
-        "heldout": write_jsonl(root / "heldout.jsonl", heldout_samples(5)),
+        "heldout": write_jsonl(
+            root / "heldout.jsonl", context_free_samples(5, tokens=(110, 70, 80, 90, 100))
+        ),
         "test": write_jsonl(root / "test.jsonl", task_records(6, seed=2)),
     }
 
 
 def fine_tune(model_dir, files, name, **overrides):
-    out = files["root"] / name
-    train.fine_tune(
+    model, _ = fine_tune_into(
+        files["root"] / name,
         model_dir,
         files["task"],
         {**SETTINGS, **overrides},
-        out / "checkpoints",
-        out / "model",
         heldout=files["heldout"],
         target_test=files["test"],
     )
-    return out / "model", json.loads((out / "model" / "train_log.json").read_text())
+    return model, train_log(model)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ test_fsdp.py."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from cfs import distributed
@@ -88,3 +90,15 @@ def test_fsdp_arguments_ask_for_sharded_checkpoints_and_reduction_each_micro_bat
     assert arguments["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"
     deferred = train_settings(fsdp=True, fsdp_reduce_each_micro_batch=False)
     assert "accelerator_config" not in distributed.distributed_arguments(deferred)
+
+
+def test_weights_dtype_is_bf16_only_for_lora_on_a_gpu_without_fsdp():
+    def args(bf16=True, fsdp=False):
+        return SimpleNamespace(bf16=bf16, fsdp=fsdp)
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert distributed.weights_dtype("lora", args(), cuda) == "bfloat16"
+    assert distributed.weights_dtype("lora", args(), cpu) == "float32"
+    assert distributed.weights_dtype("lora", args(bf16=False), cuda) == "float32"
+    assert distributed.weights_dtype("lora", args(fsdp=True), cuda) == "float32"
+    assert distributed.weights_dtype("full", args(), cuda) == "float32"

@@ -14,7 +14,15 @@ from cfs import examples, train
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
 from cfs.study import SAMPLE_KINDS
-from conftest import read_jsonl, task_records, train_settings, write_jsonl
+from conftest import (
+    context_free_samples,
+    fine_tune_into,
+    quick_train_settings,
+    read_jsonl,
+    task_records,
+    train_log,
+    write_jsonl,
+)
 
 IGNORE = examples.IGNORE_INDEX
 
@@ -25,20 +33,6 @@ def task_record() -> dict:
 
 def ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def samples(count: int) -> list[dict]:
-    """Context-free samples of 5 tokens, cut at the length limit."""
-    return [
-        {
-            "kind": "context_free",
-            "index": i,
-            "prompt_token_id": 1,
-            "token_ids": [60 + i, 70 + i, 80 + i, 90 + i, 100 + i],
-            "finish_reason": "length",
-        }
-        for i in range(count)
-    ]
 
 
 # --------------------------------------------------------------------------- task examples
@@ -157,7 +151,7 @@ def test_example_with_nothing_to_train_is_rejected(tokenizer):
 def test_packed_and_padded_micro_batches_give_the_same_loss(tiny_model_dir, tokenizer):
     model = load_model(tiny_model_dir, "float32")
     model.config.use_cache = False
-    records = task_records(3, seed=1) + samples(2)
+    records = task_records(3, seed=1) + context_free_samples(2)
     built = examples.build_examples(records, tokenizer, 64, "x")
     padded = examples.training_collator(tokenizer, packing=False)(built)
     packed = examples.training_collator(tokenizer, packing=True)(built)
@@ -204,7 +198,7 @@ def test_trained_positions_only_gives_the_same_loss_and_gradients(
 
 
 def test_equal_step_schedule_draws_every_example_once_per_pass():
-    records = task_records(8, seed=1) + samples(4)
+    records = task_records(8, seed=1) + context_free_samples(4)
     schedule = examples.step_schedule(records, batch_size=4, epochs=2, seed=0)
     assert (schedule.steps, schedule.samples_per_step) == (4, 2)
     blocks = [schedule.order[6 * step : 6 * step + 6] for step in range(4)]
@@ -220,7 +214,7 @@ def test_every_cell_of_a_seed_trains_on_the_same_task_examples_at_each_step():
     paired on the task's batches."""
     task = task_records(16, seed=1)
     plain = random.Random(1).sample(task, len(task))
-    mixed = random.Random(2).sample(task + samples(8), len(task) + 8)
+    mixed = random.Random(2).sample(task + context_free_samples(8), len(task) + 8)
 
     def task_steps(records, seed):
         schedule = examples.step_schedule(records, batch_size=4, epochs=2, seed=seed)
@@ -238,7 +232,7 @@ def test_every_cell_of_a_seed_trains_on_the_same_task_examples_at_each_step():
 def test_a_mixed_set_of_any_size_gets_its_samples_in_proportion_at_every_step():
     """10 task examples are no whole number of steps of 4: the task stream runs on into
     its next pass, and every step still holds 4 task examples and 4 samples (ratio 1)."""
-    records = task_records(10, seed=1) + samples(10)
+    records = task_records(10, seed=1) + context_free_samples(10)
     schedule = examples.step_schedule(records, batch_size=4, epochs=1, seed=0)
     assert (schedule.steps, schedule.samples_per_step) == (3, 4), schedule
     for step in range(3):
@@ -248,7 +242,9 @@ def test_a_mixed_set_of_any_size_gets_its_samples_in_proportion_at_every_step():
 
 def test_a_ratio_that_splits_a_sample_per_step_is_refused_naming_the_setting():
     with pytest.raises(SettingsError, match="2.5 samples per step of train.batch_size 4"):
-        examples.step_schedule(task_records(8, seed=1) + samples(5), batch_size=4, epochs=1, seed=0)
+        examples.step_schedule(
+            task_records(8, seed=1) + context_free_samples(5), batch_size=4, epochs=1, seed=0
+        )
 
 
 def test_a_task_set_of_any_size_trains_for_ceil_epochs_steps():
@@ -260,16 +256,7 @@ def test_a_task_set_of_any_size_trains_for_ceil_epochs_steps():
 # --------------------------------------------------------------------------- mixing in training
 
 NUM_TASK = 8
-SETTINGS = train_settings(
-    learning_rate=5e-3,
-    lr_scheduler="constant",
-    warmup_ratio=0.0,
-    epochs=1,
-    batch_size=4,
-    micro_batch_size=2,
-    max_length=64,
-    logging_steps=1,
-)
+SETTINGS = quick_train_settings()
 
 
 @pytest.fixture(scope="module")
@@ -279,17 +266,16 @@ def files(tmp_path_factory):
         "root": root,
         "plain": write_jsonl(root / "plain.jsonl", task_records(NUM_TASK, seed=1)),
         "mixed": write_jsonl(
-            root / "mixed.jsonl", task_records(NUM_TASK, seed=1) + samples(NUM_TASK)
+            root / "mixed.jsonl", task_records(NUM_TASK, seed=1) + context_free_samples(NUM_TASK)
         ),
     }
 
 
 def fine_tune(model_dir, files, name, data, **overrides):
-    out = files["root"] / name
-    train.fine_tune(
-        model_dir, files[data], {**SETTINGS, **overrides}, out / "checkpoints", out / "model"
+    model, _ = fine_tune_into(
+        files["root"] / name, model_dir, files[data], {**SETTINGS, **overrides}
     )
-    return json.loads((out / "model" / "train_log.json").read_text())["summary"]
+    return train_log(model)["summary"]
 
 
 def test_equal_step_mixing_keeps_plain_fine_tunings_steps_and_task_examples(tiny_model_dir, files):
@@ -326,7 +312,9 @@ def test_the_effective_lambda_counts_synthetic_tokens_per_task_token(tiny_model_
 
 
 def test_equal_steps_refuses_a_ratio_that_splits_a_sample(tiny_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "odd.jsonl", task_records(NUM_TASK, seed=1) + samples(3))
+    data = write_jsonl(
+        tmp_path / "odd.jsonl", task_records(NUM_TASK, seed=1) + context_free_samples(3)
+    )
     with pytest.raises(SettingsError, match="train.mixing"):
         train.fine_tune(
             tiny_model_dir,

@@ -7,11 +7,9 @@ each optimizer step draws, in one process or split over several."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from cfs import examples, objectives, train
+from cfs import examples, objectives
 from cfs.errors import SettingsError
 from cfs.modeling import load_model
 from cfs.objectives import SyntheticBatches
@@ -19,35 +17,17 @@ from cfs.tokens import IGNORE_INDEX
 from conftest import (
     assert_same_weights,
     assert_weights_differ,
+    context_free_samples,
+    fine_tune_into,
     model_weights,
+    quick_train_settings,
     task_records,
-    train_settings,
+    train_log,
     write_jsonl,
 )
 
-SETTINGS = train_settings(
-    learning_rate=5e-3,
-    lr_scheduler="constant",
-    warmup_ratio=0.0,
-    epochs=1,
-    batch_size=4,
-    micro_batch_size=2,
-    max_length=64,
-    save_steps=100,
-    logging_steps=1,
-)
-
-
-def cf_samples(count=8):
-    return [
-        {
-            "index": i,
-            "prompt_token_id": 1,
-            "token_ids": [60 + i, 70 + i, 80 + i, 90 + i],
-            "finish_reason": "length",
-        }
-        for i in range(count)
-    ]
+SETTINGS = quick_train_settings(save_steps=100)
+SAMPLE_TOKENS = (60, 70, 80, 90)  # context-free samples of 4 tokens
 
 
 @pytest.fixture(scope="module")
@@ -55,31 +35,29 @@ def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("objectives_data")
     return {
         "task": write_jsonl(root / "task.jsonl", task_records(8, seed=1)),
-        "samples": write_jsonl(root / "context_free.jsonl", cf_samples()),
+        "samples": write_jsonl(
+            root / "context_free.jsonl", context_free_samples(8, SAMPLE_TOKENS, kind=False)
+        ),
         "root": root,
     }
 
 
 def run_fine_tune(model_dir, data_files, name, method=None, synthetic=False):
-    out = data_files["root"] / name
     settings = dict(SETTINGS)
     if method is not None:
         settings["method"] = method
-    summary = train.fine_tune(
+    return fine_tune_into(
+        data_files["root"] / name,
         model_dir,
         data_files["task"],
         settings,
-        out / "checkpoints",
-        out / "model",
         synthetic=data_files["samples"] if synthetic else None,
     )
-    return out / "model", summary
 
 
 def logged(model_dir, term: str) -> list[float]:
     """The term's value at each logged step of the fine-tune."""
-    log = json.loads((model_dir / "train_log.json").read_text())["log_history"]
-    return [entry[term] for entry in log if "loss" in entry]
+    return [entry[term] for entry in train_log(model_dir)["log_history"] if "loss" in entry]
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +140,7 @@ def test_weighted_synthetic_without_samples_is_a_settings_error(tiny_model_dir, 
 def test_kl_term_is_zero_when_the_model_is_the_base(tiny_model_dir, tokenizer):
     base = load_model(tiny_model_dir, "float32")
     same = load_model(tiny_model_dir, "float32")
-    built = examples.build_examples(
-        [{**sample, "kind": "context_free"} for sample in cf_samples(4)], tokenizer, 64, "x"
-    )
+    built = examples.build_examples(context_free_samples(4, SAMPLE_TOKENS), tokenizer, 64, "x")
     batches = SyntheticBatches(built, 2, 1, 0, examples.padding_collator(tokenizer))
     term = objectives.KLToBase(batches, base_model=base)
     value, share = term(same, 0, 0)

@@ -9,17 +9,19 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from cfs import examples, train
+from cfs import examples, train, trainer
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
 from conftest import (
     assert_weights_differ,
+    context_free_samples,
+    fine_tune_into,
     lora_model,
     model_weights,
+    quick_train_settings,
     read_jsonl,
     task_records,
     train_settings,
@@ -68,30 +70,9 @@ def test_training_arguments_accumulate_to_the_effective_batch(tmp_path):
 def fine_tuned(tiny_model_dir, tmp_path_factory):
     """One real 2-step fine-tune of the tiny model on a small mixed set, via the CLI."""
     root = tmp_path_factory.mktemp("fine_tune")
-    cf = [
-        {
-            "kind": "context_free",
-            "prompt_token_id": 1,
-            "token_ids": [60 + i, 70 + i, 80 + i],
-            "finish_reason": "length",
-        }
-        for i in range(2)
-    ]
+    cf = context_free_samples(2, tokens=(60, 70, 80), index=False)
     data = write_jsonl(root / "train.jsonl", task_records(6, seed=1) + cf)
-    settings = {
-        **train_settings(),
-        "learning_rate": 5e-3,
-        "lr_scheduler": "constant",
-        "warmup_ratio": 0.0,
-        "epochs": 1,
-        "batch_size": 4,
-        "micro_batch_size": 2,
-        "max_length": 64,
-        "seed": 0,
-        "save_steps": 1,
-        "logging_steps": 1,
-        "mixing": "augment",  # 8 examples in 2 steps of 4
-    }
+    settings = quick_train_settings(save_steps=1, mixing="augment")  # 8 examples, 2 steps of 4
     checkpoints, out = root / "checkpoints", root / "model"
     train.main(
         [
@@ -234,12 +215,12 @@ def test_save_minutes_and_save_steps_reach_the_trainer(tmp_path):
     settings = train_settings(save_steps=None, save_minutes=60, batch_size=4, micro_batch_size=2)
     args = train.training_arguments(settings, tmp_path / "ckpt", torch.device("cpu"))
     assert args.save_strategy == "no"
-    names = [type(c).__name__ for c in train.checkpoint_callbacks(settings)]
+    names = [type(c).__name__ for c in trainer.checkpoint_callbacks(settings)]
     assert names == ["SaveEveryMinutes", "SkipFinalCheckpoint"]  # the last word last
     settings = train_settings(save_steps=5, batch_size=4, micro_batch_size=2)
     args = train.training_arguments(settings, tmp_path / "ckpt", torch.device("cpu"))
     assert (args.save_strategy, args.save_steps) == ("steps", 5)
-    assert [type(c).__name__ for c in train.checkpoint_callbacks(settings)] == [
+    assert [type(c).__name__ for c in trainer.checkpoint_callbacks(settings)] == [
         "SkipFinalCheckpoint"
     ]
 
@@ -286,17 +267,8 @@ def test_no_device_sync_per_micro_step_for_the_term_log(tiny_model_dir, tmp_path
         return real_item(self)
 
     monkeypatch.setattr(torch.Tensor, "item", item)
-    settings = train_settings(
-        learning_rate=5e-3,
-        lr_scheduler="cosine",
-        warmup_ratio=0.0,
-        epochs=1,
-        batch_size=4,
-        micro_batch_size=2,
-        max_length=64,
-        save_steps=100,
-        logging_steps=2,
-        method={"name": "l2", "lambda": 1.0},
+    settings = quick_train_settings(
+        lr_scheduler="cosine", save_steps=100, logging_steps=2, method={"name": "l2", "lambda": 1.0}
     )
     train.fine_tune(tiny_model_dir, data, settings, tmp_path / "c", tmp_path / "m")
     assert synced_in == []
@@ -327,20 +299,8 @@ def test_lora_trains_only_adapters_and_saves_a_loadable_model(tiny_model_dir, tm
     assert len(frozen) == parameters, "not every base weight is frozen"
 
     data = write_jsonl(tmp_path / "task.jsonl", task_records(8, seed=1))
-    settings = train_settings(
-        learning_rate=5e-3,
-        lr_scheduler="constant",
-        warmup_ratio=0.0,
-        epochs=1,
-        batch_size=4,
-        micro_batch_size=2,
-        max_length=64,
-        save_steps=100,
-        logging_steps=1,
-        method=LORA,
-    )
-    out = tmp_path / "model"
-    summary = train.fine_tune(tiny_model_dir, data, settings, tmp_path / "checkpoints", out)
+    settings = quick_train_settings(save_steps=100, method=LORA)
+    out, summary = fine_tune_into(tmp_path, tiny_model_dir, data, settings)
     assert summary["method"] == "lora"
     merged, base = model_weights(out), model_weights(tiny_model_dir)
     assert sorted(merged) == sorted(base), "the merged model has other tensors than base's"
@@ -356,7 +316,7 @@ def test_lora_trains_only_adapters_and_saves_a_loadable_model(tiny_model_dir, tm
 
 
 def test_lora_on_a_bf16_base_keeps_float32_adapters(tiny_model_dir):
-    """What train.weights_dtype relies on: peft upcasts the adapters of a bf16 model."""
+    """What cfs.distributed.weights_dtype relies on: peft upcasts the adapters of a bf16 model."""
     peft_model = lora_model(tiny_model_dir, torch.bfloat16)
     dtypes = {
         name: parameter.dtype
@@ -366,17 +326,3 @@ def test_lora_on_a_bf16_base_keeps_float32_adapters(tiny_model_dir):
     assert dtypes and set(dtypes.values()) == {torch.float32}, dtypes
     frozen = {p.dtype for p in peft_model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16}
-
-
-def test_weights_dtype_is_bf16_only_for_lora_on_a_gpu_without_fsdp():
-    from cfs.study import METHODS
-
-    def args(bf16=True, fsdp=False):
-        return SimpleNamespace(bf16=bf16, fsdp=fsdp)
-
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert train.weights_dtype(METHODS["lora"], args(), cuda) == "bfloat16"
-    assert train.weights_dtype(METHODS["lora"], args(), cpu) == "float32"
-    assert train.weights_dtype(METHODS["lora"], args(bf16=False), cuda) == "float32"
-    assert train.weights_dtype(METHODS["lora"], args(fsdp=True), cuda) == "float32"
-    assert train.weights_dtype(METHODS["plain"], args(), cuda) == "float32"

@@ -9,11 +9,11 @@ test_evaluate.py.)"""
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
 import yaml
+from cfs.budget import merged
 from conftest import (
     LLAMA_BOS_ID,
     PAPER_CONFIGS,
@@ -34,18 +34,8 @@ def paper_config(name: str) -> dict:
     return yaml.safe_load((REPO / PAPER_CONFIGS[name]).read_text())
 
 
-def merged(base: dict, over: dict) -> dict:
-    """What Snakemake does with --configfile: merged key by key, lists replaced."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def effective_config(name: str) -> dict:
+    """The default config with the paper's config merged over it, as --configfile does."""
     return merged(default_config(), paper_config(name))
 
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from conftest import (
     DAY_MINUTES,
+    MODEL_STAGE_RULES,
     PAPER_CONFIGS,
     copy_repo,
     default_config,
@@ -23,14 +24,7 @@ from conftest import (
 )
 
 # the stages that run on GPUs where there are some: generation, fine-tuning, evaluation
-GPU_STAGE_RULES = {
-    "generate_context_free",
-    "generate_heldout",
-    "generate_contextual",
-    "fine_tune",
-    "evaluate_base",
-    "evaluate_finetuned",
-}
+GPU_STAGE_RULES = set(MODEL_STAGE_RULES)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,27 @@ methods, each a term added to the Trainer's loss with its weight lambda.
 
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cfs.distributed import gather
+from cfs.cli import require
+from cfs.distributed import (
+    fsdp_load_device,
+    gather,
+    process_rank,
+    reads_weights,
+    world_size,
+)
+from cfs.errors import SettingsError
+from cfs.examples import padding_collator
+from cfs.modeling import load_model
 from cfs.tokens import IGNORE_INDEX, batch_seed
+
+log = logging.getLogger("cfs.objectives")
 
 
 class L2ToInitial:
@@ -270,3 +283,41 @@ def synthetic_draws(term: WeightedSyntheticLoss) -> dict:
         "drawn_per_step": counts,
         "distinct_per_step": distinct,
     }
+
+
+def regularizer_for(objective, method, model_dir, synthetic, tokenizer, settings, args, device):
+    """The term `objective` (cfs.study.Method.trains) adds to the task loss, if any."""
+    if objective == "l2":
+        return L2ToInitial()  # the reference is taken once the model is wrapped
+    if objective not in ("weighted_synthetic", "kl_to_base"):
+        return None
+    ratio, batch_size = require(method, "ratio"), require(settings, "batch_size")
+    per_step = round(ratio * batch_size)
+    if per_step < 1 or per_step % world_size():
+        raise SettingsError(
+            f"methods.{method['name']}: ratio {ratio} x train.batch_size {batch_size} gives "
+            f"{per_step} synthetic samples per optimizer step; it must be at least 1 and "
+            f"a multiple of the {world_size()} processes (each draws its own share)"
+        )
+    batches = SyntheticBatches(
+        synthetic,
+        per_step=per_step,
+        accumulation=args.gradient_accumulation_steps,
+        seed=require(settings, "seed"),
+        collator=padding_collator(tokenizer),
+        rank=process_rank(),
+        world=world_size(),
+    )
+    if objective == "weighted_synthetic":
+        return WeightedSyntheticLoss(batches)
+    # Under FSDP the base model is loaded on the CPU and sharded with the model that
+    # trains (KLToBase.shard_base), never whole on one GPU.
+    if not reads_weights(args):
+        log.info("process %d: the model without its weights (rank 0 reads them)", process_rank())
+    base = load_model(
+        model_dir,
+        "float32" if device.type == "cpu" else "bfloat16",
+        fsdp_load_device(args, device),
+        weights=reads_weights(args),
+    )
+    return KLToBase(batches, base)

@@ -36,7 +36,7 @@ from cfs.distributed import (
     reads_weights,
     sharded_checkpoints,
     training_record,
-    world_size,
+    weights_dtype,
 )
 from cfs.errors import DataError, SettingsError
 from cfs.examples import (
@@ -46,16 +46,13 @@ from cfs.examples import (
     count_trained_tokens,
     load_synthetic,
     mixing_record,
-    padding_collator,
     step_schedule,
     training_collator,
 )
 from cfs.modeling import load_model, load_tokenizer
 from cfs.objectives import (
-    KLToBase,
-    L2ToInitial,
-    SyntheticBatches,
     WeightedSyntheticLoss,
+    regularizer_for,
     synthetic_draws,
 )
 from cfs.saving import save_fine_tuned
@@ -99,7 +96,7 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device, 
         bf16=use_bf16,
         use_cpu=device.type == "cpu",
         logging_steps=settings["logging_steps"],
-        # save_steps null: checkpoints only every train.save_minutes (checkpoint_callbacks)
+        # save_steps null: checkpoints only every train.save_minutes (cfs.trainer)
         **(
             {"save_strategy": "steps", "save_steps": settings["save_steps"]}
             if settings["save_steps"]
@@ -114,25 +111,6 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device, 
         activation_checkpointing=settings["gradient_checkpointing"] and not distributed.get("fsdp"),
         **distributed,
     )
-
-
-def weights_dtype(spec: Method, args, device: torch.device) -> str:
-    """The dtype the model to train is loaded in: float32 master weights, except for LoRA
-    in bf16 on a GPU without FSDP, whose frozen base stays in bfloat16 (8B: 16 GB instead
-    of 32; nothing of it trains) while peft keeps the adapters in float32."""
-    if spec.trains == "lora" and device.type == "cuda" and args.bf16 and not args.fsdp:
-        return "bfloat16"
-    return "float32"
-
-
-def checkpoint_callbacks(settings: dict) -> list:
-    """`train.save_minutes` (a checkpoint once that much time has passed) and, unless
-    checkpoints are kept, no checkpoint at the last step (the model is saved right after)."""
-    from cfs.trainer import SaveEveryMinutes, SkipFinalCheckpoint
-
-    minutes = settings["save_minutes"]
-    callbacks = [SaveEveryMinutes(minutes)] if minutes else []
-    return callbacks if settings["keep_checkpoints"] else [*callbacks, SkipFinalCheckpoint()]
 
 
 def study_method(settings: dict) -> Method:
@@ -160,44 +138,6 @@ def add_lora(model, method: dict, seed: int):
     return get_peft_model(model, config)
 
 
-def regularizer_for(objective, method, model_dir, synthetic, tokenizer, settings, args, device):
-    """The term `objective` (cfs.study.Method.trains) adds to the task loss, if any."""
-    if objective == "l2":
-        return L2ToInitial()  # the reference is taken once the model is wrapped
-    if objective not in ("weighted_synthetic", "kl_to_base"):
-        return None
-    ratio, batch_size = require(method, "ratio"), require(settings, "batch_size")
-    per_step = round(ratio * batch_size)
-    if per_step < 1 or per_step % world_size():
-        raise SettingsError(
-            f"methods.{method['name']}: ratio {ratio} x train.batch_size {batch_size} gives "
-            f"{per_step} synthetic samples per optimizer step; it must be at least 1 and "
-            f"a multiple of the {world_size()} processes (each draws its own share)"
-        )
-    batches = SyntheticBatches(
-        synthetic,
-        per_step=per_step,
-        accumulation=args.gradient_accumulation_steps,
-        seed=require(settings, "seed"),
-        collator=padding_collator(tokenizer),
-        rank=process_rank(),
-        world=world_size(),
-    )
-    if objective == "weighted_synthetic":
-        return WeightedSyntheticLoss(batches)
-    # Under FSDP the base model is loaded on the CPU and sharded with the model that
-    # trains (KLToBase.shard_base), never whole on one GPU.
-    if not reads_weights(args):
-        log.info("process %d: the model without its weights (rank 0 reads them)", process_rank())
-    base = load_model(
-        model_dir,
-        "float32" if device.type == "cpu" else "bfloat16",
-        fsdp_load_device(args, device),
-        weights=reads_weights(args),
-    )
-    return KLToBase(batches, base)
-
-
 def fine_tune(
     model_dir: Path,
     data: Path,
@@ -213,7 +153,7 @@ def fine_tune(
     curves' held-out context-free samples and target problems (train.curve_every)."""
     from datasets import Dataset
 
-    from cfs.trainer import RegularizedTrainer, examples_per_step
+    from cfs.trainer import RegularizedTrainer, checkpoint_callbacks, examples_per_step
 
     device = process_device()
     spec, method = study_method(settings), settings["method"]
@@ -252,7 +192,7 @@ def fine_tune(
         log.info("process %d: the model without its weights (rank 0 reads them)", process_rank())
     model = load_model(
         model_dir,
-        weights_dtype(spec, args, device),
+        weights_dtype(spec.trains, args, device),
         fsdp_load_device(args, device),
         weights=reads_weights(args),
     )

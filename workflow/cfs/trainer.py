@@ -169,3 +169,11 @@ def examples_per_step(trainer) -> list[list[int]]:
             both = steps.setdefault(int(step), [0, 0])
             both[0], both[1] = both[0] + task, both[1] + total
     return [steps[step] for step in sorted(steps)]
+
+
+def checkpoint_callbacks(settings: dict) -> list:
+    """`train.save_minutes` (a checkpoint once that much time has passed) and, unless
+    checkpoints are kept, no checkpoint at the last step (the model is saved right after)."""
+    minutes = settings["save_minutes"]
+    callbacks = [SaveEveryMinutes(minutes)] if minutes else []
+    return callbacks if settings["keep_checkpoints"] else [*callbacks, SkipFinalCheckpoint()]
