@@ -49,7 +49,7 @@ from _common import (
     table,
     wait_for_quiet,
 )
-from cfs.study import METHODS, Study, fmt, parse_cell
+from cfs.study import METHODS, Study, fmt, parse_cell, replay_sources
 
 GOAL_SECONDS = 5.0
 PAPER_TEMPERATURES = [0.5, 0.7, 1.0, 1.3]
@@ -59,8 +59,11 @@ AGGREGATORS = ("summary_table", "figures", "all")
 # --------------------------------------------------------------------------- config
 
 
-def all_methods() -> list[str]:
-    return [name for name in METHODS if name != "plain"]
+def all_methods(config: dict) -> list[str]:
+    """Every method but plain fine-tuning (always run), and replay only where the config
+    names a corpus to replay (a model whose pretraining data is not public has none)."""
+    replayable = bool(replay_sources(config))
+    return [name for name in METHODS if name != "plain" and (name != "replay" or replayable)]
 
 
 def paper_grid(config: dict) -> dict:
@@ -70,7 +73,9 @@ def paper_grid(config: dict) -> dict:
     ratios = study["ratios"] if len(study["ratios"]) == 4 else PAPER_RATIOS
     if 0 not in ratios and 0.0 not in ratios:
         ratios = [0.0, *ratios[1:]]
-    return {"study": {"temperatures": temperatures, "ratios": ratios, "methods": all_methods()}}
+    return {
+        "study": {"temperatures": temperatures, "ratios": ratios, "methods": all_methods(config)}
+    }
 
 
 # --------------------------------------------------------------------------- minimum

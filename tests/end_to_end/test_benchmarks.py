@@ -95,3 +95,24 @@ def test_the_benchmarks_read_the_config_as_snakemake_does():
         expected = copy.deepcopy(merged(*(yaml.safe_load(f.read_text()) for f in files)))
         validate(expected, str(SCHEMA))
         assert load_config(path) == expected, path.name
+
+
+@pytest.mark.parametrize("name", ["olmo.yaml", "reasoning.yaml"])
+def test_the_paper_grid_of_each_paper_config_is_a_valid_study(name):
+    """benchmarks/dag.py widens a paper config to every method at 4 x 4: the widened config
+    passes the study's own check (replay joins only where a corpus is named)."""
+    from cfs.study import Study
+
+    environment = dict(os.environ)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from _common import load_config, merged
+        from dag import paper_grid
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        os.environ.clear()
+        os.environ.update(environment)
+    config = load_config(REPO / "config" / name)
+    widened = merged(config, paper_grid(config))
+    Study(widened).check()
+    assert ("replay" in widened["study"]["methods"]) == (name == "olmo.yaml"), widened["study"]

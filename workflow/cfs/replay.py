@@ -28,7 +28,7 @@ from cfs.artifacts import provenance, require_fields, write_json, write_jsonl
 from cfs.cli import require, run_stage, stage_parser
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_tokenizer
-from cfs.study import SAMPLE_KINDS
+from cfs.study import REPLAY_SOURCES, SAMPLE_KINDS
 from cfs.tokens import context_free_prompt_id
 
 log = logging.getLogger("cfs.replay")
@@ -60,7 +60,7 @@ def hub_documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
 
 def documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
     """(source, text) pairs; local corpora in a seeded order, hub ones streamed shuffled."""
-    sources = [key for key in ("python_stdlib", "files", "hub_dataset") if corpus[key] is not None]
+    sources = [key for key in REPLAY_SOURCES if corpus[key] is not None]
     if len(sources) > 1:
         raise SettingsError(
             f"config key methods.replay.corpus: set one of {', '.join(sources)} "
@@ -75,7 +75,7 @@ def documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
         found = list(local_documents(corpus["files"], Path.cwd()))
     else:
         raise SettingsError(
-            "config key methods.replay.corpus: needs one of python_stdlib, files, hub_dataset"
+            f"config key methods.replay.corpus: needs one of {', '.join(REPLAY_SOURCES)}"
         )
     random.Random(seed).shuffle(found)
     yield from found

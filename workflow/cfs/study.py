@@ -249,6 +249,16 @@ def parse_cell(cell: str) -> dict:
     raise ValueError(f"not a grid cell: {cell!r}")
 
 
+# Where replay's documents come from: exactly one of these keys of methods.replay.corpus.
+REPLAY_SOURCES = ("python_stdlib", "files", "hub_dataset")
+
+
+def replay_sources(config: dict) -> list[str]:
+    """The keys of methods.replay.corpus that name a source (set, not null)."""
+    corpus = config.get("methods", {}).get("replay", {}).get("corpus") or {}
+    return [key for key in REPLAY_SOURCES if corpus.get(key)]
+
+
 class Study:
     """The grid a (validated) config asks for."""
 
@@ -340,12 +350,11 @@ class Study:
                 "ratios need 0"
             )
         if "replay" in self.methods:
-            corpus = self.config.get("methods", {}).get("replay", {}).get("corpus") or {}
-            chosen = [k for k in ("python_stdlib", "files", "hub_dataset") if corpus.get(k)]
+            chosen = replay_sources(self.config)
             if len(chosen) != 1:
                 raise ValueError(
-                    "config key methods.replay.corpus: set exactly one of python_stdlib, "
-                    f"files, hub_dataset (set: {', '.join(chosen) or 'none'})"
+                    f"config key methods.replay.corpus: set exactly one of "
+                    f"{', '.join(REPLAY_SOURCES)} (set: {', '.join(chosen) or 'none'})"
                 )
         for model, settings in self.config["models"].items():
             for key in settings.get("resources", {}):
