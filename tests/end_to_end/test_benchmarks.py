@@ -74,6 +74,21 @@ def test_every_benchmark_has_a_quick_run_here():
     assert scripts == set(EXPECTED) | {"gpu_check"}  # gpu_check: tests/end_to_end/test_gpu_check
 
 
+def benchmark_module(name: str):
+    """A module of benchmarks/, imported here; the environment it sets (the benchmarks'
+    defaults: offline, quiet) is put back."""
+    import importlib
+
+    environment = dict(os.environ)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        os.environ.clear()
+        os.environ.update(environment)
+
+
 def test_the_benchmarks_read_the_config_as_snakemake_does():
     """benchmarks/_common.load_config fills in the schema's defaults without Snakemake (the
     GPU machine has none): the same config as Snakemake's validation gives."""
@@ -82,19 +97,13 @@ def test_the_benchmarks_read_the_config_as_snakemake_does():
     import yaml
     from snakemake.utils import validate
 
-    environment = dict(os.environ)  # _common sets the benchmarks' defaults (offline, quiet)
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from _common import DEFAULT_CONFIG, SCHEMA, load_config, merged
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-        os.environ.clear()
-        os.environ.update(environment)
+    common = benchmark_module("_common")
+    default = common.DEFAULT_CONFIG
     for path in sorted((REPO / "config").glob("*.yaml")):
-        files = [DEFAULT_CONFIG] if path == DEFAULT_CONFIG else [DEFAULT_CONFIG, path]
-        expected = copy.deepcopy(merged(*(yaml.safe_load(f.read_text()) for f in files)))
-        validate(expected, str(SCHEMA))
-        assert load_config(path) == expected, path.name
+        files = [default] if path == default else [default, path]
+        expected = copy.deepcopy(common.merged(*(yaml.safe_load(f.read_text()) for f in files)))
+        validate(expected, str(common.SCHEMA))
+        assert common.load_config(path) == expected, path.name
 
 
 @pytest.mark.parametrize("name", ["olmo.yaml", "reasoning.yaml"])
@@ -103,16 +112,8 @@ def test_the_paper_grid_of_each_paper_config_is_a_valid_study(name):
     passes the study's own check (replay joins only where a corpus is named)."""
     from cfs.study import Study
 
-    environment = dict(os.environ)
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from _common import load_config, merged
-        from dag import paper_grid
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-        os.environ.clear()
-        os.environ.update(environment)
-    config = load_config(REPO / "config" / name)
-    widened = merged(config, paper_grid(config))
+    common, dag = benchmark_module("_common"), benchmark_module("dag")
+    config = common.load_config(REPO / "config" / name)
+    widened = common.merged(config, dag.paper_grid(config))
     Study(widened).check()
     assert ("replay" in widened["study"]["methods"]) == (name == "olmo.yaml"), widened["study"]
