@@ -21,23 +21,23 @@ HARNESS = {"backend": "cfs-hf", "batch_size": 8, "tasks": {"cfs_capitals": {}}}
 def test_the_key_follows_the_model_files_and_the_harness_not_the_tasks(tiny_model_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    key = cache_key(model, HARNESS)
-    assert cache_key(model, HARNESS) == key, "the same model and harness gave another key"
+    key = cache_key(model, HARNESS, 0)
+    assert cache_key(model, HARNESS, 0) == key, "the same model and harness gave another key"
     other_tasks = {**HARNESS, "tasks": {"cfs_animals": {}}}
-    assert cache_key(model, other_tasks) == key, "the task list changed the key"
+    assert cache_key(model, other_tasks, 0) == key, "the task list changed the key"
     other_batch = {**HARNESS, "batch_size": 4}
-    assert cache_key(model, other_batch) != key, "another batch size kept the key"
+    assert cache_key(model, other_batch, 0) != key, "another batch size kept the key"
     (weights,) = model.glob("*.safetensors")
     os.utime(weights, (1, 1))  # rewritten, as a new fine-tune writes it
-    assert cache_key(model, HARNESS) != key, "a rewritten weights file kept the key"
+    assert cache_key(model, HARNESS, 0) != key, "a rewritten weights file kept the key"
 
 
 def test_a_cache_of_another_key_is_removed(tiny_model_dir, tmp_path):
     folder = tmp_path / "eval_cache"
     folder.mkdir()
     (folder / "0123456789abcdef_rank0.db").write_text("another model's answers")
-    prefix = cache_prefix(folder, tiny_model_dir, HARNESS)
-    assert prefix == folder / cache_key(tiny_model_dir, HARNESS)
+    prefix = cache_prefix(folder, tiny_model_dir, HARNESS, 0)
+    assert prefix == folder / cache_key(tiny_model_dir, HARNESS, 0)
     assert list(folder.iterdir()) == [], "a stale cache was kept"
 
 
@@ -82,3 +82,81 @@ def test_another_model_starts_a_fresh_request_cache(tiny_model_dir, evaluation_r
         os.utime(weights)  # rewritten, as a new fine-tune writes it
     assert requests()["computed"] == total
     assert len(list(out.with_name("eval_cache").iterdir())) == 1  # the stale cache is gone
+
+
+SAMPLED = {"until": ["\n\n"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 6}
+PROMPTS = ["The capital of France is", "A dog says", "2 + 3 =", "yes"]
+
+
+@pytest.fixture(scope="module")
+def sampling_model(tiny_model_dir):
+    from cfs.lm_eval_model import SharedPrefixHFLM
+
+    return SharedPrefixHFLM(
+        pretrained=str(tiny_model_dir), batch_size=4, device="cpu", dtype="float32"
+    )
+
+
+def sampled_requests(repeats: int = 3) -> list:
+    """Each prompt sampled `repeats` times, as lm-eval sends a task's repeats: the same
+    arguments again."""
+    from lm_eval.api.instance import Instance
+
+    return [
+        Instance(request_type="generate_until", doc={}, arguments=(prompt, dict(SAMPLED)), idx=0)
+        for prompt in PROMPTS
+        for _ in range(repeats)
+    ]
+
+
+def chunked_cache(model, path, chunk_size: int = 4, seed: int = 0):
+    from cfs.request_cache import caching_lm_class
+
+    return caching_lm_class(chunk_size, seed)(model, str(path))
+
+
+def test_sampled_generations_are_cached_each_repeat_apart(sampling_model, tmp_path):
+    cache = chunked_cache(sampling_model, tmp_path / "c_rank0.db")
+    answers = cache.generate_until(sampled_requests())
+    assert len(answers) == 12
+    assert len(cache.dbdict) == 12, f"{len(cache.dbdict)} of 12 sampled answers cached"
+    repeats = [answers[index : index + 3] for index in range(0, 12, 3)]
+    assert any(len(set(group)) > 1 for group in repeats), f"repeats alike: {repeats}"
+    again = chunked_cache(sampling_model, tmp_path / "c_rank0.db").generate_until(
+        sampled_requests()
+    )
+    assert again == answers, "the cached answers were not returned as they were"
+
+
+def test_a_lost_chunk_is_sampled_again_as_the_uninterrupted_run_sampled_it(
+    sampling_model, tmp_path, monkeypatch
+):
+    """A job killed after 2 of 3 chunks: the restart computes only the third chunk's 4
+    requests (counted at the model), and its answers are the uninterrupted run's."""
+    from cfs.request_cache import generation_keys
+
+    whole = chunked_cache(sampling_model, tmp_path / "whole_rank0.db").generate_until(
+        sampled_requests()
+    )
+    killed = chunked_cache(sampling_model, tmp_path / "killed_rank0.db")
+    killed.generate_until(sampled_requests())
+    for key in generation_keys(sampled_requests())[8:]:
+        del killed.dbdict[key]
+    killed.dbdict.commit()
+    sent = []
+    original = type(sampling_model).generate_until
+
+    def counted(self, requests, *args):
+        sent.append(len(requests))
+        return original(self, requests, *args)
+
+    monkeypatch.setattr(type(sampling_model), "generate_until", counted)
+    resumed = chunked_cache(sampling_model, tmp_path / "killed_rank0.db").generate_until(
+        sampled_requests()
+    )
+    assert sent == [4], f"requests sent to the model per chunk on restart: {sent}"
+    assert resumed == whole, "the restarted chunk was sampled otherwise"
+
+
+def test_another_seed_keys_another_cache(tiny_model_dir):
+    assert cache_key(tiny_model_dir, HARNESS, 0) != cache_key(tiny_model_dir, HARNESS, 1)

@@ -40,7 +40,7 @@ from cfs.heldout import summarise as heldout_summary
 from cfs.hub import go_offline_unless_reachable
 from cfs.lm_eval_model import PositionCounter
 from cfs.modeling import dtype_name, load_model, pick_device
-from cfs.request_cache import cache_prefix, cached_requests
+from cfs.request_cache import cache_prefix, cached_requests, resumable_generation
 
 log = logging.getLogger("cfs.evaluate")
 
@@ -242,7 +242,8 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
     task. Tasks run in groups by `apply_chat_template` (a per-task option: reasoning
     benchmarks want the chat template, log-likelihood multiple choice usually not). With a
     `cache_folder`, finished requests are kept there (cfs.request_cache), keyed to this model
-    folder and harness: a rerun computes only what is not cached. `seconds`, if given, gets
+    folder, harness and seed: a rerun computes only what is not cached, generations in
+    chunks of `generation_chunk_size`. `seconds`, if given, gets
     the model's load time."""
     import lm_eval
     from lm_eval.api.registry import get_model
@@ -264,7 +265,8 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
         seconds["model_load"] = time.perf_counter() - started
     counter = PositionCounter(lm.model) if backend in HF_BACKENDS else None
     harness = lm_eval_harness_settings(settings, backend, model_args)
-    prefix = cache_prefix(cache_folder, model_dir, harness) if cache_folder else None
+    seed = require(settings, "seed")
+    prefix = cache_prefix(cache_folder, model_dir, harness, seed) if cache_folder else None
     cached_before = cached_requests(prefix) if prefix else 0
     results: dict = {}
     samples: dict = {}
@@ -272,7 +274,8 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
         group = [entry for entry in entries if bool(entry["apply_chat_template"]) == chat]
         if not group:
             continue
-        with cut_answers_marked(model_args.get("think_end_token")):
+        chunked = resumable_generation(require(settings, "generation_chunk_size"), seed)
+        with cut_answers_marked(model_args.get("think_end_token")), chunked:
             output = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=build_tasks(task_manager, group, require(settings, "seed")),
@@ -282,10 +285,10 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
                 log_samples=True,  # per-item scores, for paired intervals (cfs.statistics)
                 bootstrap_iters=0,
                 limit=settings["limit"],
-                random_seed=require(settings, "seed"),
-                numpy_random_seed=settings["seed"],
-                torch_random_seed=settings["seed"],
-                fewshot_random_seed=settings["seed"],
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
             )
         results.update(output["results"])
         samples.update(output["samples"])

@@ -6,16 +6,27 @@ A restarted evaluation (killed at its time limit) and one that gains a task comp
 the requests the cache does not hold. A cache made for another model folder (a fine-tune
 run again), another backend, batch size or model arguments is removed, never read.
 Requests are keyed by their own content (context, continuation, generation arguments), so
-a task's options that change its prompts change its keys. lm-eval leaves sampled
-generations (do_sample) out of the cache: they are computed again.
+a task's options that change its prompts change its keys.
+
+Generations (`resumable_generation`) are sent to the backend in chunks of
+`evaluation.generation_chunk_size` requests, and each finished chunk is cached, sampled
+answers included (lm-eval's own cache leaves those out): a job killed in the middle of a
+long reasoning evaluation loses at most one chunk, with any backend (vLLM answers a whole
+call at once). The k answers of a question sampled k times (`repeats`) are told apart by
+their number among identical requests, so each keeps its own sample. Before each chunk the
+torch generator is seeded from (the evaluation's seed, the chunk's number), so the HF
+backends sample a restarted evaluation's chunks as an uninterrupted one does; vLLM samples
+with its engine's seed, so there a restarted job's remaining answers are new draws.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from cfs.artifacts import add_folder_fingerprint
@@ -25,19 +36,19 @@ log = logging.getLogger("cfs.request_cache")
 RANK_SUFFIX = "_rank0.db"
 
 
-def cache_key(model_dir: Path, harness: dict) -> str:
-    """The model folder (files, sizes, times) and the harness settings that decide each
-    request's answer; the task list is not among them."""
+def cache_key(model_dir: Path, harness: dict, seed: int) -> str:
+    """The model folder (files, sizes, times), the harness settings and the seed that decide
+    each request's answer; the task list is not among them."""
     keyed = {key: value for key, value in harness.items() if key != "tasks"}
-    digest = hashlib.sha256(json.dumps([str(model_dir), keyed], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([str(model_dir), keyed, seed], sort_keys=True).encode())
     add_folder_fingerprint(digest, model_dir)
     return digest.hexdigest()[:16]
 
 
-def cache_prefix(folder: Path, model_dir: Path, harness: dict) -> Path:
+def cache_prefix(folder: Path, model_dir: Path, harness: dict, seed: int) -> Path:
     """Where this evaluation's requests are cached (lm-eval's `use_cache`); caches of other
     keys in `folder` are removed."""
-    key = cache_key(model_dir, harness)
+    key = cache_key(model_dir, harness, seed)
     if folder.is_dir():
         for stale in folder.iterdir():
             if not stale.name.startswith(key):
@@ -56,3 +67,75 @@ def cached_requests(prefix: Path) -> int:
 
     with SqliteDict(str(path), flag="r") as cache:
         return len(cache)
+
+
+def generation_keys(requests) -> list[str]:
+    """Each generation request's cache key: lm-eval's hash of its arguments, with its number
+    among identical requests after the first (the k samples of one question)."""
+    from lm_eval.api.model import hash_args
+
+    seen: Counter = Counter()
+    keys = []
+    for request in requests:
+        key = hash_args("generate_until", request.args)
+        keys.append(key if not seen[key] else f"{key}#{seen[key]}")
+        seen[key] += 1
+    return keys
+
+
+def caching_lm_class(chunk_size: int, seed: int):
+    """lm-eval's CachingLM, its generations sent and cached chunk by chunk (module doc)."""
+    import torch
+    from lm_eval.api.model import CacheHook, CachingLM
+
+    class ChunkedGenerationCache(CachingLM):
+        def __getattr__(self, attr):
+            if attr == "generate_until":
+                return self.generate_in_chunks
+            return super().__getattr__(attr)
+
+        def generate_in_chunks(self, requests) -> list[str]:
+            keys = generation_keys(requests)
+            answers = [self.dbdict.get(key) for key in keys]
+            log.info(
+                "generation: %d of %d answers cached, the rest in chunks of %d",
+                sum(answer is not None for answer in answers),
+                len(requests),
+                chunk_size,
+            )
+            # the backend's own per-request writes would key the k samples of a question
+            # alike: only whole chunks are written, here
+            self.lm.set_cache_hook(CacheHook(None))
+            try:
+                for number, start in enumerate(range(0, len(requests), chunk_size)):
+                    todo = [
+                        index
+                        for index in range(start, min(start + chunk_size, len(requests)))
+                        if answers[index] is None
+                    ]
+                    if not todo:
+                        continue
+                    torch.manual_seed(seed * 1_000_003 + number)
+                    done = self.lm.generate_until([requests[index] for index in todo])
+                    for index, answer in zip(todo, done, strict=True):
+                        answers[index] = answer
+                        self.dbdict[keys[index]] = answer
+                    self.dbdict.commit()
+            finally:
+                self.lm.set_cache_hook(CacheHook(self))
+            return answers
+
+    return ChunkedGenerationCache
+
+
+@contextlib.contextmanager
+def resumable_generation(chunk_size: int, seed: int):
+    """While active, lm-eval's `use_cache` wraps the model in caching_lm_class's cache."""
+    import lm_eval.api.model
+
+    original = lm_eval.api.model.CachingLM
+    lm_eval.api.model.CachingLM = caching_lm_class(chunk_size, seed)
+    try:
+        yield
+    finally:
+        lm_eval.api.model.CachingLM = original
