@@ -24,9 +24,16 @@ study: $(BIN)/.cfs-installed
 report: $(BIN)/.cfs-installed
 	PATH="$(abspath $(BIN)):$$PATH" snakemake --report report.html
 
+# The pure-Python wheels the GPU check carries (git-ignored, downloaded from PyPI); its CPU
+# smoke in the tests runs on them.
+WHEELS := benchmarks/wheels/.built
+$(WHEELS): benchmarks/wheels/build.py $(BIN)/.cfs-installed
+	$(BIN)/python benchmarks/wheels/build.py
+	touch $@
+
 # Two processes, each test module in one of them (its fixtures built once), the longest
 # modules first (tests/conftest.py).
-test: $(BIN)/.cfs-installed
+test: $(BIN)/.cfs-installed $(WHEELS)
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -v --durations=15 \
 		-n 2 --dist loadfile --no-loadscope-reorder
 

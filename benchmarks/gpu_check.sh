@@ -5,9 +5,10 @@
 #   bash benchmarks/gpu_check.sh               # on the GPU machine: $OUT/gpu_check.{json,log}
 #   bash benchmarks/gpu_check.sh --cpu-smoke   # every part on tiny models on CPU
 #
-# The carried wheels (benchmarks/wheels) are unpacked into a temporary folder put first on
-# PYTHONPATH; nothing is installed into the machine's Python. $PYTHON (default python3)
-# runs it; $OUT (default: a temporary folder) receives the JSON and the log.
+# The carried wheels (benchmarks/wheels, git-ignored: built by benchmarks/wheels/build.py)
+# are unpacked into a temporary folder put first on PYTHONPATH; nothing is installed into
+# the machine's Python. $PYTHON (default python3) runs it; $OUT (default: a temporary
+# folder) receives the JSON and the log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,6 +19,11 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 SITE="$TMP/site"
 start=$(date +%s)
+if ! ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+    echo "gpu_check.sh: no wheels in benchmarks/wheels: run python benchmarks/wheels/build.py" \
+        "(or make test) on a machine with PyPI, then carry benchmarks/wheels" | tee "$LOG" >&2
+    exit 2
+fi
 # pure-Python wheels: unpacked, they are installed (and faster than pip, which may be absent)
 echo "python: $("$PYTHON" --version 2>&1); $(ls benchmarks/wheels/*.whl | wc -l) wheels" >"$LOG"
 "$PYTHON" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \

@@ -3,6 +3,9 @@ transformers, accelerate, peft, numpy, pandas, scipy, matplotlib and tqdm but no
 
     python benchmarks/wheels/build.py        # rewrites benchmarks/wheels/*.whl
 
+The wheels are git-ignored (`make test` builds them for the CPU smoke); a GPU call carries
+them as an ignored path (benchmarks/wheels).
+
 Every wheel is pure Python (py3-none-any), so the same files install on any CPython 3.
 - The versions cfs pins (pyproject.toml) of transformers, accelerate and peft, because cfs
   needs transformers 5.25's API (`cache=` in a model's forward, the Trainer's

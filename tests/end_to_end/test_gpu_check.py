@@ -118,3 +118,19 @@ def test_the_wheels_are_pure_python_at_the_pinned_versions_and_small():
     for package in ("transformers", "accelerate", "peft", "lm-eval"):
         pinned = re.search(rf'"{package}==([^"]+)"', pyproject).group(1)
         assert names[package].split("+")[0] == pinned, (package, names[package], pinned)
+
+
+def test_without_wheels_the_check_stops_saying_how_to_build_them(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    script = tmp_path / "benchmarks" / "gpu_check.sh"
+    script.write_text((REPO / "benchmarks" / "gpu_check.sh").read_text())
+    result = subprocess.run(
+        ["bash", str(script)],
+        env=dict(os.environ, OUT=str(tmp_path / "out")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "benchmarks/wheels/build.py" in result.stdout, result.stdout
