@@ -56,26 +56,34 @@ def read_jsonl(path: str | Path) -> Records:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}:{line_number}: malformed JSON line ({error.msg})"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {record!r:.60}")
-            records.append(record)
+            records.append(parse_jsonl_line(line, path, line_number))
             records.line_numbers.append(line_number)
     return records
+
+
+def parse_jsonl_line(line: str | bytes, path: str | Path, line_number: int) -> dict:
+    """One JSONL line as a dict; anything else raises DataError naming file and line."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = getattr(error, "msg", None) or str(error)
+        raise DataError(f"{path}:{line_number}: malformed JSON line ({reason})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{line_number}: expected a JSON object, got {record!r:.60}")
+    return record
 
 
 def require_fields(records: Iterable[dict], fields: Iterable[str], path: str | Path) -> None:
     """Raise DataError naming the file line of the first record lacking one of `fields`."""
     fields = list(fields)
     for line_number, record in zip(line_numbers(records), records, strict=True):
-        missing = [field for field in fields if field not in record]
-        if missing:
-            raise DataError(f"{path}:{line_number}: missing field(s) {', '.join(missing)}")
+        require_record_fields(record, fields, path, line_number)
+
+
+def require_record_fields(record: dict, fields, path: str | Path, line_number: int) -> None:
+    missing = [field for field in fields if field not in record]
+    if missing:
+        raise DataError(f"{path}:{line_number}: missing field(s) {', '.join(missing)}")
 
 
 @contextlib.contextmanager

@@ -76,8 +76,6 @@ def fetch_evaluation_datasets(entries: list[tuple[str, dict]], index: dict, reac
 
     from cfs.hub import MissingFromHub, explain_hub_error
 
-    if not reachable:
-        datasets.config.HF_HUB_OFFLINE = True  # in case datasets was imported already
     fetched, loaded = [], {}
     for key, entry in entries:
         for dataset in task_datasets(entry["task"], index):

@@ -23,7 +23,15 @@ import logging
 import random
 from pathlib import Path
 
-from cfs.artifacts import atomic_path, provenance, read_jsonl, require_fields, write_json
+from cfs.artifacts import (
+    atomic_path,
+    parse_jsonl_line,
+    provenance,
+    read_jsonl,
+    require_fields,
+    require_record_fields,
+    write_json,
+)
 from cfs.cli import require, run_stage, stage_parser
 from cfs.errors import DataError, SettingsError
 from cfs.examples import TASK
@@ -56,13 +64,23 @@ def mix_at_ratio(
 ) -> list[dict]:
     """Task examples (kind "task") plus round(ratio * len(task)) samples of `kind`."""
     wanted = samples_wanted(len(task), len(samples), ratio)
-    mixed = [{"kind": TASK, **{field: ex[field] for field in TASK_FIELDS}} for ex in task]
+    return list(mixed_records(task.__getitem__, len(task), samples.__getitem__, wanted, seed, kind))
+
+
+def mixed_records(read_task, num_task: int, read_sample, wanted: int, seed: int, kind: str):
+    """The mixed set in its shuffled order: the task examples (read_task(i), i < num_task)
+    and the first `wanted` samples (read_sample(j)), each with the fields its training
+    example needs. The permutation depends only on the seed and the set's size."""
+    order = list(range(num_task + wanted))
+    random.Random(seed).shuffle(order)
     fields = SAMPLE_KINDS[kind].fields
-    mixed += [
-        {"kind": kind, **{field: sample[field] for field in fields}} for sample in samples[:wanted]
-    ]
-    random.Random(seed).shuffle(mixed)
-    return mixed
+    for index in order:
+        if index < num_task:
+            example = read_task(index)
+            yield {"kind": TASK, **{field: example[field] for field in TASK_FIELDS}}
+        else:
+            sample = read_sample(index - num_task)
+            yield {"kind": kind, **{field: sample[field] for field in fields}}
 
 
 def load_generations(path: Path, kind: str = "context_free") -> list[dict]:
@@ -89,26 +107,10 @@ class LineIndex:
             offset = 0
             for line_number, line in enumerate(handle, start=1):
                 if line.strip():
-                    record = self._parse(line, line_number)
-                    missing = [field for field in fields if field not in record]
-                    if missing:
-                        raise DataError(
-                            f"{path}:{line_number}: missing field(s) {', '.join(missing)}"
-                        )
+                    record = parse_jsonl_line(line, path, line_number)
+                    require_record_fields(record, fields, path, line_number)
                     self.offsets.append(offset)
                 offset += len(line)
-
-    def _parse(self, line: bytes, line_number: int) -> dict:
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            reason = getattr(error, "msg", None) or str(error)
-            raise DataError(f"{self.path}:{line_number}: malformed JSON line ({reason})") from None
-        if not isinstance(record, dict):
-            raise DataError(
-                f"{self.path}:{line_number}: expected a JSON object, got {record!r:.60}"
-            )
-        return record
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -124,14 +126,10 @@ class LineIndex:
 def write_mixed(
     task: LineIndex, samples: LineIndex | None, ratio: float, seed: int, kind: str, out: Path
 ) -> int:
-    """`mix_at_ratio` of the two files, written to `out` record by record: the same bytes
-    as `write_jsonl(out, mix_at_ratio(...))` (the shuffle's permutation depends only on the
-    seed and the set's size), with two lists of line offsets in memory instead of the
-    records. Returns the number of samples mixed in."""
+    """`mix_at_ratio` of the two files, written to `out` record by record (the same
+    bytes as `write_jsonl(out, mix_at_ratio(...))`), with two lists of line offsets in
+    memory instead of the records. Returns the number of samples mixed in."""
     wanted = samples_wanted(len(task), len(samples) if samples else 0, ratio)
-    order = list(range(len(task) + wanted))
-    random.Random(seed).shuffle(order)
-    fields = SAMPLE_KINDS[kind].fields
     with contextlib.ExitStack() as stack:
         read_task = task.reader(stack.enter_context(task.path.open("rb")))
         read_sample = None
@@ -139,13 +137,7 @@ def write_mixed(
             read_sample = samples.reader(stack.enter_context(samples.path.open("rb")))
         tmp = stack.enter_context(atomic_path(out))
         handle = stack.enter_context(tmp.open("w", encoding="utf-8"))
-        for index in order:
-            if index < len(task):
-                example = read_task(index)
-                record = {"kind": TASK, **{field: example[field] for field in TASK_FIELDS}}
-            else:
-                sample = read_sample(index - len(task))
-                record = {"kind": kind, **{field: sample[field] for field in fields}}
+        for record in mixed_records(read_task, len(task), read_sample, wanted, seed, kind):
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return wanted
 
