@@ -12,7 +12,7 @@ import shutil
 import pytest
 from cfs import evaluate
 from cfs.data import arithmetic_problems, render
-from cfs.request_cache import cache_key, cache_prefix
+from cfs.request_cache import RANK_SUFFIX, cache_key, cache_prefix, cached_requests
 from conftest import REPO, TEMPLATE, evaluation_settings, write_jsonl
 
 HARNESS = {"backend": "cfs-hf", "batch_size": 8, "tasks": {"cfs_capitals": {}}}
@@ -39,6 +39,19 @@ def test_a_cache_of_another_key_is_removed(tiny_model_dir, tmp_path):
     prefix = cache_prefix(folder, tiny_model_dir, HARNESS, 0)
     assert prefix == folder / cache_key(tiny_model_dir, HARNESS, 0)
     assert list(folder.iterdir()) == [], "a stale cache was kept"
+
+
+def test_a_cache_file_without_its_table_holds_no_requests(tmp_path):
+    """A job killed, or read, between creating the SQLite file and its table."""
+    from sqlitedict import SqliteDict
+
+    prefix = tmp_path / "0123456789abcdef"
+    path = tmp_path / (prefix.name + RANK_SUFFIX)
+    path.touch()
+    assert cached_requests(prefix) == 0
+    with SqliteDict(str(path), autocommit=True) as cache:
+        cache["a request"] = 1.0
+    assert cached_requests(prefix) == 1
 
 
 @pytest.fixture

@@ -34,6 +34,8 @@ from cfs.artifacts import add_folder_fingerprint
 log = logging.getLogger("cfs.request_cache")
 # lm-eval appends this to the prefix it is given (one file per rank)
 RANK_SUFFIX = "_rank0.db"
+# the table lm-eval's CachingLM writes (SqliteDict's default name)
+CACHE_TABLE = "unnamed"
 
 
 def cache_key(model_dir: Path, harness: dict, seed: int) -> str:
@@ -59,13 +61,16 @@ def cache_prefix(folder: Path, model_dir: Path, harness: dict, seed: int) -> Pat
 
 
 def cached_requests(prefix: Path) -> int:
-    """How many requests the cache at `prefix` holds."""
+    """How many requests the cache at `prefix` holds. A file without the cache's table (a job
+    killed, or read, between creating the file and its table) holds none."""
     path = Path(str(prefix) + RANK_SUFFIX)
     if not path.is_file():
         return 0
     from sqlitedict import SqliteDict
 
-    with SqliteDict(str(path), flag="r") as cache:
+    if CACHE_TABLE not in SqliteDict.get_tablenames(str(path)):
+        return 0
+    with SqliteDict(str(path), tablename=CACHE_TABLE, flag="r") as cache:
         return len(cache)
 
 
