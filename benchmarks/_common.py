@@ -11,7 +11,9 @@ benchmark out of step with the code fails there.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -42,20 +44,10 @@ SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def merged(*configs: dict) -> dict:
-    """Snakemake's --configfile merge: dicts key by key, everything else replaced."""
-    out: dict = {}
-    for config in configs:
-        out = _merge(out, config)
-    return out
+    """Snakemake's --configfile merge of `configs` in order (cfs.budget.merged)."""
+    from cfs.budget import merged as merged_over
 
-
-def _merge(base, update):
-    if isinstance(base, dict) and isinstance(update, dict):
-        result = dict(base)
-        for key, value in update.items():
-            result[key] = _merge(base.get(key), value) if key in base else copy.deepcopy(value)
-        return result
-    return copy.deepcopy(update)
+    return functools.reduce(merged_over, configs, {})
 
 
 def fill_defaults(value, schema: dict, root: dict):
@@ -209,18 +201,13 @@ def tiny_model(out: Path, hidden: int = 64, layers: int = 2) -> Path:
 def machine() -> dict:
     """nproc, CPU model, memory, Python; torch/transformers versions and the GPU where the
     benchmark imported them."""
-    info = {"nproc": os.cpu_count(), "cpu": platform.processor() or None, "memory": None}
-    for path, key, field in (
-        ("/proc/cpuinfo", "cpu", "model name"),
-        ("/proc/meminfo", "memory", "MemTotal"),
-    ):
-        try:
-            lines = Path(path).read_text().splitlines()
-            line = next(line for line in lines if line.startswith(field))
-        except (OSError, StopIteration):
-            continue
-        value = line.split(":", 1)[1].strip()
-        info[key] = f"{int(value.split()[0]) / 2**20:.0f} GiB" if key == "memory" else value
+    from cfs.results_page import cpu_name
+
+    info = {"nproc": os.cpu_count(), "cpu": cpu_name(), "memory": None}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory"] = f"{int(line.split()[1]) / 2**20:.0f} GiB"
     info["python"] = platform.python_version()
     if "torch" in sys.modules:
         import torch

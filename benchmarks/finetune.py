@@ -165,6 +165,7 @@ def run_pipeline(model_dir: Path, data: Path, settings: dict, workdir: Path) -> 
 def run_raw_loop(model_dir: Path, batches: list[dict], settings: dict) -> dict:
     """Forward, backward, clip, AdamW step on the recorded batches; nothing else."""
     import torch
+    from cfs.distributed import accumulation_steps
     from cfs.modeling import load_model
 
     torch.manual_seed(settings["seed"])
@@ -178,7 +179,7 @@ def run_raw_loop(model_dir: Path, batches: list[dict], settings: dict) -> dict:
         weight_decay=settings["weight_decay"],
         fused=True,
     )
-    accumulation = settings["batch_size"] // settings["micro_batch_size"]
+    accumulation = accumulation_steps(settings["batch_size"], settings["micro_batch_size"])
     clock = ForwardClock(model)
     with Timer() as timer:
         for index, batch in enumerate(batches):
@@ -199,6 +200,7 @@ def run_raw_loop(model_dir: Path, batches: list[dict], settings: dict) -> dict:
 
 def run_padded_baseline(model_dir: Path, records: list[dict], settings: dict, workdir: Path):
     """Every example padded to max_length; the stock Trainer and its default collator."""
+    from cfs.distributed import accumulation_steps
     from cfs.examples import build_examples
     from cfs.modeling import load_model, load_tokenizer
     from datasets import Dataset
@@ -225,7 +227,9 @@ def run_padded_baseline(model_dir: Path, records: list[dict], settings: dict, wo
         lr_scheduler_type=settings["lr_scheduler"],
         num_train_epochs=settings["epochs"],
         per_device_train_batch_size=settings["micro_batch_size"],
-        gradient_accumulation_steps=settings["batch_size"] // settings["micro_batch_size"],
+        gradient_accumulation_steps=accumulation_steps(
+            settings["batch_size"], settings["micro_batch_size"]
+        ),
         max_grad_norm=settings["max_grad_norm"],
         seed=settings["seed"],
         use_cpu=True,
@@ -263,6 +267,8 @@ def main() -> None:
     args = parser.parse_args()
     quiet()
     threads = set_threads(args.threads)
+    from cfs.artifacts import write_jsonl
+
     config = load_config(*([args.config] if args.config else []))
     workdir = Path(tempfile.mkdtemp(prefix="cfs-bench-train-"))
     if args.quick:
@@ -285,8 +291,7 @@ def main() -> None:
         f"{knobs['ratio']:g}), batch {batch}, max_length {settings['max_length']}, "
         f"{steps} steps, one checkpoint; config packing={packing}"
     )
-    data = workdir / "train.jsonl"
-    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    data = write_jsonl(workdir / "train.jsonl", records)
     names = {
         packing: f"pipeline (packing={packing})",
         not packing: f"pipeline (packing={not packing})",

@@ -215,6 +215,11 @@ def device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def sizes_of(context: dict) -> dict:
+    """The sizes of this run: the GPU's, or the CPU smoke's."""
+    return SIZES["cpu" if context["smoke"] else "gpu"]
+
+
 def sync() -> None:
     import torch
 
@@ -317,16 +322,13 @@ def context_free_samples(count: int, max_length: int, shape: dict, seed: int = 1
     ]
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
-
-
 def setup(work: Path, smoke: bool) -> dict:
     """The models and data every part reads, described in work/context.json."""
+    from cfs.artifacts import write_jsonl
+
     device = device_kind()
-    sizes = SIZES["cpu" if smoke else "gpu"]
     context = {"smoke": smoke, "device": device, "work": str(work)}
+    sizes = sizes_of(context)
     config = load_config(OLMO_CONFIG)
     max_length = sizes["train"].get("max_length", config["train"]["max_length"])
     with Timer() as timer:
@@ -445,7 +447,7 @@ def fine_tune_run(
 ) -> dict:
     """One cfs.train.fine_tune of `method`, timed; its figures."""
     import torch
-    from cfs.artifacts import read_jsonl
+    from cfs.artifacts import read_jsonl, write_jsonl
     from cfs.mix import mix_at_ratio
     from cfs.study import METHODS
     from cfs.train import fine_tune
@@ -509,7 +511,7 @@ def worker_train(context: dict, result: Path) -> None:
 
     probe = Probe()
     instrument(probe)
-    sizes = SIZES["cpu" if context["smoke"] else "gpu"]
+    sizes = sizes_of(context)
     # one cell per objective, and context-free mixing (the other mixing methods train like
     # it, on other samples)
     methods = [
@@ -559,7 +561,7 @@ def worker_train(context: dict, result: Path) -> None:
 def worker_resume(context: dict, result: Path, mode: str) -> None:
     """Part (c), in processes of their own: `killed` dies right after its first
     checkpoint; `finish` runs the same command again (it resumes), then a whole run."""
-    sizes = SIZES["cpu" if context["smoke"] else "gpu"]
+    sizes = sizes_of(context)
     probe = Probe()
     instrument(probe)
     settings = cell_settings(
@@ -693,7 +695,7 @@ def part_resume(context: dict, seconds: float) -> dict:
         update += float(((a - c) ** 2).sum())
         largest = max(largest, float((a - b).abs().max()))
     relative = math.sqrt(difference) / max(math.sqrt(update), 1e-30)
-    tolerance = RESUME_TOLERANCE[device_kind()]
+    tolerance = RESUME_TOLERANCE[context["device"]]
     figures = {
         "killed_after_checkpoint": checkpoints[0].name,
         "resumed_from": runs["resumed"]["resumed_from"],
@@ -722,8 +724,8 @@ def part_terms(context: dict, seconds: float) -> dict:
     from cfs.modeling import load_model, load_tokenizer
     from cfs.objectives import KLToBase, L2ToInitial, SyntheticBatches
 
-    device = torch.device(device_kind())
-    size = SIZES["cpu" if context["smoke"] else "gpu"]["terms_batch"]
+    device = torch.device(context["device"])
+    size = sizes_of(context)["terms_batch"]
     tokenizer = load_tokenizer(context["olmo"])
     records = [{**r, "kind": "context_free"} for r in read_jsonl(context["samples"])[:size]]
     examples = build_examples(records, tokenizer, 1024, "samples")
@@ -803,7 +805,7 @@ def part_generation(context: dict, seconds: float) -> dict:
 
     config = load_config(OLMO_CONFIG)
     settings = {**config["generation"], "seed": 0, "dtype": config["models"]["olmo"]["dtype"]}
-    settings.update(SIZES["cpu" if context["smoke"] else "gpu"]["generation"], backend="hf")
+    settings.update(sizes_of(context)["generation"], backend="hf")
     tokenizer = load_tokenizer(context["olmo"])
     prompt = context_free_prompt_id(tokenizer, settings["prompt_token_id"])
     with Timer() as load:
@@ -855,7 +857,7 @@ def part_lm_eval(context: dict, seconds: float) -> dict:
         forgetting=[entry],
         seed=0,
         dtype=config["models"]["olmo"]["dtype"],
-        limit=SIZES["cpu" if context["smoke"] else "gpu"]["lm_eval_limit"],
+        limit=sizes_of(context)["lm_eval_limit"],
     )
     figures, items = {}, {}
     for backend in ("hf", "cfs-hf"):
@@ -908,9 +910,9 @@ def part_memory(context: dict, seconds: float) -> dict:
     from cfs.tokens import IGNORE_INDEX
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sizes = SIZES["cpu" if context["smoke"] else "gpu"]
+    sizes = sizes_of(context)
     shape, length = sizes["llama"], sizes["tokens"]
-    device = torch.device(device_kind())
+    device = torch.device(context["device"])
     cuda = device.type == "cuda"
 
     def saved_bytes():
@@ -1146,9 +1148,9 @@ def main() -> None:
                 "error": "no time left before the deadline",
             }
         else:
-            print(f"\n== {name} (limit {min(BUDGETS[name], left):.0f} s)", flush=True)
-            seconds = BUDGETS[name] if not args.cpu_smoke else 600
-            payload["parts"][name] = run_part(name, context, min(seconds, left))
+            limit = min(600 if args.cpu_smoke else BUDGETS[name], left)
+            print(f"\n== {name} (limit {limit:.0f} s)", flush=True)
+            payload["parts"][name] = run_part(name, context, limit)
             print(
                 f"== {name}: {payload['parts'][name]['status']} in "
                 f"{payload['parts'][name]['seconds']:.1f} s",

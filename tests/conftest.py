@@ -416,6 +416,26 @@ def fine_tune_into(folder: Path, model_dir, data, settings: dict, **inputs) -> t
     return model, train.fine_tune(model_dir, data, settings, checkpoints, model, **inputs)
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint whose state file reads whole
+    is complete (read while the Trainer writes or rotates checkpoints)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in `folder`, by step."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (path for path in folder.glob("checkpoint-*") if is_complete(path)),
+        key=lambda path: int(path.name.split("-")[1]),
+    )
+
+
 def train_log(model_dir: Path) -> dict:
     """The train_log.json cfs.train writes beside a fine-tuned model."""
     return json.loads((Path(model_dir) / "train_log.json").read_text())

@@ -9,11 +9,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "benchmarks"
 # script -> the figures its --json must hold
 EXPECTED = {

@@ -33,11 +33,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cfs.data import arithmetic_problems, render
 from cfs.study import METHODS, trainers
 from conftest import (
     PACKAGE_DIR,
-    TEMPLATE,
+    assert_same_weights,
     model_weights,
     task_records,
     train_settings,
@@ -317,11 +316,7 @@ def checkpoint_runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_checkpoints")
     runner = root / "runner.py"
     runner.write_text(RUNNER.format(launcher_dir=str(LAUNCHER.parent)))
-    records = [
-        {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
-        for r in render(arithmetic_problems(16, seed=3), TEMPLATE)
-    ]
-    data = write_jsonl(root / "train.jsonl", records)
+    data = write_jsonl(root / "train.jsonl", task_records(16, seed=3))
 
     def command(name, processes=2, **overrides):
         return train_command(runner, processes, tiny_model_dir, data, root / name, **overrides)
@@ -370,11 +365,8 @@ def test_killed_run_resumes_from_the_sharded_checkpoint_to_the_same_weights(chec
         == summary(checkpoint_runs["root"] / "reference")["global_steps"]
         == 8
     )
-    expected = model_weights(checkpoint_runs["root"] / "reference" / "model")
-    actual = model_weights(checkpoint_runs["root"] / "resumed" / "model")
-    assert expected.keys() == actual.keys()
-    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
-    assert different == [], f"differ from the uninterrupted run: {different}"
+    root = checkpoint_runs["root"]
+    assert_same_weights(root / "reference" / "model", root / "resumed" / "model")
 
 
 def test_each_micro_batch_is_reduced_at_once(checkpoint_runs):

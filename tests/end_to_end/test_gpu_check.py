@@ -12,12 +12,10 @@ import re
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
-from conftest import json_leaves
+from conftest import REPO, json_leaves
 
-REPO = Path(__file__).resolve().parents[2]
 WHEELS = REPO / "benchmarks" / "wheels"
 PARTS = {"train", "resume", "terms", "generation", "lm_eval", "memory"}
 OBJECTIVES = {"plain", "context_free", "lora", "l2", "weighted_synthetic", "kl_to_base"}

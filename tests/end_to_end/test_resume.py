@@ -21,10 +21,12 @@ from conftest import (
     PACKAGE_DIR,
     TEMPLATE,
     assert_same_weights,
+    complete_checkpoints,
     evaluation_settings,
     generation_settings,
     read_jsonl,
     task_records,
+    train_log,
     train_settings,
     write_jsonl,
 )
@@ -80,11 +82,11 @@ def run_stage(command: list[str], log: Path, timeout: int = 300, cwd=None) -> st
     return text
 
 
-def kill_when(command: list[str], log: Path, ready, timeout: float = 240) -> None:
+def kill_when(command: list[str], log: Path, ready, timeout: float = 240, cwd=None) -> None:
     """Start `command`, SIGKILL it as soon as `ready()` holds; fail if it ended first."""
     with log.open("w") as handle:
         process = subprocess.Popen(
-            command, env=stage_env(), stdout=handle, stderr=subprocess.STDOUT
+            command, cwd=cwd, env=stage_env(), stdout=handle, stderr=subprocess.STDOUT
         )
     deadline = time.monotonic() + timeout
     try:
@@ -101,25 +103,6 @@ def kill_when(command: list[str], log: Path, ready, timeout: float = 240) -> Non
 
 
 # --------------------------------------------------------------------------- fine-tuning
-
-
-def is_complete(checkpoint: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint whose state file reads whole
-    is complete."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(
-        (path for path in folder.glob("checkpoint-*") if is_complete(path)),
-        key=lambda path: int(path.name.split("-")[1]),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +138,6 @@ def training_run(tiny_model_dir, tmp_path_factory):
     (root / "reference").mkdir()
     run_stage(command("reference"), root / "reference.log")
     return {"root": root, "command": command}
-
-
-def train_log(model_dir: Path) -> dict:
-    return json.loads((model_dir / "train_log.json").read_text())
 
 
 def test_killed_fine_tune_resumes_to_identical_weights(training_run):
@@ -272,26 +251,16 @@ def test_killed_generation_resumes_to_the_same_samples(tiny_model_dir, tmp_path)
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluation_command(tiny_model_dir, root: Path, out: Path, limit: int) -> list[str]:
+def evaluation_command(tiny_model_dir, out: Path, limit: int) -> list[str]:
     settings = evaluation_settings(
         forgetting=[{"task": "cfs_capitals", "metric": "p_correct,none"}],
         batch_size=1,  # a request a forward: the run is long enough to be killed mid-way
         limit=limit,
         dtype="float32",
     )
-    return [
-        sys.executable,
-        "-m",
-        "cfs.evaluate",
-        "--model",
-        str(tiny_model_dir),
-        "--settings",
-        json.dumps(settings),
-        "--threads",
-        "1",
-        "--out",
-        str(out),
-    ]
+    return stage_command(
+        "cfs.evaluate", "--model", tiny_model_dir, "--settings", json.dumps(settings), "--out", out
+    )
 
 
 @pytest.fixture(scope="module")
@@ -316,21 +285,11 @@ def test_killed_evaluation_resumes_from_its_request_cache(tiny_model_dir, evalua
     lacks are computed, and the scores are those of an uninterrupted evaluation."""
     root = evaluation_root
     reference = root / "reference" / "eval.json"
-    command = evaluation_command(tiny_model_dir, root, reference, limit=40)
+    command = evaluation_command(tiny_model_dir, reference, limit=40)
     run_stage(command, root / "reference.log", cwd=root)
     killed = root / "killed" / "eval.json"
-    command = evaluation_command(tiny_model_dir, root, killed, limit=40)
-    with (root / "killed.log").open("w") as handle:
-        process = subprocess.Popen(
-            command, cwd=root, env=stage_env(), stdout=handle, stderr=subprocess.STDOUT
-        )
-    try:
-        while process.poll() is None and cached(killed) < 20:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    command = evaluation_command(tiny_model_dir, killed, limit=40)
+    kill_when(command, root / "killed.log", lambda: cached(killed) >= 20, cwd=root)
     assert not killed.exists(), "the evaluation ended before it was killed"
     done = cached(killed)
     run_stage(command, root / "resumed.log", cwd=root)

@@ -26,7 +26,15 @@ import pandas as pd
 import pytest
 import yaml
 from cfs.study import FIGURES
-from conftest import MODEL, REPO, copy_repo, failure_report, snakemake_env, tiny_config
+from conftest import (
+    MODEL,
+    REPO,
+    complete_checkpoints,
+    copy_repo,
+    failure_report,
+    snakemake_env,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -108,14 +116,6 @@ def squeue(env: dict) -> str:
     ).stdout
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def start_requeued_job_now(job_id: str, env: dict) -> None:
     """Slurm holds a requeued job back for about two minutes (its BeginTime): once it is
     pending again, let it start at once, to keep the test short."""
@@ -140,7 +140,7 @@ def requeue_after_first_checkpoint(process, checkpoints: Path, env: dict) -> str
     again, started again) once it has written a checkpoint; the Slurm job id, or None if
     the fine-tune ended first."""
     while process.poll() is None:
-        if any(is_complete_checkpoint(path) for path in checkpoints.glob("checkpoint-*")):
+        if complete_checkpoints(checkpoints):
             for line in squeue(env).splitlines():
                 job_id, state, _, comment = line.strip().split(maxsplit=3)
                 if comment.startswith("rule_fine_tune") and state == "RUNNING":

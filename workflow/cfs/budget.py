@@ -130,10 +130,10 @@ def load_config(path: Path) -> dict:
 
 def resource(config: dict, model: str, stage: str, key: str, method: str | None = None):
     """models.<model>.resources as workflow/rules/resources.smk reads it."""
-    resources = config["models"][model].get("resources", {})
-    keys = ([f"{method}_{key}"] if method else []) + [f"{stage}_{key}", key]
+    from cfs.study import model_resource
+
     default = config["resources"]["model_stages"].get(key)
-    return next((resources[k] for k in keys if k in resources), default)
+    return model_resource(config, model, stage, key, method, default)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -165,20 +165,18 @@ def decode_hours(tokens: float, speed: tuple[float, float]) -> tuple[float, floa
 
 
 def generation_jobs(config, model, study, spec: Assumption) -> list[Job]:
-    from cfs.study import METHODS
+    from cfs.study import METHODS, parse_cell
 
     generation = config["generation"]
     cap, samples = generation["max_new_tokens"], generation["num_samples"]
     runtime = resource(config, model, "generate", "runtime")
     gpus = resource(config, model, "generate", "gpus")
-    kinds = {}
+    kinds = set()
     for cell in study.cells():
-        from cfs.study import parse_cell
-
         knobs = parse_cell(cell)
         kind = METHODS[knobs["method"]].samples
         if kind in ("context_free", "contextual"):
-            kinds[(kind, knobs["temperature"])] = True
+            kinds.add((kind, knobs["temperature"]))
     jobs = []
     for seed in study.seeds:
         for kind, temperature in sorted(kinds):
@@ -249,9 +247,8 @@ def train_job(config, model, cell, seed, spec: Assumption, hardware: Hardware) -
     linear = (2 if lora else 3) * passes / 3 * 2 * spec.params  # LoRA: no weight gradients
     sequence = min(tokens / examples, train["max_length"])
     attention = passes * 2 * spec.layers * spec.hidden * sequence  # causal: half the square
-    flops = tokens * (linear + attention)
-    if method.trains in ("weighted_synthetic", "kl_to_base"):
-        flops += term_tokens * (linear + attention)
+    per_token = linear + attention
+    flops = tokens * per_token + term_tokens * per_token  # term_tokens: 0 without a term
     if method.trains == "kl_to_base":  # the frozen base model's forward
         flops += term_tokens * 2 * spec.params
     compute = [flops / (gpus * hardware.bf16_flops * share) for share in hardware.flops_used]
@@ -264,7 +261,7 @@ def train_job(config, model, cell, seed, spec: Assumption, hardware: Hardware) -
         # again, and KL's base model gathered for its forward
         micro_batches = examples / (train["micro_batch_size"] * gpus)
         term_batches = steps * round(knobs.get("ratio", 0) * train["batch_size"]) / gpus
-        if method.trains not in ("weighted_synthetic", "kl_to_base"):
+        if not method.synthetic_term:
             term_batches = 0
         reduce = micro_batches if train["fsdp_reduce_each_micro_batch"] else steps
         gathers = 2 * micro_batches + reduce + 3 * term_batches
@@ -277,15 +274,13 @@ def train_job(config, model, cell, seed, spec: Assumption, hardware: Hardware) -
     size = (0.05 if lora else 12) * spec.params
     speeds = hardware.checkpoint_bytes_per_s if sharded else hardware.single_writer_bytes_per_s
     by_steps = steps // train["save_steps"] if train["save_steps"] else math.inf
+    # accelerate's default under FSDP, every 50 steps: the whole state through rank 0
+    full = steps // (train["save_steps"] or 50) * 16 * spec.params if sharded and not lora else 0
     checkpoint_hours, full_state_hours, hours = [], [], []
     for end in range(2):
         by_time = seconds[end] / 60 // train["save_minutes"] if train["save_minutes"] else math.inf
         count = min(by_steps, by_time)
         checkpoint_hours.append((0 if count == math.inf else count) * size / speeds[end] / 3600)
-        # accelerate's default under FSDP, every 50 steps: the whole state through rank 0
-        full = (
-            steps // (train["save_steps"] or 50) * 16 * spec.params if sharded and not lora else 0
-        )
         full_state_hours.append(full / hardware.single_writer_bytes_per_s[end] / 3600)
         final_save = 2 * spec.params / hardware.single_writer_bytes_per_s[end] / 3600
         hours.append(seconds[end] / 3600 + checkpoint_hours[end] + final_save)
@@ -302,8 +297,6 @@ def train_job(config, model, cell, seed, spec: Assumption, hardware: Hardware) -
 
 
 def evaluation_jobs(config, model, study, spec: Assumption) -> list[Job]:
-    from cfs.study import METHODS, parse_cell
-
     evaluation = config["evaluation"]
     gpus = resource(config, model, "evaluate", "gpus")
     runtime = resource(config, model, "evaluate", "runtime")
@@ -315,12 +308,7 @@ def evaluation_jobs(config, model, study, spec: Assumption) -> list[Job]:
         tokens += min(questions, limit) * entry["repeats"] * min(length, cap)
     decode = decode_hours(tokens, spec.decode_tokens_per_s)
     hours = (decode[0] + spec.eval_fixed_hours[0], decode[1] + spec.eval_fixed_hours[1])
-    cells = ["base"] + [
-        f"{cell} seed{seed}"
-        for cell in study.cells()
-        if METHODS[parse_cell(cell)["method"]].trains or parse_cell(cell)["method"] == "wiseft"
-        for seed in study.seeds
-    ]
+    cells = ["base"] + [f"{cell} seed{seed}" for cell in study.cells() for seed in study.seeds]
     jobs = []
     for name in cells:
         rule = "evaluate_base" if name == "base" else "evaluate_finetuned"

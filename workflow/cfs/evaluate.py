@@ -41,6 +41,7 @@ from cfs.hub import go_offline_unless_reachable
 from cfs.lm_eval_model import PositionCounter
 from cfs.modeling import dtype_name, load_model, pick_device
 from cfs.request_cache import cache_prefix, cached_requests, resumable_generation
+from cfs.task_check import metric_parts
 
 log = logging.getLogger("cfs.evaluate")
 
@@ -278,7 +279,7 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
         with cut_answers_marked(model_args.get("think_end_token")), chunked:
             output = lm_eval.simple_evaluate(
                 model=lm,
-                tasks=build_tasks(task_manager, group, require(settings, "seed")),
+                tasks=build_tasks(task_manager, group, seed),
                 task_manager=task_manager,
                 apply_chat_template=chat,
                 use_cache=str(prefix) if prefix else None,
@@ -305,7 +306,7 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
     }
     requests = {"per_task": count_requests(samples)}
     if "cut_answers" in harness:  # answers cut at the token limit inside their thinking
-        filters = {e["task"]: e["metric"].partition(",")[2] or "none" for e in entries}
+        filters = {e["task"]: metric_parts(e["metric"])[1] for e in entries}
         requests["cut_answers"] = count_cut_answers(samples, filters)
     if counter is not None:  # what the model computed, padding included
         requests.update(counter.remove())
@@ -326,8 +327,8 @@ def item_scores(samples: dict[str, list[dict]], entries: list[dict]) -> dict[str
     """{task: {item id: score}} of each entry's metric, from lm-eval's logged samples."""
     items = {}
     for entry in entries:
-        task, (name, _, filter_key) = entry["task"], entry["metric"].partition(",")
-        chosen = [s for s in samples.get(task, []) if s["filter"] == (filter_key or "none")]
+        task, (name, filter_name) = entry["task"], metric_parts(entry["metric"])
+        chosen = [s for s in samples.get(task, []) if s["filter"] == filter_name]
         if not chosen or name not in chosen[0]:
             raise DataError(f"lm-eval logged no per-item '{entry['metric']}' for task '{task}'")
         items[task] = {str(sample["doc_id"]): float(sample[name]) for sample in chosen}

@@ -27,8 +27,6 @@ from cfs.artifacts import (
     atomic_path,
     parse_jsonl_line,
     provenance,
-    read_jsonl,
-    require_fields,
     require_record_fields,
     write_json,
 )
@@ -83,14 +81,6 @@ def mixed_records(read_task, num_task: int, read_sample, wanted: int, seed: int,
             yield {"kind": kind, **{field: sample[field] for field in fields}}
 
 
-def load_generations(path: Path, kind: str = "context_free") -> list[dict]:
-    samples = read_jsonl(path)
-    if not samples:
-        raise DataError(empty_generations(path))
-    require_fields(samples, SAMPLE_KINDS[kind].fields, path)
-    return samples
-
-
 def empty_generations(path: Path) -> str:
     return f"{path}: the generation set is empty; refusing to fine-tune on task data only"
 
@@ -124,12 +114,11 @@ class LineIndex:
 
 
 def write_mixed(
-    task: LineIndex, samples: LineIndex | None, ratio: float, seed: int, kind: str, out: Path
-) -> int:
-    """`mix_at_ratio` of the two files, written to `out` record by record (the same
-    bytes as `write_jsonl(out, mix_at_ratio(...))`), with two lists of line offsets in
-    memory instead of the records. Returns the number of samples mixed in."""
-    wanted = samples_wanted(len(task), len(samples) if samples else 0, ratio)
+    task: LineIndex, samples: LineIndex | None, wanted: int, seed: int, kind: str, out: Path
+) -> None:
+    """`mix_at_ratio` of the two files (`wanted` samples, `samples_wanted`), written to
+    `out` record by record (the same bytes as `write_jsonl(out, mix_at_ratio(...))`), with
+    two lists of line offsets in memory instead of the records."""
     with contextlib.ExitStack() as stack:
         read_task = task.reader(stack.enter_context(task.path.open("rb")))
         read_sample = None
@@ -139,7 +128,6 @@ def write_mixed(
         handle = stack.enter_context(tmp.open("w", encoding="utf-8"))
         for record in mixed_records(read_task, len(task), read_sample, wanted, seed, kind):
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return wanted
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             generations=str(args.generations) if args.generations else None,
         ),
     )
-    write_mixed(task, samples, args.ratio, seed, args.kind, args.out)
+    write_mixed(task, samples, wanted, seed, args.kind, args.out)
 
 
 if __name__ == "__main__":

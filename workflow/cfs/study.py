@@ -224,6 +224,14 @@ def resource_key(key: str) -> tuple[str | None, str] | None:
     return None
 
 
+def model_resource(config: dict, model, stage: str, key: str, method=None, default=None):
+    """models.<model>.resources.<key> for a job of `stage` (of `method`, a fine-tune): the
+    first of `<method>_<key>`, `<stage>_<key>` and `<key>` it sets, else `default`."""
+    resources = config["models"].get(model, {}).get("resources", {})
+    keys = ([f"{method}_{key}"] if method else []) + [f"{stage}_{key}", key]
+    return next((resources[k] for k in keys if k in resources), default)
+
+
 def alternatives(methods) -> str:
     """One regular expression matching the cells of any of `methods`."""
     return "|".join(METHODS[name].pattern(named=False) for name in methods)

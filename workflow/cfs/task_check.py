@@ -33,6 +33,13 @@ from cfs.errors import SettingsError
 log = logging.getLogger("cfs.task_check")
 
 
+def metric_parts(metric: str) -> tuple[str, str]:
+    """'acc,none' -> ('acc', 'none'): an lm-eval metric's name and its filter ('none' where
+    the metric names none)."""
+    name, _, filter_name = metric.partition(",")
+    return name, filter_name or "none"
+
+
 def entries_with_keys(settings: dict) -> list[tuple[str, dict]]:
     """(config key, entry) for the target and each forgetting task."""
     entries = [("evaluation.target", require(settings, "target"))]
@@ -81,8 +88,7 @@ def check_entry(key: str, entry: dict, index: dict) -> dict:
     if not isinstance(metric, str) or not metric:
         record["problems"].append(f"{key}.metric: no metric (e.g. 'acc,none')")
         return record
-    metric_name, _, filter_name = metric.partition(",")
-    filter_name = filter_name or "none"
+    metric_name, filter_name = metric_parts(metric)
     config = found.cfg or {}
     if found.kind is not Kind.TASK or not config:
         record["checked"] = "name only"  # groups, tags and Python tasks: no YAML metrics

@@ -23,6 +23,7 @@ from cfs.study import (
     alternatives,
     fmt,
     parse_cell,
+    replay_sources,
 )
 
 # `python -m cfs.<stage>` must import this checkout's package whichever environment runs
@@ -319,9 +320,7 @@ def fetch_settings():
 
 def replay_from_hub():
     """The study's replay corpus is a hub dataset, streamed (no cache to fetch into)."""
-    if "replay" not in STUDY.methods:
-        return False
-    return bool(STUDY.method_options("replay")["corpus"].get("hub_dataset"))
+    return "replay" in STUDY.methods and "hub_dataset" in replay_sources(config)
 
 
 # One check file per set of evaluation tasks: studies with other tasks have their own.

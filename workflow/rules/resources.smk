@@ -8,7 +8,7 @@
 # GPU stages' partition and GPU type from CFS_SLURM_GPU_PARTITION and CFS_SLURM_GPU_MODEL.
 import os
 
-from cfs.study import STAGES
+from cfs.study import STAGES, model_resource
 
 GPU_STAGES = ("generate", "train", "evaluate")
 
@@ -19,16 +19,15 @@ def _stage_value(stage, key, wildcards, threads):
         return 0 if key == "gpus" else sizes[key]
     if key == "gpus" and stage not in GPU_STAGES:
         return 0
-    model = getattr(wildcards, "model", None)
-    resources = config["models"].get(model, {}).get("resources", {})
-    keys = [f"{stage}_{key}", key]
+    method = None
     if stage == "train" and hasattr(wildcards, "cell"):
-        keys.insert(0, f"{parse_cell(wildcards.cell)['method']}_{key}")
+        method = parse_cell(wildcards.cell)["method"]
     if key == "cpus_per_task":
         default = threads
     else:
         default = config["resources"]["model_stages"][key]
-    return next((resources[k] for k in keys if k in resources), default)
+    model = getattr(wildcards, "model", None)
+    return model_resource(config, model, stage, key, method, default)
 
 
 def stage_resources(stage):
