@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from cfs import evaluate
-from cfs.modeling import load_model
+from cfs.modeling import autocast, compute_precision, load_model
 from conftest import (
     context_free_samples,
     fine_tune_into,
@@ -70,10 +70,12 @@ def test_curve_kl_is_zero_at_step_zero_and_grows(curved):
 
 
 def test_last_curve_point_is_the_evaluations_kl(curved, tiny_model_dir, files):
-    """The curve's KL at the last step is the post eval's KL of the saved model."""
+    """The curve's KL at the last step is the post eval's KL of the saved model, both in
+    the precision `auto` picks here."""
     base = load_model(tiny_model_dir, "float32").eval()
     model = load_model(curved[0], "float32").eval()
-    measured = evaluate.kl_to_base(base, model, read_jsonl(files["heldout"]), batch_size=8)
+    with autocast(compute_precision("auto", "cpu"), "cpu"):
+        measured = evaluate.kl_to_base(base, model, read_jsonl(files["heldout"]), batch_size=8)
     last = pd.read_csv(curved[0] / "curves.csv").iloc[-1]
     assert last["kl_to_base"] == pytest.approx(measured["kl_to_base"], rel=1e-4, abs=1e-7)
     assert last["heldout_nll"] == pytest.approx(measured["heldout_nll"], rel=1e-5)

@@ -356,7 +356,9 @@ def test_evaluation_batch_size_reaches_lm_eval(tiny_model_dir, monkeypatch, batc
 def test_lm_eval_backend_and_model_args(tiny_model_dir):
     backend, args = evaluate.lm_eval_model_args(
         tiny_model_dir,
-        evaluation_settings(dtype="float32", model_args={"think_end_token": "</think>"}),
+        evaluation_settings(
+            dtype="float32", precision="float32", model_args={"think_end_token": "</think>"}
+        ),
     )
     assert backend == "cfs-hf"  # the schema's default
     assert args == {
@@ -387,6 +389,44 @@ def test_post_eval_with_another_harness_than_the_base_eval_is_refused(tmp_path):
         evaluate.check_same_harness({"lm_eval_settings": base}, other, tmp_path / "base.json")
     for needle in ("backend", "'hf'"):
         assert needle in str(caught.value), f"{needle!r} not in: {caught.value}"
+
+
+def test_a_post_eval_in_another_precision_than_the_base_eval_is_refused(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """`auto` resolves per machine: a base eval in bf16 and a post eval on a machine
+    without native bf16 would compare two precisions."""
+    settings = evaluation_settings(
+        target={"task": "t", "metric": "acc,none"},
+        forgetting=[{"task": "f", "metric": "acc,none"}],
+        precision="auto",
+    )
+
+    def harness(native):
+        monkeypatch.setattr("cfs.modeling.native_bf16", lambda device: native)
+        backend, model_args = evaluate.lm_eval_model_args(tiny_model_dir, settings)
+        return evaluate.lm_eval_harness_settings(settings, backend, model_args)
+
+    in_bf16, in_fp32 = harness(True), harness(False)
+    assert in_bf16["precision"] == "bfloat16 autocast, float32 weights"
+    assert in_fp32["precision"] == "float32"
+    evaluate.check_same_harness({"lm_eval_settings": in_bf16}, harness(True), tmp_path / "b")
+    with pytest.raises(SettingsError, match="precision"):
+        evaluate.check_same_harness({"lm_eval_settings": in_bf16}, in_fp32, tmp_path / "b")
+
+
+def test_bf16_evaluation_autocasts_lm_eval_and_the_kl(tiny_model_dir, monkeypatch):
+    settings = evaluation_settings(precision="bfloat16")
+    _, model_args = evaluate.lm_eval_model_args(tiny_model_dir, settings)
+    assert model_args["mixed_precision_dtype"] == "bfloat16"
+    _, model_args = evaluate.lm_eval_model_args(
+        tiny_model_dir, evaluation_settings(precision="float32")
+    )
+    assert "mixed_precision_dtype" not in model_args
+    with pytest.raises(SettingsError, match="mixed_precision_dtype"):
+        evaluate.lm_eval_model_args(
+            tiny_model_dir, evaluation_settings(model_args={"mixed_precision_dtype": "float16"})
+        )
 
 
 # --------------------------------------------------------------------------- the KL

@@ -152,6 +152,19 @@ def test_kl_term_is_zero_when_the_model_is_the_base(tiny_model_dir, tokenizer):
     assert moved > 1e-4, f"KL {moved} after moving a weight, expected above 1e-4"
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_kl_term_base_computes_in_the_training_precision(tiny_model_dir, tokenizer, precision):
+    """accelerate autocasts only the model that trains; the frozen base follows it."""
+    base = load_model(tiny_model_dir, "float32")
+    built = examples.build_examples(context_free_samples(4, SAMPLE_TOKENS), tokenizer, 64, "x")
+    batches = SyntheticBatches(built, 2, 1, 0, examples.padding_collator(tokenizer))
+    term = objectives.KLToBase(batches, base_model=base, precision=precision)
+    seen = []
+    base.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    term(load_model(tiny_model_dir, "float32"), 0, 0)
+    assert seen == [getattr(torch, precision)]
+
+
 def test_token_kl_matches_the_definition():
     torch.manual_seed(0)
     base, model = torch.randn(2, 4, 7), torch.randn(2, 4, 7)

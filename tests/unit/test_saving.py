@@ -39,12 +39,19 @@ def test_lora_merge_on_the_state_dict_equals_peft_merge(tiny_model_dir):
 def test_saving_in_bf16_keeps_tied_weights_tied():
     embedding = torch.randn(5, 3)
     state = {"embed.weight": embedding, "lm_head.weight": embedding, "step": torch.tensor(3)}
-    cast = cast_floating(state, save_dtype("auto", trained_in_bf16=True))
+    cast = cast_floating(state, save_dtype("auto", True, torch.device("cuda")))
     assert cast["embed.weight"].dtype == torch.bfloat16
     assert cast["embed.weight"] is cast["lm_head.weight"], "save_pretrained drops the tie"
     assert cast["step"].dtype == torch.int64
-    assert save_dtype("auto", trained_in_bf16=False) == torch.float32
-    assert save_dtype("bfloat16", trained_in_bf16=False) == torch.bfloat16
+
+
+def test_auto_saves_bf16_only_for_a_model_trained_in_bf16_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert save_dtype("auto", True, gpu) == torch.bfloat16
+    assert save_dtype("auto", False, gpu) == torch.float32
+    # bf16 on a CPU: the float32 master weights, not the changes rounded away
+    assert save_dtype("auto", True, cpu) == torch.float32
+    assert save_dtype("bfloat16", False, cpu) == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -67,10 +74,10 @@ def test_saved_lora_model_is_peft_merge_and_merged_in_host_memory(
         model=peft_model,
         accelerator=SimpleNamespace(unwrap_model=lambda model: model),
         is_world_process_zero=lambda: True,
-        args=SimpleNamespace(bf16=dtype == torch.bfloat16),
+        args=SimpleNamespace(bf16=dtype == torch.bfloat16, device=torch.device("cpu")),
         state=SimpleNamespace(log_history=[]),
     )
-    settings = {"save_precision": "auto", "seed": 0}
+    settings = {"save_precision": str(dtype).removeprefix("torch."), "seed": 0}
     data = write_jsonl(tmp_path / "train.jsonl", [{"kind": "task"}])
     saving.save_fine_tuned(fake_trainer, tokenizer, settings, data, {}, tmp_path / "model")
     assert devices == {"cpu"}

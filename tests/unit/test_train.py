@@ -225,12 +225,22 @@ def test_save_minutes_and_save_steps_reach_the_trainer(tmp_path):
     ]
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("float32", "float32"), ("bfloat16", "bfloat16")])
+@pytest.mark.parametrize(
+    ("precision", "native_bf16", "dtype"),
+    [
+        ("float32", True, "float32"),
+        ("bfloat16", False, "bfloat16"),
+        ("auto", True, "bfloat16"),
+        ("auto", False, "float32"),
+    ],
+)
 def test_training_precision_setting_is_honoured_on_cpu(
-    tiny_model_dir, tmp_path, monkeypatch, precision, dtype
+    tiny_model_dir, tmp_path, monkeypatch, precision, native_bf16, dtype
 ):
-    """bf16 autocast (fp32 master weights) when train.precision is bfloat16; fp32 math
-    when float32 (the CPU default, `auto`)."""
+    """bf16 autocast (fp32 master weights) when train.precision is bfloat16, or `auto` on a
+    CPU with native bf16; fp32 math when float32, or `auto` on a CPU without. The fine-tune
+    records what it computed in."""
+    monkeypatch.setattr("cfs.modeling.native_bf16", lambda device: native_bf16)
     seen = []
     original = train.load_model
 
@@ -244,10 +254,16 @@ def test_training_precision_setting_is_honoured_on_cpu(
     monkeypatch.setattr(train, "load_model", hooked)
     settings = train_settings(epochs=1, batch_size=2, micro_batch_size=2, precision=precision)
     data = write_jsonl(tmp_path / "t.jsonl", task_records(4, seed=3))
-    train.fine_tune(tiny_model_dir, data, settings, tmp_path / "c", tmp_path / "m")
+    summary = train.fine_tune(tiny_model_dir, data, settings, tmp_path / "c", tmp_path / "m")
     assert len(seen) > 0, "no training forward of the LM head was seen"
     assert {out for out, _ in seen} == {getattr(torch, dtype)}
     assert {weight for _, weight in seen} == {torch.float32}  # master weights stay fp32
+    recorded = "bfloat16 autocast, float32 weights" if dtype == "bfloat16" else "float32"
+    assert summary["precision"] == recorded
+    provenance = json.loads((tmp_path / "m" / "cfs_provenance.json").read_text())
+    assert provenance["precision"] == recorded
+    saved = load_model(tmp_path / "m", "auto")
+    assert next(saved.parameters()).dtype == torch.float32, "a CPU fine-tune saves fp32"
 
 
 def test_no_device_sync_per_micro_step_for_the_term_log(tiny_model_dir, tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ from cfs.heldout import kl_and_nll_sums, padded_batches, predicted_logprobs
 from cfs.heldout import summarise as heldout_summary
 from cfs.hub import go_offline_unless_reachable
 from cfs.lm_eval_model import PositionCounter
-from cfs.modeling import dtype_name, load_model, pick_device
+from cfs.modeling import autocast, compute_precision, dtype_name, load_model, pick_device
 from cfs.request_cache import cache_prefix, cached_requests, resumable_generation
 from cfs.task_check import metric_parts
 
@@ -61,9 +61,15 @@ def lm_eval_model_args(model_dir: Path, settings: dict) -> tuple[str, dict]:
             f"evaluation.backend '{backend}' is not one of {', '.join(LM_EVAL_BACKENDS)}"
         )
     extra = dict(settings["model_args"])
-    if "pretrained" in extra:
-        raise SettingsError("evaluation.model_args must not set `pretrained` (the stage does)")
-    args = {"pretrained": str(model_dir), "dtype": dtype_name(settings["dtype"], pick_device())}
+    for key in ("pretrained", "mixed_precision_dtype"):
+        if key in extra:
+            raise SettingsError(
+                f"evaluation.model_args must not set `{key}` (the stage does: evaluation.precision)"
+            )
+    device = pick_device()
+    args = {"pretrained": str(model_dir), "dtype": dtype_name(settings["dtype"], device)}
+    if backend in HF_BACKENDS and compute_precision(settings["precision"], device) == "bfloat16":
+        args["mixed_precision_dtype"] = "bfloat16"  # lm-eval's HFLM: bf16 autocast
     if backend == "vllm":
         from cfs.vllm_backend import vllm_usable
 
@@ -99,6 +105,7 @@ def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> 
 
     harness = {
         "backend": backend,
+        "precision": harness_precision(backend, model_args),
         "lm_eval_version": metadata.version("lm_eval"),
         "batch_size": settings["batch_size"],
         "limit": settings["limit"],
@@ -115,6 +122,15 @@ def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> 
     return harness
 
 
+def harness_precision(backend: str, model_args: dict) -> str:
+    """What the backend computes in: bf16 autocast over the loaded weights (HF backends with
+    `mixed_precision_dtype`), else the dtype the weights are loaded in (vLLM computes in
+    it)."""
+    if backend in HF_BACKENDS and model_args.get("mixed_precision_dtype"):
+        return f"{model_args['mixed_precision_dtype']} autocast, {model_args['dtype']} weights"
+    return str(model_args["dtype"])
+
+
 def check_same_harness(base_record: dict, harness: dict, base_eval: Path) -> None:
     """A post eval must use the base eval's backend, harness version, batch size, model
     arguments and task options, or the change from base would compare two harnesses."""
@@ -128,8 +144,9 @@ def check_same_harness(base_record: dict, harness: dict, base_eval: Path) -> Non
         )
         raise SettingsError(
             f"the base eval {base_eval} used other lm-eval settings ({details}); base and post "
-            "evals of one model must use the same evaluation.backend, batch size, model_args, "
-            "task options and lm-eval version: re-run the base eval"
+            "evals of one model must use the same evaluation.backend, precision (`auto` "
+            "resolves per machine: bf16 where the CPU or GPU has native bf16), batch size, "
+            "model_args, task options and lm-eval version: re-run the base eval"
         )
 
 
@@ -411,7 +428,8 @@ def evaluate(
         device = pick_device()
         base = load_model(base_model_dir, settings["dtype"], device).eval()
         model = load_model(model_dir, settings["dtype"], device).eval()
-        kl_metrics = kl_to_base(base, model, samples, settings["kl"]["batch_size"])
+        with autocast(compute_precision(settings["precision"], device), device):
+            kl_metrics = kl_to_base(base, model, samples, settings["kl"]["batch_size"])
         del base, model
         gc.collect()
         if device.type == "cuda":

@@ -1,7 +1,9 @@
-"""Loading models and tokenizers the same way in every stage."""
+"""Loading models and tokenizers the same way in every stage, and the precision they
+compute in."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -24,6 +26,39 @@ def dtype_name(name: str | None, device: torch.device | str) -> str:
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The torch dtype of `dtype_name(name, device)`."""
     return DTYPES[dtype_name(name, device)]
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bf16 matrices natively: a GPU that supports bf16, or a CPU
+    with AVX-512 BF16 or AMX-BF16 instructions (without them, torch emulates bf16 and its
+    matrix products run at a few GFLOP/s instead of several times fp32's rate)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def compute_precision(name: str, device: torch.device | str) -> str:
+    """The precision `train.precision` or `evaluation.precision` stands for on `device`:
+    `auto` is bfloat16 (autocast, with float32 weights) where the device has native bf16,
+    float32 elsewhere; `float32` and `bfloat16` are themselves."""
+    if name == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be auto, float32 or bfloat16, got {name!r}")
+    return name
+
+
+def autocast(precision: str, device: torch.device | str):
+    """bf16 autocast on `device` for `precision` bfloat16 (a resolved precision), nothing
+    for float32. Matrix products run in bf16 over float32 weights. What needs float32 stays
+    in it: every log-softmax over the vocabulary takes logits cast to float32 first (the
+    task loss in transformers' ForCausalLMLoss, the KL term in cfs.objectives._chunk_kl, KL
+    to base and held-out NLL in cfs.heldout.predicted_logprobs, the curves' target loss in
+    cfs.curves.target_nll), and the sums over tokens and examples are float32."""
+    if precision == "bfloat16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def load_model(

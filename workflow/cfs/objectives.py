@@ -28,7 +28,7 @@ from cfs.distributed import (
 )
 from cfs.errors import SettingsError
 from cfs.examples import padding_collator
-from cfs.modeling import load_model
+from cfs.modeling import autocast, load_model
 from cfs.tokens import IGNORE_INDEX, batch_seed
 
 log = logging.getLogger("cfs.objectives")
@@ -240,10 +240,13 @@ class KLToBase(WeightedSyntheticLoss):
 
     name = "kl_to_base"
 
-    def __init__(self, batches: SyntheticBatches, base_model):
+    def __init__(self, batches: SyntheticBatches, base_model, precision: str = "float32"):
         super().__init__(batches)
         self.base_model = base_model.eval().requires_grad_(False)
         self.sharded = False
+        # the model that trains computes under accelerate's autocast; the frozen base,
+        # which accelerate never wraps, computes in the same precision
+        self.precision = precision
 
     def shard_base(self, accelerator) -> None:
         """Shard the frozen base model over the processes as accelerate shards the model
@@ -260,10 +263,12 @@ class KLToBase(WeightedSyntheticLoss):
         indices = self.draw(step, micro_step)
         if not indices:
             return None, 0.0
-        batch = self.batches.batch(indices, _device(model))
+        device = _device(model)
+        batch = self.batches.batch(indices, device)
         labels = batch.pop("labels")
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.precision, device):
             base_logits = self.base_model(**batch).logits
+        # both logits are cast to float32 before their log-softmax (_chunk_kl)
         term = token_kl(base_logits, model(**batch).logits, labels)
         return term, len(indices) / self.batches.per_process
 
@@ -320,4 +325,4 @@ def regularizer_for(objective, method, model_dir, synthetic, tokenizer, settings
         fsdp_load_device(args, device),
         weights=reads_weights(args),
     )
-    return KLToBase(batches, base)
+    return KLToBase(batches, base, "bfloat16" if args.bf16 else "float32")

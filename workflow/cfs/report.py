@@ -121,11 +121,21 @@ def summary_row(cell: Cell) -> dict:
         row["base_target"] = base["target"]
         row["base_forgetting_avg"] = base["forgetting_avg"]
     trained = [record["provenance"].get("model_provenance") or {} for record in cell.records]
+    row["training_precision"] = joined(t.get("precision") for t in trained)
+    row["evaluation_precision"] = joined(
+        record.get("lm_eval_settings", {}).get("precision") for record in cell.records
+    )
     row["mixing"] = trained[0].get("mixing")
     lambdas = [t["effective_lambda"] for t in trained if "effective_lambda" in t]
     row["effective_lambda"] = sum(lambdas) / len(lambdas) if lambdas else None
     row["eval_paths"] = " ".join(record["eval_path"] for record in cell.records)
     return row
+
+
+def joined(values) -> str | None:
+    """The distinct values (in order) as one string; None when there are none."""
+    distinct = list(dict.fromkeys(value for value in values if value))
+    return " / ".join(distinct) if distinct else None
 
 
 def sort_rows(table: pd.DataFrame) -> pd.DataFrame:

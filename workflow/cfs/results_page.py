@@ -49,6 +49,20 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
+def precisions(summary: pd.DataFrame) -> list[str]:
+    """What the fine-tunes and the evaluations computed in, as the evals recorded it."""
+    lines = []
+    for column, what in (
+        ("training_precision", "Fine-tuned in"),
+        ("evaluation_precision", "Evaluated in"),
+    ):
+        if column in summary:
+            values = sorted({v for v in summary[column].dropna() for v in v.split(" / ")})
+            if values:
+                lines.append(f"{what}: {', '.join(values)}.")
+    return [" ".join(lines), ""] if lines else []
+
+
 def results_page(
     name: str, summary: pd.DataFrame, differences: pd.DataFrame, verdicts: pd.DataFrame
 ) -> str:
@@ -60,6 +74,7 @@ def results_page(
         f"average in percent; every interval is {level} (seeds and test items resampled; "
         "KL to base: Student t over seeds).",
         "",
+        *precisions(summary),
         "## Each cell",
         "",
     ]

@@ -49,7 +49,7 @@ from cfs.examples import (
     step_schedule,
     training_collator,
 )
-from cfs.modeling import load_model, load_tokenizer
+from cfs.modeling import compute_precision, load_model, load_tokenizer
 from cfs.objectives import (
     WeightedSyntheticLoss,
     regularizer_for,
@@ -74,8 +74,7 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device, 
             f"train.batch_size ({batch_size}) must be a multiple of "
             f"train.micro_batch_size ({micro_batch})"
         )
-    precision = settings["precision"]
-    use_bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+    use_bf16 = compute_precision(settings["precision"], device) == "bfloat16"
     distributed = sharded_checkpoints(distributed_arguments(settings))
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -111,6 +110,12 @@ def training_arguments(settings: dict, checkpoints: Path, device: torch.device, 
         activation_checkpointing=settings["gradient_checkpointing"] and not distributed.get("fsdp"),
         **distributed,
     )
+
+
+def training_precision(args, model) -> str:
+    """What the fine-tune computed in: 'bfloat16 autocast, float32 weights' or 'float32'."""
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return f"bfloat16 autocast, {weights} weights" if args.bf16 else weights
 
 
 def study_method(settings: dict) -> Method:
@@ -242,6 +247,7 @@ def fine_tune(
         "examples_per_step": examples_per_step(trainer),
         "resumed_from": resume_from,
         "fsdp": trainer.is_fsdp_enabled,
+        "precision": training_precision(args, model),
         **training_record(trainer),
     }
     if isinstance(regularizer, WeightedSyntheticLoss):
