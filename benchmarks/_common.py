@@ -120,7 +120,7 @@ def rule_settings(target: str, module: str, timeout: int = 300) -> dict | None:
     except (subprocess.TimeoutExpired, OSError):
         return None
     for line in output.splitlines():
-        if f"-m cfs.{module} " not in line:
+        if f"-m cfs.{module} " not in line or target not in line:
             continue
         words = shlex.split(line.split(":", 1)[1] if line.startswith("Shell command") else line)
         if "--settings" in words:

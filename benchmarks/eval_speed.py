@@ -54,6 +54,9 @@ def eval_settings(quick: bool) -> dict:
         sys.exit("the evaluate_base rule's settings could not be read (snakemake -n failed)")
     if quick:
         settings["limit"] = 8
+    # float32: the two backends' numbers are compared to float32's tolerance
+    # (benchmarks/precision.py compares the precisions)
+    settings["precision"] = "float32"
     return settings
 
 

@@ -22,6 +22,7 @@ EXPECTED = {
     "generation": ("results", "ratio_vs_naive", "share_of_decode_bound"),
     "finetune": ("results", "overhead_vs_raw", "tokens_per_s_vs_padded"),
     "eval_speed": ("backends", "equivalence", "startup_seconds", "speedup"),
+    "precision": ("limit", "auto", "runs", "ratios", "scores"),
 }
 TIMEOUT = 300
 

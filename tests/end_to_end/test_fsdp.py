@@ -86,6 +86,8 @@ BASE = {
     "save_steps": 100,
     "logging_steps": 1,
     "fsdp": True,
+    # float32, so that 2 processes match 1 to float32's tolerance whatever the CPU
+    "precision": "float32",
 }
 
 
@@ -245,6 +247,7 @@ CHECKPOINT_SETTINGS = {
     "logging_steps": 1,
     "fsdp": True,
     "mixing": "augment",  # random batches: the resumed run must restore the sampler too
+    "precision": "float32",  # 2 processes against 1 to float32's tolerance
 }
 KILL_AT = 3
 RUNNER = """
