@@ -282,8 +282,15 @@ def main() -> None:
     num_task = args.num_task or (3 * batch if args.quick else 4 * batch)
     records = mixed_set(config, model_dir, num_task, knobs["ratio"])
     steps = math.ceil(num_task / batch)
-    # one checkpoint inside the loop, not at the last step; forgetting curves off
-    settings.update(epochs=1, keep_checkpoints=False, curve_every=0, save_steps=steps // 2 + 1)
+    # one checkpoint inside the loop, not at the last step; forgetting curves off; float32,
+    # as the raw loop and the padded baseline compute (benchmarks/precision.py: bf16)
+    settings.update(
+        epochs=1,
+        keep_checkpoints=False,
+        curve_every=0,
+        save_steps=steps // 2 + 1,
+        precision="float32",
+    )
     packing = settings["packing"]
     print(
         f"fine-tuning: {model_dir.name} float32, {threads} torch threads; {len(records)} "

@@ -5,8 +5,10 @@
 A (512 x n) by (n x n) product, n in 576 / 1024 / 1536 / 2048 (576 and 1536 are SmolLM2's
 hidden and MLP widths), repeated for about --seconds each on the cores a stage uses (torch
 threads = cores, as a stage given --cores all). The limit of a dtype is the best n's rate:
-the rate the model's matmuls could reach at most here. eval_speed.py divides a stage's
-model FLOP/s by it (an MFU for CPUs: 2 x params x tokens/s for a forward pass).
+the rate the model's matmuls could reach at most here. eval_speed.py and precision.py divide
+a stage's model FLOP/s by it (an MFU for CPUs: 2 x params x tokens/s for a forward pass).
+It also prints the precision `train.precision: auto` and `evaluation.precision: auto` pick
+here (cfs.modeling.compute_precision: bf16 where the CPU has AVX-512 BF16 or AMX).
 --quick: n 64 and 128, 0.05 s each.
 """
 
@@ -83,8 +85,15 @@ def main() -> None:
     ]
     rows.append(["limit (best n)", *(f"**{limit[d] / 1e9:.0f}**" for d in ("float32", "bfloat16"))])
     print(table(rows, ["n", "fp32 GFLOP/s", "bf16 GFLOP/s"]))
-    print(f"bf16 / fp32: {limit['bfloat16'] / limit['float32']:.2f}x")
-    report("machine_limit", {"threads": threads, "quick": args.quick, **limit}, args.json)
+    from cfs.modeling import compute_precision
+
+    auto = compute_precision("auto", "cpu")
+    print(f"bf16 / fp32: {limit['bfloat16'] / limit['float32']:.2f}x; precision auto here: {auto}")
+    report(
+        "machine_limit",
+        {"threads": threads, "quick": args.quick, "auto": auto, **limit},
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from conftest import REPO
 BENCHMARKS = REPO / "benchmarks"
 # script -> the figures its --json must hold
 EXPECTED = {
-    "machine_limit": ("float32", "bfloat16", "per_size"),
+    "machine_limit": ("float32", "bfloat16", "per_size", "auto"),
     "study_cost": ("rules", "total_seconds"),
     "dag": ("results",),
     "generation": ("results", "ratio_vs_naive", "share_of_decode_bound"),
