@@ -1,6 +1,8 @@
 # cfs: context-free synthetic data against forgetting (arXiv 2505.13811), as one DAG:
 # prepare model -> base eval -> context-free generation -> mix -> fine-tune -> eval
 # (per seed) -> each cell over its seeds -> tables, verdicts and figures.
+import time
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -24,7 +26,17 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+STARTED = time.time()
+
+
 rule all:
     default_target: True
     input:
         final_outputs(),
+
+
+# A run that wrote the study's tables ends with its answer, not with the last job's log.
+onsuccess:
+    answer = study_answer(STARTED)
+    if answer:
+        print(answer)

@@ -219,6 +219,15 @@ def test_every_method_runs_to_completion(study):
     assert methods == sorted(["base", *study["grammar"].METHODS]), methods
 
 
+def test_a_finished_study_ends_by_printing_its_verdicts_and_results_page(study):
+    output = study["result"].stdout
+    verdicts = pd.read_csv(study["results"] / "studies" / "default" / "verdicts.csv")
+    answer = output[output.index("Study 'default': verdicts") :]
+    for row in verdicts.itertuples():
+        assert f"{row.verdict} / {row.kl_verdict}: {row.claim} ({row.comparison}" in answer
+    assert "Every table and figure: results/studies/default/results.md" in answer
+
+
 def test_summary_has_one_finite_row_per_cell(study):
     table = pd.read_csv(study["results"] / "studies" / "default" / "summary.csv")
     expected = cells(study)

@@ -61,6 +61,28 @@ wildcard_constraints:
     cell=EVAL_CELL,
 
 
+def study_answer(started):
+    """The study's answer, when this run wrote its tables: each verdict (the primary claim
+    first where the table marks one) and where the results page is."""
+    verdicts = Path(REPORT_TABLES["verdicts"])
+    if not verdicts.is_file() or verdicts.stat().st_mtime < started:
+        return None
+    import pandas as pd
+
+    table = pd.read_csv(verdicts)
+    if "primary" in table:
+        table = table.sort_values("primary", ascending=False, kind="stable")
+    lines = [f"Study {STUDY.name!r}: verdicts (forgetting average, points; KL to base)"]
+    for row in table.itertuples():
+        lines.append(
+            f"  {row.verdict} / {row.kl_verdict}: {row.claim} ({row.comparison}: "
+            f"{100 * row.forgetting_avg_difference:+.2f} [{100 * row.low:+.2f}, "
+            f"{100 * row.high:+.2f}])"
+        )
+    lines.append(f"Every table and figure: {RESULTS_PAGE}")
+    return "\n".join(lines)
+
+
 def seed_evals(model, cell):
     return STUDY.seeded(f"results/{model}/{cell}/seed{{seed}}/eval.json")
 
