@@ -23,14 +23,17 @@ from cfs.results_page import markdown_table  # noqa: E402
 METRICS = (("target", 100), ("forgetting_avg", 100), ("kl_to_base", 1))
 
 
-def core_seconds(run: Path) -> dict[str, float]:
-    """{rule: summed wall seconds} of the run's timing files."""
+def core_seconds(run: Path, column: str = "s") -> dict[str, float]:
+    """{rule: summed `column`} of the run's timing files: wall seconds ("s"), or the CPU
+    seconds the job's processes used ("cpu_time"), which other load on the machine inflates
+    less than wall seconds."""
     import pandas as pd
 
     seconds: dict[str, float] = {}
     for path in sorted((run / "results" / "benchmarks").rglob("*.tsv")):
         rule = path.relative_to(run / "results" / "benchmarks").parts[0]
-        seconds[rule] = seconds.get(rule, 0.0) + float(pd.read_csv(path, sep="\t")["s"].iloc[-1])
+        value = float(pd.read_csv(path, sep="\t")[column].iloc[-1])
+        seconds[rule] = seconds.get(rule, 0.0) + value
     return seconds
 
 
@@ -89,12 +92,25 @@ def main() -> None:
     print(table(verdict_rows, ["comparison", *(f"{n}: forgetting / KL" for n in args.names)]))
     print(f"verdicts the same: {same_verdicts} of {len(verdict_rows)}")
     seconds = [core_seconds(run) for run in args.runs]
+    cpu = [core_seconds(run, "cpu_time") for run in args.runs]
     rules = sorted(set(seconds[0]) | set(seconds[1]))
-    cost_rows = [[rule, *(f"{s.get(rule, 0):,.0f}" for s in seconds)] for rule in rules]
+    cost_rows = [
+        [
+            rule,
+            *(f"{s.get(rule, 0):,.0f}" for s in seconds),
+            *(f"{c.get(rule, 0):,.0f}" for c in cpu),
+        ]
+        for rule in rules
+    ]
     totals = [sum(s.values()) for s in seconds]
-    cost_rows.append(["total", *(f"{t:,.0f}" for t in totals)])
-    print(table(cost_rows, ["rule", *(f"{n} core-seconds" for n in args.names)]))
-    print(f"{args.names[0]} / {args.names[1]}: {totals[0] / totals[1]:.2f}x")
+    cpu_totals = [sum(c.values()) for c in cpu]
+    cost_rows.append(["total", *(f"{t:,.0f}" for t in totals + cpu_totals)])
+    header = ["rule", *(f"{n} wall s" for n in args.names), *(f"{n} CPU s" for n in args.names)]
+    print(table(cost_rows, header))
+    print(
+        f"{args.names[0]} / {args.names[1]}: {totals[0] / totals[1]:.2f}x wall, "
+        f"{cpu_totals[0] / cpu_totals[1]:.2f}x CPU"
+    )
     if args.json:
         figures = {
             "runs": [str(run) for run in args.runs],
@@ -103,6 +119,7 @@ def main() -> None:
             "same_verdicts": same_verdicts,
             "verdicts": len(verdict_rows),
             "core_seconds": dict(zip(args.names, seconds, strict=True)),
+            "cpu_seconds": dict(zip(args.names, cpu, strict=True)),
         }
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 
