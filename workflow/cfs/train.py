@@ -175,6 +175,11 @@ def fine_tune(
         synthetic_examples = load_synthetic(
             synthetic, spec.samples, method["ratio"], len(examples), tokenizer, max_length
         )
+    curve_inputs = None
+    if settings["curve_every"]:
+        from cfs.curves import curve_data
+
+        curve_inputs = curve_data(heldout, target_test, tokenizer, settings)
     kinds = [record["kind"] for record in records]
     schedule = None  # augmenting the set: the Trainer draws random batches of all of it
     if settings["mixing"] == "equal_steps" or set(kinds) == {TASK}:
@@ -218,11 +223,11 @@ def fine_tune(
         weight=method["lambda"] if regularizer else 0.0,
         callbacks=checkpoint_callbacks(settings),
     )
-    if settings["curve_every"]:
+    if curve_inputs:
         from cfs.curves import forgetting_curves
 
         trainer.add_callback(
-            forgetting_curves(trainer, heldout, target_test, tokenizer, settings, checkpoints)
+            forgetting_curves(trainer, *curve_inputs, tokenizer, settings, checkpoints)
         )
     fingerprint = run_fingerprint(model_dir, data, settings)
     for extra in (synthetic, heldout, target_test):
