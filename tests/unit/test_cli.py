@@ -54,3 +54,40 @@ def test_stage_settings_refuse_a_fallback_at_run_time():
     assert settings["train"]["epochs"] == 1
     with pytest.raises(SettingsError, match="schema"):
         settings["train"].get("learning_rate", 1e-4)
+
+
+def test_stages_run_with_hub_kernels_off(monkeypatch):
+    """transformers would fetch kernels from the hub at model.train() on a GPU."""
+    from cfs.cli import run_stage
+    from transformers.integrations import hub_kernels
+
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    seen = []
+    run_stage(lambda argv: seen.append(hub_kernels._kernels_enabled()), [])
+    assert seen == [False]
+
+
+class Offline(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "stage, argv",
+    [
+        ("train", ["--model", "m", "--data", "d", "--checkpoints", "c", "--out", "o"]),
+        ("generate", ["--model", "m", "--temperature", "1", "--out", "o"]),
+    ],
+)
+def test_gpu_stages_go_offline_when_the_hub_is_unreachable_before_any_work(
+    monkeypatch, stage, argv
+):
+    import importlib
+
+    module = importlib.import_module(f"cfs.{stage}")
+
+    def go_offline():
+        raise Offline
+
+    monkeypatch.setattr(module, "go_offline_unless_reachable", go_offline)
+    with pytest.raises(Offline):
+        module.main(argv)

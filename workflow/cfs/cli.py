@@ -61,7 +61,12 @@ def set_threads(threads: int | None) -> None:
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a stage's main; known input errors print one clear line and exit 1."""
+    """Run a stage's main with hub kernels off; known input errors print one clear line
+    and exit 1."""
+    # transformers swaps kernels from the hub into some models (e.g. Llama's RMSNorm) at
+    # model.train() on a GPU, looking their versions up online: on a compute node without
+    # network that fails, and the stages' numbers must not depend on downloaded code.
+    os.environ["USE_HUB_KERNELS"] = "NO"
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

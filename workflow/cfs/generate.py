@@ -32,6 +32,7 @@ from cfs.artifacts import (
 )
 from cfs.cli import require, run_stage, set_threads, stage_parser
 from cfs.errors import SettingsError
+from cfs.hub import go_offline_unless_reachable
 from cfs.modeling import load_model, load_tokenizer
 from cfs.study import SAMPLE_KINDS
 from cfs.tokens import batch_seed, context_free_prompt_id, split_at_eos
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="JSONL of samples")
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    # a compute node without network reads what the first job fetched into the cache
+    go_offline_unless_reachable()
     settings = args.settings
     if args.temperature <= 0:
         raise SettingsError(f"temperature must be > 0, got {args.temperature}")

@@ -49,6 +49,7 @@ from cfs.examples import (
     step_schedule,
     training_collator,
 )
+from cfs.hub import go_offline_unless_reachable
 from cfs.modeling import compute_precision, load_model, load_tokenizer
 from cfs.objectives import (
     WeightedSyntheticLoss,
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="fine-tuned model folder")
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    # a compute node without network reads what the first job fetched into the cache
+    go_offline_unless_reachable()
     summary = fine_tune(
         args.model,
         args.data,
