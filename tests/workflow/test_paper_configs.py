@@ -320,3 +320,13 @@ def test_curves_without_held_out_target_problems_stop_the_dag_build(tmp_path):
         for key in ("train.curve_every", "task.num_train", "task.test_split"):
             assert key in result.stdout, f"{key} not in: {result.stdout[-2000:]}"
         assert "rule fine_tune" not in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_l2_cells_weight_the_squared_distance_itself(dry_runs, name):
+    """Per parameter the squared distance is ~1e-6 after a fine-tune: the paper's lambdas
+    of 1e-4 to 1e-1 bite only on the sum."""
+    l2_tunes = [block for rule, block in dry_runs[name] if rule == "fine_tune" and "/l2/" in block]
+    assert len(l2_tunes) == 4, f"{len(l2_tunes)} L2 fine-tunes"
+    for block in l2_tunes:
+        assert '"reduction": "sum"' in block, block[-1500:]

@@ -159,7 +159,12 @@ def fine_tune(
     curves' held-out context-free samples and target problems (train.curve_every)."""
     from datasets import Dataset
 
-    from cfs.trainer import RegularizedTrainer, checkpoint_callbacks, examples_per_step
+    from cfs.trainer import (
+        RegularizedTrainer,
+        checkpoint_callbacks,
+        examples_per_step,
+        term_record,
+    )
 
     device = process_device()
     spec, method = study_method(settings), settings["method"]
@@ -254,6 +259,7 @@ def fine_tune(
         "resumed_from": resume_from,
         "fsdp": trainer.is_fsdp_enabled,
         "precision": training_precision(args, model),
+        "regularizer": term_record(trainer),
         **training_record(trainer),
     }
     if isinstance(regularizer, WeightedSyntheticLoss):
