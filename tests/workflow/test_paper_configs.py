@@ -330,3 +330,16 @@ def test_paper_l2_cells_weight_the_squared_distance_itself(dry_runs, name):
     assert len(l2_tunes) == 4, f"{len(l2_tunes)} L2 fine-tunes"
     for block in l2_tunes:
         assert '"reduction": "sum"' in block, block[-1500:]
+
+
+def test_gpu_stages_are_told_the_gpus_they_were_given(dry_runs):
+    """The stage stops at start where torch sees none of them (cfs.cli.require_gpus)."""
+    expected = {"generate_context_free": 1, "evaluate_base": 1, "evaluate_finetuned": 1}
+    for rule, block in dry_runs["reasoning"]:
+        if rule == "fine_tune":
+            gpus = 1 if "/lora/" in block else 8
+        elif rule in expected:
+            gpus = expected[rule]
+        else:
+            continue
+        assert f"--gpus {gpus} " in block, block[-1500:]

@@ -33,7 +33,14 @@ from cfs.artifacts import (
     scrub_secrets,
     write_json,
 )
-from cfs.cli import process_seconds, require, run_stage, set_threads, stage_parser
+from cfs.cli import (
+    process_seconds,
+    require,
+    require_gpus,
+    run_stage,
+    set_threads,
+    stage_parser,
+)
 from cfs.errors import DataError, SettingsError
 from cfs.heldout import kl_and_nll_sums, padded_batches, predicted_logprobs
 from cfs.heldout import summarise as heldout_summary
@@ -490,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.base_model is None) != (args.heldout is None):
         raise SettingsError("--base-model and --heldout go together")
+    require_gpus(args.gpus)
     set_threads(args.threads)
     # a compute node without network reads the task datasets the first job fetched
     go_offline_unless_reachable()

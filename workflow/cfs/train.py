@@ -25,7 +25,7 @@ import torch
 
 from cfs.artifacts import read_jsonl
 from cfs.checkpoints import checkpoint_to_resume, run_fingerprint
-from cfs.cli import require, run_stage, set_threads, stage_parser
+from cfs.cli import require, require_gpus, run_stage, set_threads, stage_parser
 from cfs.distributed import (
     accumulation_steps,
     distributed_arguments,
@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="fine-tuned model folder")
     args = parser.parse_args(argv)
+    require_gpus(args.gpus)
     set_threads(args.threads)
     # a compute node without network reads what the first job fetched into the cache
     go_offline_unless_reachable()

@@ -21,7 +21,7 @@ rule evaluate_base:
         ),
     shell:
         "python -m cfs.evaluate --model {input.model} --settings {params.settings}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --out {output} > {log} 2>&1"
 
 
 rule evaluate_finetuned:
@@ -50,4 +50,5 @@ rule evaluate_finetuned:
     shell:
         "python -m cfs.evaluate --model {input.model} --base-model {input.base_model}"
         " --heldout {input.heldout} --base-eval {input.base_eval}"
-        " --settings {params.settings} --threads {threads} --out {output} > {log} 2>&1"
+        " --settings {params.settings} --threads {threads} --gpus {resources.gpu}"
+        " --out {output} > {log} 2>&1"

@@ -24,7 +24,8 @@ rule generate_context_free:
         prompts="",
     shell:
         "python -m cfs.generate --model {input.model} --temperature {params.temperature}"
-        " {params.prompts} --settings {params.settings} --threads {threads}"
+        " {params.prompts} --settings {params.settings}"
+        " --threads {threads} --gpus {resources.gpu}"
         " --out {output.samples} > {log} 2>&1"
 
 
