@@ -106,6 +106,9 @@ def task_entries(settings: dict) -> list[dict]:
     ]
 
 
+PER_EVAL_ARGS = ("pretrained", "seed")  # model_args that are no part of the harness
+
+
 def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> dict:
     """What must be the same for a base eval and the post evals compared with it."""
     from importlib import metadata
@@ -116,8 +119,9 @@ def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> 
         "lm_eval_version": metadata.version("lm_eval"),
         "batch_size": settings["batch_size"],
         "limit": settings["limit"],
+        # the model and the replicate's seed differ between the evals compared, by design
         "model_args": scrub_secrets(
-            {key: value for key, value in model_args.items() if key != "pretrained"}
+            {key: value for key, value in model_args.items() if key not in PER_EVAL_ARGS}
         ),
         "tasks": {
             entry["task"]: {key: entry[key] for key in TASK_OPTIONS}
