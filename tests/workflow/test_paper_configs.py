@@ -343,3 +343,21 @@ def test_gpu_stages_are_told_the_gpus_they_were_given(dry_runs):
         else:
             continue
         assert f"--gpus {gpus} " in block, block[-1500:]
+
+
+def test_model_stages_take_their_threads_from_the_cpus_per_task(repo):
+    """config/config.yaml's one thread per job is for a laptop: a cluster job uses the CPUs
+    its model's resources give it."""
+    result = run_snakemake(
+        repo, "-n", "-p", "all", "--cores", "64", "--configfile", PAPER_CONFIGS["reasoning"]
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    lines = {
+        "full fine-tune": stage_line(result.stdout, "cfs.train", "/temp1/"),
+        "LoRA": stage_line(result.stdout, "cfs.train", "/lora/"),
+        "generation": stage_line(result.stdout, "cfs.generate"),
+        "evaluation": stage_line(result.stdout, "cfs.evaluate"),
+    }
+    threads = {"full fine-tune": 32, "LoRA": 8, "generation": 8, "evaluation": 8}
+    for job, line in lines.items():
+        assert f"--threads {threads[job]} " in line, f"{job}: {line[-300:]}"

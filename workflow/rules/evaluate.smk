@@ -11,7 +11,7 @@ rule evaluate_base:
         "results/benchmarks/evaluate_base/{model}.tsv"
     conda:
         backend_env("evaluation")
-    threads: config["threads"]
+    threads: stage_threads("evaluate")
     resources:
         **stage_resources("evaluate"),
     params:
@@ -40,7 +40,7 @@ rule evaluate_finetuned:
         "results/benchmarks/evaluate_finetuned/{model}/{cell}/seed{seed}.tsv"
     conda:
         backend_env("evaluation")
-    threads: config["threads"]
+    threads: stage_threads("evaluate")
     resources:
         **stage_resources("evaluate"),
     params:

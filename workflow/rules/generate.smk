@@ -13,7 +13,7 @@ rule generate_context_free:
         "results/benchmarks/generate_context_free/{model}_temp{temperature}_seed{seed}.tsv"
     conda:
         backend_env("generation")
-    threads: config["threads"]
+    threads: stage_threads("generate")
     resources:
         **stage_resources("generate"),
     params:

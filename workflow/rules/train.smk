@@ -11,7 +11,7 @@ rule fine_tune:
         cell=TRAINED_CELL,
     conda:
         "../../envs/cfs.yaml"
-    threads: config["threads"]
+    threads: stage_threads("train")
     resources:
         **stage_resources("train"),
     params:
