@@ -732,7 +732,7 @@ def part_terms(context: dict, seconds: float) -> dict:
     batches = SyntheticBatches(examples, size, 1, 0, padding_collator(tokenizer))
     model = load_model(context["olmo"], "float32", device)
     model.config.use_cache = False
-    l2 = L2ToInitial()
+    l2 = L2ToInitial("mean")
     l2.setup(list(model.parameters()))
     torch.manual_seed(0)
     with torch.no_grad():  # a fine-tune's distance from the base model

@@ -56,7 +56,7 @@ LORA = {"rank": 4, "alpha": None, "dropout": 0.0, "target_modules": ["q_proj", "
 RUNS = [
     ("full", {"name": "plain", "ratio": 0.0}, {}),
     ("lora", {"name": "lora", **LORA}, {"gradient_checkpointing": True}),
-    ("l2", {"name": "l2", "lambda": 1000.0}, {"save_precision": "bfloat16"}),
+    ("l2", {"name": "l2", "lambda": 1000.0, "reduction": "mean"}, {"save_precision": "bfloat16"}),
     (
         "weighted_synthetic",
         {"name": "weighted_synthetic", "ratio": 0.5, "lambda": 1.0},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 
 import pytest
 from cfs.cli import parse_settings
@@ -54,3 +55,87 @@ def test_stage_settings_refuse_a_fallback_at_run_time():
     assert settings["train"]["epochs"] == 1
     with pytest.raises(SettingsError, match="schema"):
         settings["train"].get("learning_rate", 1e-4)
+
+
+def test_stages_run_with_hub_kernels_off(monkeypatch):
+    """transformers would fetch kernels from the hub at model.train() on a GPU."""
+    from cfs.cli import run_stage
+    from transformers.integrations import hub_kernels
+
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    seen = []
+    run_stage(lambda argv: seen.append(hub_kernels._kernels_enabled()), [])
+    assert seen == [False]
+
+
+class Offline(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "stage, argv",
+    [
+        ("train", ["--model", "m", "--data", "d", "--checkpoints", "c", "--out", "o"]),
+        ("generate", ["--model", "m", "--temperature", "1", "--out", "o"]),
+    ],
+)
+def test_gpu_stages_go_offline_when_the_hub_is_unreachable_before_any_work(
+    monkeypatch, stage, argv
+):
+    import importlib
+
+    module = importlib.import_module(f"cfs.{stage}")
+
+    def go_offline():
+        raise Offline
+
+    monkeypatch.setattr(module, "go_offline_unless_reachable", go_offline)
+    with pytest.raises(Offline):
+        module.main(argv)
+
+
+@pytest.mark.parametrize(
+    "stage, argv",
+    [
+        ("train", ["--model", "m", "--data", "d", "--checkpoints", "c", "--out", "o"]),
+        ("generate", ["--model", "m", "--temperature", "1", "--out", "o"]),
+        ("evaluate", ["--model", "m", "--out", "o"]),
+    ],
+)
+def test_a_stage_given_a_gpu_it_cannot_see_stops_at_start(monkeypatch, stage, argv):
+    """Not hours on the CPU until the job's time limit: the message, before any model."""
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(f"cfs.{stage}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def go_offline():
+        raise AssertionError("the stage went on without the GPU it was given")
+
+    monkeypatch.setattr(module, "go_offline_unless_reachable", go_offline)
+    with pytest.raises(SettingsError, match=r"given 1 GPU\(s\) .* sees no CUDA device"):
+        module.main([*argv, "--gpus", "1"])
+
+
+def test_a_gpu_stage_without_cuda_exits_with_the_message():
+    """As the rule runs it, a process of its own: one clear line, exit status 1."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run(
+        [sys.executable, "-m", "cfs.generate", "--model", "absent", "--temperature", "1"]
+        + ["--out", "absent.jsonl", "--gpus", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_DIR)},
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "sees no CUDA device" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]

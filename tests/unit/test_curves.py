@@ -104,3 +104,25 @@ def test_losses_and_curves_reach_tensorboard(tiny_model_dir, files, monkeypatch)
         assert [event.step for event in accumulator.Scalars(tag)] == steps, tag
     scalars = accumulator.Tags()["scalars"]
     assert "train/curve/target_loss" in scalars, f"no target-loss curve in {scalars}"
+
+
+def test_no_held_out_target_problems_stop_the_fine_tune_before_the_model_loads(
+    tiny_model_dir, files, monkeypatch
+):
+    from cfs import train
+    from cfs.errors import DataError
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the curves' data were checked")
+
+    monkeypatch.setattr(train, "load_model", load_model)
+    empty = write_jsonl(files["root"] / "empty_test.jsonl", [])
+    with pytest.raises(DataError, match="train.curve_every"):
+        fine_tune_into(
+            files["root"] / "no_targets",
+            tiny_model_dir,
+            files["task"],
+            {**SETTINGS, "curve_every": 2},
+            heldout=files["heldout"],
+            target_test=empty,
+        )

@@ -12,6 +12,7 @@ import math
 import random
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -640,3 +641,24 @@ def test_an_evaluation_counts_its_cut_answers(tiny_model_dir, tmp_path):
     assert harness["cut_answers"]
     assert requests["cut_answers"] == {name: {"answers": 4, "cut": 4}}
     assert scores[name]["exact_match,digit"] == 0.0
+
+
+def test_vllm_evals_of_other_seeds_share_the_base_evals_harness(tiny_model_dir, monkeypatch):
+    """vLLM gets each replicate's seed in its model_args; the harness compared with the
+    base eval's (taken at the task's seed) leaves it out."""
+    monkeypatch.setattr("cfs.vllm_backend.vllm_usable", lambda: True)
+
+    def harness(seed):
+        settings = evaluation_settings(
+            target={"task": "t", "metric": "acc,none"},
+            forgetting=[{"task": "f", "metric": "acc,none"}],
+            backend="vllm",
+            seed=seed,
+        )
+        backend, model_args = evaluate.lm_eval_model_args(tiny_model_dir, settings)
+        assert model_args["seed"] == seed  # vLLM still samples with the replicate's seed
+        return evaluate.lm_eval_harness_settings(settings, backend, model_args)
+
+    base = harness(0)
+    for seed in (1, 2):
+        evaluate.check_same_harness({"lm_eval_settings": base}, harness(seed), Path("base.json"))

@@ -7,6 +7,8 @@ each optimizer step draws, in one process or split over several."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from cfs import examples, objectives
@@ -70,7 +72,7 @@ def plain_model(tiny_model_dir, data_files):
 
 def test_l2_penalty_is_zero_at_start_and_grows_as_weights_move(tiny_model_dir):
     model = load_model(tiny_model_dir, "float32")
-    penalty = objectives.L2ToInitial()
+    penalty = objectives.L2ToInitial("mean")
     penalty.setup(model.parameters())  # the Trainer does it on the wrapped model's
     assert penalty(model, 0, 0).item() == 0.0
     first = next(model.parameters())
@@ -85,8 +87,41 @@ def test_l2_penalty_is_zero_at_start_and_grows_as_weights_move(tiny_model_dir):
     assert values[2] == pytest.approx(expected, rel=1e-4)
 
 
+def test_l2_sum_reduction_is_the_squared_distance(tiny_model_dir):
+    model = load_model(tiny_model_dir, "float32")
+    penalty = objectives.L2ToInitial("sum")
+    penalty.setup(model.parameters())
+    first = next(model.parameters())
+    with torch.no_grad():
+        first.add_(0.03)
+    assert penalty(model, 0, 0).item() == pytest.approx(first.numel() * 0.03**2, rel=1e-4)
+
+
+def test_a_negligible_l2_term_is_warned_about_and_flagged(tiny_model_dir, data_files, caplog):
+    """A term below 1e-3 of the loss changes nothing: the fine-tune says so in its log and
+    its summary; a term that bites is logged beside the loss and not flagged."""
+    tiny = {"name": "l2", "lambda": 1e-3, "reduction": "mean"}
+    with caplog.at_level(logging.WARNING, logger="cfs.trainer"):
+        model, summary = run_fine_tune(tiny_model_dir, data_files, "l2_tiny", tiny)
+    assert summary["regularizer"]["negligible"] is True, summary["regularizer"]
+    assert summary["regularizer"]["largest_share_of_loss"] < 1e-3
+    assert train_log(model)["summary"]["regularizer"]["negligible"] is True
+    assert "stayed below 0.001 of the loss" in caplog.text, caplog.text
+    caplog.clear()
+    biting = {"name": "l2", "lambda": 1.0, "reduction": "sum"}
+    with caplog.at_level(logging.WARNING, logger="cfs.trainer"):
+        model, summary = run_fine_tune(tiny_model_dir, data_files, "l2_sum", biting)
+    assert summary["regularizer"]["negligible"] is False, summary["regularizer"]
+    assert "stayed below" not in caplog.text
+    entries = [entry for entry in train_log(model)["log_history"] if "loss" in entry]
+    last = entries[-1]
+    assert last["l2_weighted"] == pytest.approx(last["l2"])  # lambda 1
+    assert last["l2_share"] == pytest.approx(last["l2_weighted"] / last["loss"])
+    assert last["l2_share"] >= 1e-3, entries
+
+
 def test_l2_with_lambda_zero_equals_plain_fine_tuning(tiny_model_dir, data_files, plain_model):
-    method = {"name": "l2", "lambda": 0.0}
+    method = {"name": "l2", "lambda": 0.0, "reduction": "mean"}
     model, summary = run_fine_tune(tiny_model_dir, data_files, "l2_zero", method)
     assert_same_weights(plain_model, model)
     terms = logged(model, "l2")
@@ -95,7 +130,9 @@ def test_l2_with_lambda_zero_equals_plain_fine_tuning(tiny_model_dir, data_files
 
 
 def test_l2_with_large_lambda_stays_closer_to_base(tiny_model_dir, data_files, plain_model):
-    model, _ = run_fine_tune(tiny_model_dir, data_files, "l2_big", {"name": "l2", "lambda": 1e5})
+    model, _ = run_fine_tune(
+        tiny_model_dir, data_files, "l2_big", {"name": "l2", "lambda": 1e5, "reduction": "mean"}
+    )
     base = model_weights(tiny_model_dir)
 
     def distance(path):

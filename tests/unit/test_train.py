@@ -284,7 +284,10 @@ def test_no_device_sync_per_micro_step_for_the_term_log(tiny_model_dir, tmp_path
 
     monkeypatch.setattr(torch.Tensor, "item", item)
     settings = quick_train_settings(
-        lr_scheduler="cosine", save_steps=100, logging_steps=2, method={"name": "l2", "lambda": 1.0}
+        lr_scheduler="cosine",
+        save_steps=100,
+        logging_steps=2,
+        method={"name": "l2", "lambda": 1.0, "reduction": "mean"},
     )
     train.fine_tune(tiny_model_dir, data, settings, tmp_path / "c", tmp_path / "m")
     assert synced_in == []

@@ -221,7 +221,7 @@ FETCH_GATED |= {"generate_contextual"}
 def test_the_first_job_fetches_and_every_gpu_job_waits_on_it(dry_runs, name):
     """The check (a local job, on the submitting host) fetches the study's hub models,
     task data and evaluation datasets; the task's preparation and the generations wait on
-    the fetch, the evaluations on the check, the fine-tunes on the task's data (and a
+    the fetch, the evaluations on the check, the fine-tunes on their training sets (and a
     hub model is prepared on the submitting host: workflow/rules/models.smk)."""
     blocks = dry_runs[name]
     (check,) = [block for rule, block in blocks if rule == "check_evaluation_tasks"]
@@ -236,7 +236,8 @@ def test_the_first_job_fetches_and_every_gpu_job_waits_on_it(dry_runs, name):
         if rule.startswith("evaluate"):
             assert "results/checks/evaluation_tasks/" in inputs, (rule, block)
         if rule == "fine_tune":
-            assert "results/data/" in inputs and "results/models/" in inputs, block
+            # the training set, mixed from the task's data (which waits on the fetch)
+            assert "/train.jsonl" in inputs and "results/models/" in inputs, block
     assert seen == FETCH_GATED
     config = yaml.safe_load((REPO / PAPER_CONFIGS[name]).read_text())
     (model,) = config["study"]["models"]

@@ -9,6 +9,7 @@ test_evaluate.py.)"""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -280,3 +281,83 @@ def test_every_trained_cell_has_a_schedule_the_batch_sizes_allow(name, monkeypat
         if method.synthetic_term:
             per_step = round(knobs["ratio"] * train["batch_size"])
             SyntheticBatches([{}], per_step, 1, 0, list, 0, gpus)
+
+
+# --------------------------------------------------------------------------- curves
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_fine_tunes_draw_no_forgetting_curves(dry_runs, name):
+    """The default config's curves are not inherited: at these scales their base
+    log-probabilities take tens of GB, and MedReason holds out no target problems."""
+    fine_tunes = [block for rule, block in dry_runs[name] if rule == "fine_tune"]
+    assert fine_tunes, f"no fine_tune job in the dry run of {PAPER_CONFIGS[name]}"
+    for block in fine_tunes:
+        assert '"curve_every": 0' in block, block[-1500:]
+
+
+def test_curves_without_held_out_target_problems_stop_the_dag_build(tmp_path):
+    """With curves on, a task that holds out no target problems is refused when the DAG is
+    built, whether the prepared test set is empty or the fetched split has no row beyond
+    task.num_train."""
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "curves.yaml").write_text(yaml.safe_dump({"train": {"curve_every": 4}}))
+    config = effective_config("reasoning")
+    task = config["task"]
+    fetch = repo / "results" / "checks" / "hub_fetch.json"
+    fetch.parent.mkdir(parents=True)
+    rows = {task["split"]: task["num_train"]}
+    fetch.write_text(json.dumps({"task": {"dataset": task["dataset"], "rows": rows}}))
+    args = ("-n", "all", "--configfile", PAPER_CONFIGS["reasoning"], "curves.yaml")
+    fetched_only = run_snakemake(repo, *args, timeout=300)
+    fetch.unlink()
+    test_set = repo / "results" / "data" / task["name"] / "test.jsonl"
+    test_set.parent.mkdir(parents=True)
+    test_set.write_text("")
+    prepared_empty = run_snakemake(repo, *args, timeout=300)
+    for result in (fetched_only, prepared_empty):
+        assert result.returncode != 0, result.stdout[-2000:]
+        for key in ("train.curve_every", "task.num_train", "task.test_split"):
+            assert key in result.stdout, f"{key} not in: {result.stdout[-2000:]}"
+        assert "rule fine_tune" not in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_l2_cells_weight_the_squared_distance_itself(dry_runs, name):
+    """Per parameter the squared distance is ~1e-6 after a fine-tune: the paper's lambdas
+    of 1e-4 to 1e-1 bite only on the sum."""
+    l2_tunes = [block for rule, block in dry_runs[name] if rule == "fine_tune" and "/l2/" in block]
+    assert len(l2_tunes) == 4, f"{len(l2_tunes)} L2 fine-tunes"
+    for block in l2_tunes:
+        assert '"reduction": "sum"' in block, block[-1500:]
+
+
+def test_gpu_stages_are_told_the_gpus_they_were_given(dry_runs):
+    """The stage stops at start where torch sees none of them (cfs.cli.require_gpus)."""
+    expected = {"generate_context_free": 1, "evaluate_base": 1, "evaluate_finetuned": 1}
+    for rule, block in dry_runs["reasoning"]:
+        if rule == "fine_tune":
+            gpus = 1 if "/lora/" in block else 8
+        elif rule in expected:
+            gpus = expected[rule]
+        else:
+            continue
+        assert f"--gpus {gpus} " in block, block[-1500:]
+
+
+def test_model_stages_take_their_threads_from_the_cpus_per_task(repo):
+    """config/config.yaml's one thread per job is for a laptop: a cluster job uses the CPUs
+    its model's resources give it."""
+    result = run_snakemake(
+        repo, "-n", "-p", "all", "--cores", "64", "--configfile", PAPER_CONFIGS["reasoning"]
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    lines = {
+        "full fine-tune": stage_line(result.stdout, "cfs.train", "/temp1/"),
+        "LoRA": stage_line(result.stdout, "cfs.train", "/lora/"),
+        "generation": stage_line(result.stdout, "cfs.generate"),
+        "evaluation": stage_line(result.stdout, "cfs.evaluate"),
+    }
+    threads = {"full fine-tune": 32, "LoRA": 8, "generation": 8, "evaluation": 8}
+    for job, line in lines.items():
+        assert f"--threads {threads[job]} " in line, f"{job}: {line[-300:]}"

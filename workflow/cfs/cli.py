@@ -21,6 +21,12 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
         help="the stage's settings as a JSON object (the Snakemake rule passes config values)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        help="GPUs the job was given (the rule's resources.gpu): without CUDA it stops at once",
+    )
     return parser
 
 
@@ -60,8 +66,28 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def require_gpus(gpus: int) -> None:
+    """A job given GPUs that torch cannot see stops at start, not after hours on the CPU."""
+    if not gpus:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SettingsError(
+            f"this job was given {gpus} GPU(s) (models.<name>.resources gpus) but torch "
+            f"{torch.__version__} sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); not running on the CPU instead. "
+            "Run it on a GPU node, or set the model's gpus to 0 to run it on the CPU"
+        )
+
+
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a stage's main; known input errors print one clear line and exit 1."""
+    """Run a stage's main with hub kernels off; known input errors print one clear line
+    and exit 1."""
+    # transformers swaps kernels from the hub into some models (e.g. Llama's RMSNorm) at
+    # model.train() on a GPU, looking their versions up online: on a compute node without
+    # network that fails, and the stages' numbers must not depend on downloaded code.
+    os.environ["USE_HUB_KERNELS"] = "NO"
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

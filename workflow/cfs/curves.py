@@ -113,7 +113,9 @@ def curve_rows(log_history: list[dict]) -> list[dict]:
     ]
 
 
-def forgetting_curves(trainer, heldout, target_test, tokenizer, settings, checkpoints):
+def curve_data(heldout, target_test, tokenizer, settings) -> tuple[list[dict], list[dict]]:
+    """The curves' held-out context-free samples and target examples, read (and refused
+    when empty) before the model is loaded."""
     if heldout is None or target_test is None:
         raise SettingsError("train.curve_every needs --heldout and --target-test")
     samples = read_jsonl(heldout)
@@ -121,13 +123,21 @@ def forgetting_curves(trainer, heldout, target_test, tokenizer, settings, checkp
         raise DataError(f"{heldout}: no held-out samples for the forgetting curves")
     problems = read_jsonl(target_test)[: settings["curve_target_examples"]]
     if not problems:
-        raise DataError(f"{target_test}: no held-out target problems for the forgetting curves")
+        raise DataError(
+            f"{target_test}: no held-out target problems for the forgetting curves "
+            "(train.curve_every); task.num_train takes every row of task.split: set "
+            "task.test_split, lower task.num_train, or set train.curve_every to 0"
+        )
     target = build_examples(
         [{**record, "kind": "task"} for record in problems],
         tokenizer,
         settings["max_length"],
         str(target_test),
     )
+    return samples, target
+
+
+def forgetting_curves(trainer, samples, target, tokenizer, settings, checkpoints):
     collator = padding_collator(tokenizer)
     return ForgettingCurves(
         trainer, samples, target, collator, settings["curve_every"], checkpoints

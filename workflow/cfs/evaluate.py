@@ -33,7 +33,14 @@ from cfs.artifacts import (
     scrub_secrets,
     write_json,
 )
-from cfs.cli import process_seconds, require, run_stage, set_threads, stage_parser
+from cfs.cli import (
+    process_seconds,
+    require,
+    require_gpus,
+    run_stage,
+    set_threads,
+    stage_parser,
+)
 from cfs.errors import DataError, SettingsError
 from cfs.heldout import kl_and_nll_sums, padded_batches, predicted_logprobs
 from cfs.heldout import summarise as heldout_summary
@@ -99,6 +106,9 @@ def task_entries(settings: dict) -> list[dict]:
     ]
 
 
+PER_EVAL_ARGS = ("pretrained", "seed")  # model_args that are no part of the harness
+
+
 def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> dict:
     """What must be the same for a base eval and the post evals compared with it."""
     from importlib import metadata
@@ -109,8 +119,9 @@ def lm_eval_harness_settings(settings: dict, backend: str, model_args: dict) -> 
         "lm_eval_version": metadata.version("lm_eval"),
         "batch_size": settings["batch_size"],
         "limit": settings["limit"],
+        # the model and the replicate's seed differ between the evals compared, by design
         "model_args": scrub_secrets(
-            {key: value for key, value in model_args.items() if key != "pretrained"}
+            {key: value for key, value in model_args.items() if key not in PER_EVAL_ARGS}
         ),
         "tasks": {
             entry["task"]: {key: entry[key] for key in TASK_OPTIONS}
@@ -490,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.base_model is None) != (args.heldout is None):
         raise SettingsError("--base-model and --heldout go together")
+    require_gpus(args.gpus)
     set_threads(args.threads)
     # a compute node without network reads the task datasets the first job fetched
     go_offline_unless_reachable()

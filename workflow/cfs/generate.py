@@ -30,8 +30,9 @@ from cfs.artifacts import (
     write_json,
     write_jsonl,
 )
-from cfs.cli import require, run_stage, set_threads, stage_parser
+from cfs.cli import require, require_gpus, run_stage, set_threads, stage_parser
 from cfs.errors import SettingsError
+from cfs.hub import go_offline_unless_reachable
 from cfs.modeling import load_model, load_tokenizer
 from cfs.study import SAMPLE_KINDS
 from cfs.tokens import batch_seed, context_free_prompt_id, split_at_eos
@@ -291,7 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=Path, help="fine-tuning set: sample contextually")
     parser.add_argument("--out", required=True, type=Path, help="JSONL of samples")
     args = parser.parse_args(argv)
+    require_gpus(args.gpus)
     set_threads(args.threads)
+    # a compute node without network reads what the first job fetched into the cache
+    go_offline_unless_reachable()
     settings = args.settings
     if args.temperature <= 0:
         raise SettingsError(f"temperature must be > 0, got {args.temperature}")

@@ -1,7 +1,8 @@
 """What fine-tuning minimises besides the task loss: the regularisers of the study's
 methods, each a term added to the Trainer's loss with its weight lambda.
 
-- L2 toward the original weights: sum((theta - theta0)^2) / n_params.
+- L2 toward the original weights: sum((theta - theta0)^2), divided by n_params with
+  `methods.l2.reduction: mean`.
 - Weighted synthetic loss: the negative log-likelihood of a batch of synthetic samples,
   a separate term instead of mixed examples (the paper's objective with explicit lambda).
 - KL to base: on synthetic samples, the token-level KL(base || model) against a frozen
@@ -32,10 +33,12 @@ from cfs.modeling import autocast, load_model
 from cfs.tokens import IGNORE_INDEX, batch_seed
 
 log = logging.getLogger("cfs.objectives")
+L2_REDUCTIONS = ("mean", "sum")
 
 
 class L2ToInitial:
-    """sum((theta - theta0)^2) / n_params over the parameters that train.
+    """sum((theta - theta0)^2) over the parameters that train, divided by their number
+    when `reduction` is 'mean' (methods.l2.reduction).
 
     The reference is taken by `setup` on the parameters the optimizer updates, after the
     Trainer has wrapped the model and before a checkpoint is loaded: under FSDP2 these are
@@ -48,7 +51,12 @@ class L2ToInitial:
     name = "l2"
     separate_backward = False
 
-    def __init__(self):
+    def __init__(self, reduction: str):
+        if reduction not in L2_REDUCTIONS:
+            raise SettingsError(
+                f"methods.l2.reduction {reduction!r} is not one of {', '.join(L2_REDUCTIONS)}"
+            )
+        self.reduction = reduction
         self.pairs: list | None = None
         self.num_params = 0
         self.sharded = False
@@ -79,7 +87,7 @@ class L2ToInitial:
             total = local.detach().clone()
             dist.all_reduce(total)
             local = local + (total - local.detach())  # value: the global sum; gradient: local
-        return local / self.num_params
+        return local / self.num_params if self.reduction == "mean" else local
 
 
 def _is_dtensor(tensor) -> bool:
@@ -293,7 +301,9 @@ def synthetic_draws(term: WeightedSyntheticLoss) -> dict:
 def regularizer_for(objective, method, model_dir, synthetic, tokenizer, settings, args, device):
     """The term `objective` (cfs.study.Method.trains) adds to the task loss, if any."""
     if objective == "l2":
-        return L2ToInitial()  # the reference is taken once the model is wrapped
+        return L2ToInitial(
+            require(method, "reduction")
+        )  # the reference is taken once the model is wrapped
     if objective not in ("weighted_synthetic", "kl_to_base"):
         return None
     ratio, batch_size = require(method, "ratio"), require(settings, "batch_size")

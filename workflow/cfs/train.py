@@ -25,7 +25,7 @@ import torch
 
 from cfs.artifacts import read_jsonl
 from cfs.checkpoints import checkpoint_to_resume, run_fingerprint
-from cfs.cli import require, run_stage, set_threads, stage_parser
+from cfs.cli import require, require_gpus, run_stage, set_threads, stage_parser
 from cfs.distributed import (
     accumulation_steps,
     distributed_arguments,
@@ -49,6 +49,7 @@ from cfs.examples import (
     step_schedule,
     training_collator,
 )
+from cfs.hub import go_offline_unless_reachable
 from cfs.modeling import compute_precision, load_model, load_tokenizer
 from cfs.objectives import (
     WeightedSyntheticLoss,
@@ -158,7 +159,12 @@ def fine_tune(
     curves' held-out context-free samples and target problems (train.curve_every)."""
     from datasets import Dataset
 
-    from cfs.trainer import RegularizedTrainer, checkpoint_callbacks, examples_per_step
+    from cfs.trainer import (
+        RegularizedTrainer,
+        checkpoint_callbacks,
+        examples_per_step,
+        term_record,
+    )
 
     device = process_device()
     spec, method = study_method(settings), settings["method"]
@@ -175,6 +181,11 @@ def fine_tune(
         synthetic_examples = load_synthetic(
             synthetic, spec.samples, method["ratio"], len(examples), tokenizer, max_length
         )
+    curve_inputs = None
+    if settings["curve_every"]:
+        from cfs.curves import curve_data
+
+        curve_inputs = curve_data(heldout, target_test, tokenizer, settings)
     kinds = [record["kind"] for record in records]
     schedule = None  # augmenting the set: the Trainer draws random batches of all of it
     if settings["mixing"] == "equal_steps" or set(kinds) == {TASK}:
@@ -218,11 +229,11 @@ def fine_tune(
         weight=method["lambda"] if regularizer else 0.0,
         callbacks=checkpoint_callbacks(settings),
     )
-    if settings["curve_every"]:
+    if curve_inputs:
         from cfs.curves import forgetting_curves
 
         trainer.add_callback(
-            forgetting_curves(trainer, heldout, target_test, tokenizer, settings, checkpoints)
+            forgetting_curves(trainer, *curve_inputs, tokenizer, settings, checkpoints)
         )
     fingerprint = run_fingerprint(model_dir, data, settings)
     for extra in (synthetic, heldout, target_test):
@@ -248,6 +259,7 @@ def fine_tune(
         "resumed_from": resume_from,
         "fsdp": trainer.is_fsdp_enabled,
         "precision": training_precision(args, model),
+        "regularizer": term_record(trainer),
         **training_record(trainer),
     }
     if isinstance(regularizer, WeightedSyntheticLoss):
@@ -270,7 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="fine-tuned model folder")
     args = parser.parse_args(argv)
+    require_gpus(args.gpus)
     set_threads(args.threads)
+    # a compute node without network reads what the first job fetched into the cache
+    go_offline_unless_reachable()
     summary = fine_tune(
         args.model,
         args.data,

@@ -9,6 +9,7 @@ processes like the first's. The term is logged from a running on-device sum: no 
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -17,6 +18,9 @@ from transformers import Trainer, TrainerCallback
 from cfs.distributed import gather
 from cfs.examples import trained_positions_only
 from cfs.objectives import KLToBase, L2ToInitial
+
+log = logging.getLogger("cfs.trainer")
+NEGLIGIBLE_SHARE = 1e-3  # of the logged loss, below which a term changes nothing
 
 
 class RegularizedTrainer(Trainer):
@@ -118,7 +122,12 @@ class RegularizedTrainer(Trainer):
             mean = self._term_sum / self._term_share
             if self.accelerator.num_processes > 1:
                 mean = self.accelerator.reduce(mean, reduction="mean")
-            logs[self.regularizer.name] = mean.item()
+            name = self.regularizer.name
+            logs[name] = mean.item()
+            # the logged loss holds the weighted term: its share of it shows a term too
+            # small to change the fine-tune (term_record)
+            logs[f"{name}_weighted"] = self.weight * logs[name]
+            logs[f"{name}_share"] = logs[f"{name}_weighted"] / logs["loss"] if logs["loss"] else 0.0
             self._term_sum, self._term_share = None, 0.0
         super().log(logs, start_time)
 
@@ -169,6 +178,33 @@ def examples_per_step(trainer) -> list[list[int]]:
             both = steps.setdefault(int(step), [0, 0])
             both[0], both[1] = both[0] + task, both[1] + total
     return [steps[step] for step in sorted(steps)]
+
+
+def term_record(trainer) -> dict | None:
+    """The regularising term's weight and its largest logged share of the loss; a term that
+    stays below NEGLIGIBLE_SHARE of it leaves the fine-tune as it would be without it, so
+    it is flagged (and warned about) rather than reported as a method that did nothing."""
+    if trainer.regularizer is None:
+        return None
+    key = f"{trainer.regularizer.name}_share"
+    shares = [entry[key] for entry in trainer.state.log_history if key in entry]
+    largest = max(shares) if shares else None
+    negligible = largest is not None and largest < NEGLIGIBLE_SHARE
+    if negligible:
+        log.warning(
+            "the %s term (lambda %g) stayed below %g of the loss (at most %.3g): this "
+            "fine-tune is the same as one without it; raise its lambda",
+            trainer.regularizer.name,
+            trainer.weight,
+            NEGLIGIBLE_SHARE,
+            largest,
+        )
+    return {
+        "name": trainer.regularizer.name,
+        "lambda": trainer.weight,
+        "largest_share_of_loss": largest,
+        "negligible": negligible,
+    }
 
 
 def checkpoint_callbacks(settings: dict) -> list:

@@ -362,3 +362,31 @@ CHECK_OUTPUTS = {"checks": TASK_CHECK} | (
 def fetched_first(wildcards):
     """The first job's fetch, where the study reads from the hub."""
     return {"fetched": ancient(HUB_FETCH)} if READS_THE_HUB else {}
+
+
+def held_out_target_rows():
+    """How many target problems the task holds out, where the DAG build can tell: its
+    prepared test set, else the fetched split's row count less task.num_train (a task
+    without test_split holds out the rest of its split); None where it cannot."""
+    test_set = Path(task_data("test"))
+    if test_set.is_file():
+        return sum(1 for line in test_set.open() if line.strip())
+    task = config["task"]
+    if task["source"] != "hub" or task["test_split"] or not Path(HUB_FETCH).is_file():
+        return None
+    fetched = json.loads(Path(HUB_FETCH).read_text()).get("task") or {}
+    if fetched.get("dataset") != task["dataset"]:
+        return None
+    rows = fetched.get("rows", {}).get(task["split"])
+    return None if rows is None else max(rows - task["num_train"], 0)
+
+
+# The forgetting curves follow the loss of held-out target problems: refuse a study with
+# none before any job runs, not in each fine-tune after its model is loaded.
+if config["train"]["curve_every"] and held_out_target_rows() == 0:
+    raise WorkflowError(
+        f"train.curve_every is {config['train']['curve_every']} but the task holds out no "
+        f"target problems: task.num_train ({config['task']['num_train']}) takes every row "
+        f"of task.split '{config['task']['split']}'. Set train.curve_every to 0, set "
+        "task.test_split, or lower task.num_train"
+    )

@@ -11,7 +11,7 @@ rule evaluate_base:
         "results/benchmarks/evaluate_base/{model}.tsv"
     conda:
         backend_env("evaluation")
-    threads: config["threads"]
+    threads: stage_threads("evaluate")
     resources:
         **stage_resources("evaluate"),
     params:
@@ -21,7 +21,7 @@ rule evaluate_base:
         ),
     shell:
         "python -m cfs.evaluate --model {input.model} --settings {params.settings}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --out {output} > {log} 2>&1"
 
 
 rule evaluate_finetuned:
@@ -40,7 +40,7 @@ rule evaluate_finetuned:
         "results/benchmarks/evaluate_finetuned/{model}/{cell}/seed{seed}.tsv"
     conda:
         backend_env("evaluation")
-    threads: config["threads"]
+    threads: stage_threads("evaluate")
     resources:
         **stage_resources("evaluate"),
     params:
@@ -50,4 +50,5 @@ rule evaluate_finetuned:
     shell:
         "python -m cfs.evaluate --model {input.model} --base-model {input.base_model}"
         " --heldout {input.heldout} --base-eval {input.base_eval}"
-        " --settings {params.settings} --threads {threads} --out {output} > {log} 2>&1"
+        " --settings {params.settings} --threads {threads} --gpus {resources.gpu}"
+        " --out {output} > {log} 2>&1"

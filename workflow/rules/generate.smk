@@ -13,7 +13,7 @@ rule generate_context_free:
         "results/benchmarks/generate_context_free/{model}_temp{temperature}_seed{seed}.tsv"
     conda:
         backend_env("generation")
-    threads: config["threads"]
+    threads: stage_threads("generate")
     resources:
         **stage_resources("generate"),
     params:
@@ -24,7 +24,8 @@ rule generate_context_free:
         prompts="",
     shell:
         "python -m cfs.generate --model {input.model} --temperature {params.temperature}"
-        " {params.prompts} --settings {params.settings} --threads {threads}"
+        " {params.prompts} --settings {params.settings}"
+        " --threads {threads} --gpus {resources.gpu}"
         " --out {output.samples} > {log} 2>&1"
 
 

@@ -1,8 +1,9 @@
 # Cluster resources of each stage, sized per model from config (models.<name>.resources).
 # A model stage (prepare, merge, generate, train, evaluate) reads `<method>_<key>` (a
 # fine-tune: e.g. lora_gpus), then `<stage>_<key>`, then `<key>` of models.<name>.resources,
-# then `resources.model_stages.<key>` (CPUs: the job's threads); GPUs go to the GPU stages
-# only. The other stages (data, mix, report) never ask for GPUs, take
+# then `resources.model_stages.<key>` (CPUs: the job's threads, `threads` where the model
+# sets no cpus_per_task; a generate, train or evaluate job's threads are its CPUs); GPUs go
+# to the GPU stages only. The other stages (data, mix, report) never ask for GPUs, take
 # `resources.small_stages`, and run on the submitting host (localrules: they take seconds).
 # Site values (partition, account) come from the Slurm profile (slurm/config.yaml); the
 # GPU stages' partition and GPU type from CFS_SLURM_GPU_PARTITION and CFS_SLURM_GPU_MODEL.
@@ -28,6 +29,14 @@ def _stage_value(stage, key, wildcards, threads):
         default = config["resources"]["model_stages"][key]
     model = getattr(wildcards, "model", None)
     return model_resource(config, model, stage, key, method, default)
+
+
+def stage_threads(stage):
+    """A model stage's CPU threads: its cpus_per_task where models.<name>.resources sets
+    it (a cluster job's CPUs), else `threads` (a laptop's share of its cores)."""
+    return lambda wildcards: _stage_value(
+        stage, "cpus_per_task", wildcards, config["threads"]
+    )
 
 
 def stage_resources(stage):

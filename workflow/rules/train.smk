@@ -11,7 +11,7 @@ rule fine_tune:
         cell=TRAINED_CELL,
     conda:
         "../../envs/cfs.yaml"
-    threads: config["threads"]
+    threads: stage_threads("train")
     resources:
         **stage_resources("train"),
     params:
@@ -25,7 +25,8 @@ rule fine_tune:
         "if [ {resources.gpu} -gt 1 ]; then"
         " launch='torchrun --standalone --nproc-per-node {resources.gpu}'; else launch=python; fi;"
         " $launch -m cfs.train --model {input.model} --data {input.data}"
-        " {params.flags} --settings {params.settings} --threads {threads}"
+        " {params.flags} --settings {params.settings}"
+        " --threads {threads} --gpus {resources.gpu}"
         " --checkpoints {params.checkpoints} --out {output.model} > {log} 2>&1"
 
 
