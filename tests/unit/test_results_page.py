@@ -33,6 +33,7 @@ def test_the_page_has_every_cell_verdict_and_figure(tmp_path):
         assert f"| tiny | {label} |" in page, f"no row for {label}:\n{page}"
     for comparison in pd.read_csv(out / "verdicts.csv")["comparison"]:
         assert f"| {comparison} |" in page, f"no verdict row for {comparison}:\n{page}"
+    assert "less than plain fine-tuning (primary) | context_free T1 r1 - plain |" in page
     links = [f"(figures/tiny_{name}.png)" for name in FIGURES]
     missing = [link for link in links if link not in page]
     assert missing == [], f"figures without a link on the page:\n{page}"

@@ -200,3 +200,9 @@ def test_equivalence_is_three_way():
     assert verdict == "inconclusive"
     assert straddling.low > 0
     assert statistics.equivalence(inside, margin=0.0)[0] == "inconclusive"
+
+
+def test_one_item_gives_no_interval():
+    interval = statistics.crossed_interval([np.array([[0.5], [0.7]])])
+    assert interval.estimate == pytest.approx(0.6)
+    assert math.isnan(interval.low) and math.isnan(interval.p_value)

@@ -110,10 +110,10 @@ def crossed_interval(tables: list[np.ndarray]) -> Interval:
     num_seeds = tables[0].shape[0]
     if any(table.ndim != 2 or table.shape[0] != num_seeds for table in tables):
         raise ValueError("every task's table needs shape (seeds, items) with the same seeds")
-    if any(table.shape[1] < 2 for table in tables):
-        raise ValueError("every task needs at least 2 items for an interval")
     num_tasks = len(tables)
     estimate = float(np.mean([table.mean() for table in tables]))
+    if any(table.shape[1] < 2 for table in tables):
+        return undefined(estimate)  # one item: no item term to estimate
     terms = []
     if num_seeds > 1:
         seed_means = np.mean([table.mean(axis=1) for table in tables], axis=0)
