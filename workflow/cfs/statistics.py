@@ -7,9 +7,9 @@ variance-components interval: the seed term (the spread of the per-seed means, S
 plus each task's item term (the spread of the per-item means, less the residual that the
 seed term already holds), each term's t half-width added in quadrature (`Interval`); the
 Satterthwaite df of the summed variance is reported beside it. With one seed (the base
-model) it is the item terms alone. A metric with one number per seed (KL to base) gets the Student t
-interval over seeds. A percentile bootstrap over 3-5 seeds under-covers; these intervals
-are checked by simulation in tests/unit/test_statistics.py.
+model) it is the item terms alone. A metric with one number per seed (KL to base) gets the
+Student t interval over seeds. A percentile bootstrap over 3-5 seeds under-covers; these
+intervals are checked by simulation in tests/unit/test_statistics.py.
 
 A difference of two cells is the same interval on the per-(seed, item) differences, seeds
 paired by seed id and items by item id.
