@@ -625,6 +625,7 @@ def tiny_config(model_dir) -> dict:
         "methods": ["context_free"],
     }
     config["methods"] = {}
+    config["claims"] = {"primary": {"cell": "temp1/ratio0.5", "versus": "ratio0"}}
     config["models"] = {MODEL: {"local_path": str(model_dir)}}
     config["task"].update(num_train=16, num_test=8)
     config["generation"].update(num_samples=8, max_new_tokens=12, batch_size=8)

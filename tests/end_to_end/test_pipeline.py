@@ -415,6 +415,7 @@ def test_a_second_study_in_the_same_results_leaves_the_first_as_it_is(study, tin
     before = {path.name: path.read_bytes() for path in tables.glob("*.csv")}
     other = copy.deepcopy(study["config"])
     other["study"].update(name="other", models=["tiny_b"], ratios=[0], methods=[])
+    other["claims"]["primary"] = None  # plain fine-tuning alone: no comparison
     other["models"] = {"tiny_b": {"local_path": str(tiny_model_dir)}}
     other["evaluation"]["forgetting"] = [{"task": "cfs_capitals", "metric": "acc,none"}]
     other["evaluation"]["limit"] = 3

@@ -157,6 +157,7 @@ def slurm_run(local_slurm, tiny_model_dir, tmp_path_factory):
     shutil.copytree(REPO / "slurm", repo / "slurm")
     config = tiny_config(tiny_model_dir)
     config["study"].update(temperatures=[1.0], ratios=[0.5])
+    config["claims"]["primary"] = None  # no plain fine-tuning to compare with
     config["threads"] = 1
     # long enough to be preempted between checkpoints
     config["train"].update(epochs=12, save_steps=4, logging_steps=4)

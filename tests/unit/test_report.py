@@ -59,6 +59,9 @@ CELLS = {  # cell path (cfs.study's grammar): (method, knobs, target p, forgetti
 }
 
 
+CLAIMS = {"primary": {"cell": "temp1/ratio1", "versus": "ratio0"}, "equivalence_margin": 0.25}
+
+
 def write_study(root, model="tiny", seeds=(0, 1, 2), cells=CELLS) -> dict[str, list]:
     """A made-up study on disk: base once, every cell once per seed, with known effects."""
     rng = np.random.default_rng(0)
@@ -101,7 +104,8 @@ def test_summary_one_row_per_cell_with_means_and_intervals(tmp_path):
             assert row[metric] == pytest.approx(mean)
             low, high = row[f"{metric}_low"], row[f"{metric}_high"]
             assert low < mean < high, f"{row['label']} {metric}: {mean} not in ({low}, {high})"
-            assert high - low < 0.25, f"{row['label']} {metric}: interval ({low}, {high})"
+            # 3 seeds: the seed term's t has 2 df
+            assert high - low < 0.5, f"{row['label']} {metric}: interval ({low}, {high})"
         if row["method"] != "base":
             assert row["kl_to_base"] == pytest.approx(CELLS_BY_LABEL[row["label"]][4])
             assert row["base_target"] == records[0]["base"]["target"]
@@ -144,7 +148,7 @@ def test_differences_from_plain_and_base_find_the_made_up_effects(tmp_path):
 
 def test_verdicts_answer_each_claim(tmp_path):
     cells = report.read_cells(all_paths(write_study(tmp_path)))
-    verdicts = report.build_verdicts(cells)
+    verdicts = report.build_verdicts(cells, CLAIMS)
     by = {(row.claim, row.comparison): row.verdict for row in verdicts.itertuples()}
     claim = {name: spec.claim for name, spec in METHODS.items() if spec.claim}
     assert by[(claim["plain"], "context_free T1 r1 - plain")] == "supported"
@@ -153,8 +157,11 @@ def test_verdicts_answer_each_claim(tmp_path):
     # replay keeps 0.9 against 0.85: not less effective here
     replay = by[(claim["replay"], "context_free T1 r1 - replay r1")]
     assert replay in ("contradicted", "inconclusive"), f"replay keeps more, yet: {replay}"
+    # keeps 0.85 against 0.7: p below 0.05 alone, but not once Holm-corrected in the family
     temperature = (report.sweep_claim("temperature"), "context_free T1 r1 - context_free T0.7 r1")
-    assert by[temperature] == "supported"
+    row = verdicts.set_index(["claim", "comparison"]).loc[temperature]
+    assert row.p_value < 0.05 < row.holm_p_value
+    assert by[temperature] == "inconclusive"
     ratio = (report.sweep_claim("ratio"), "context_free T1 r1 - context_free T1 r0.5")
     assert ratio in by, f"no verdict on the ratio; verdicts: {sorted(by)}"
 
@@ -167,7 +174,7 @@ def test_verdicts_carry_the_kl_to_base_difference_paired_by_seed(tmp_path):
         record["metrics"]["kl_to_base"] = 0.6 + noise
         assert record["provenance"]["seed"] == seed
         path.write_text(json.dumps(record))
-    verdicts = report.build_verdicts(report.read_cells(all_paths(paths)))
+    verdicts = report.build_verdicts(report.read_cells(all_paths(paths)), CLAIMS)
     row = verdicts.set_index("comparison").loc["context_free T1 r1 - plain"]
     differences = np.array([0.2 - 0.6, 0.2 - 0.7, 0.2 - 0.5])
     half = 4.302653 * differences.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
@@ -192,7 +199,7 @@ def test_identical_cells_are_inconclusive(tmp_path):
         record["cell"] = {"model": "tiny", "method": "context_free", "temperature": 1.0}
         record["cell"]["ratio"] = 1.0
         cf.write_text(json.dumps(record))
-    verdicts = report.build_verdicts(report.read_cells(all_paths(paths)))
+    verdicts = report.build_verdicts(report.read_cells(all_paths(paths)), CLAIMS)
     row = verdicts.iloc[0]
     assert (row.forgetting_avg_difference, row.low, row.high) == (0.0, 0.0, 0.0)
     assert row.verdict == "inconclusive"
@@ -212,6 +219,8 @@ def test_table_cli_writes_the_three_tables(tmp_path):
             str(out / "differences.csv"),
             "--verdicts",
             str(out / "verdicts.csv"),
+            "--claims",
+            json.dumps(CLAIMS),
         ]
     )
     summary = pd.read_csv(out / "summary.csv")
@@ -255,3 +264,90 @@ def test_missing_metrics_in_eval_json_is_an_error(tmp_path):
     path.write_text(json.dumps({"cell": {"model": "m", "method": "base"}}))
     with pytest.raises(KeyError, match="metrics"):
         report.build_summary([path])
+
+
+def test_verdicts_mark_the_primary_and_holm_correct_the_rest(tmp_path):
+    verdicts = report.build_verdicts(report.read_cells(all_paths(write_study(tmp_path))), CLAIMS)
+    primary = verdicts[verdicts["primary"]]
+    assert list(primary["comparison"]) == ["context_free T1 r1 - plain"]
+    # the primary is tested alone; the family (every other forgetting and KL test) is not
+    assert primary["holm_p_value"].iloc[0] == primary["p_value"].iloc[0]
+    rest = verdicts[~verdicts["primary"]]
+    assert (rest["holm_p_value"] >= rest["p_value"]).all()
+    assert (rest["holm_p_value"] > rest["p_value"]).any()
+    # a verdict is read off the corrected interval, which excludes 0 iff Holm rejects
+    for row in verdicts.itertuples():
+        excludes = row.corrected_low > 0 or row.corrected_high < 0
+        assert excludes == (row.holm_p_value < 0.05), row.comparison
+        assert row.corrected_low <= row.low and row.high <= row.corrected_high
+
+
+def test_a_primary_the_study_does_not_make_is_refused_by_its_key(tmp_path):
+    cells = report.read_cells(all_paths(write_study(tmp_path)))
+    other = "contextual/temp1/ratio1"  # contextual data pairs on temperature and ratio
+    claims = {**CLAIMS, "primary": {"cell": "temp0.7/ratio1", "versus": other}}
+    with pytest.raises(ValueError, match="claims.primary"):
+        report.build_verdicts(cells, claims)
+
+
+def shifted_copy(paths, source, cell, knobs, shift, kl, noise=0.0):
+    """A cell whose evals are `source`'s with every forgetting score moved by `shift` (plus
+    normal noise of sd `noise`, if any)."""
+    rng = np.random.default_rng(9)
+    method = parse_cell(cell)["method"]
+    paths[cell] = []
+    for path in paths[source]:
+        record = json.loads(path.read_text())
+        record["cell"] = {"model": "tiny", "method": method, **knobs}
+        for task in FORGETTING:
+            scores = record["items"][task]
+            record["items"][task] = {i: v + shift + rng.normal(0, noise) for i, v in scores.items()}
+        record["metrics"]["kl_to_base"] = kl
+        out = path.parents[1].parent / cell / path.parent.name / "eval.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record))
+        paths[cell].append(out)
+
+
+@pytest.mark.parametrize(
+    ("shift", "noise", "expected"),
+    [(0.01, 0, "equivalent"), (-0.2, 0, "not equivalent"), (-0.08, 0.3, "inconclusive")],
+)
+def test_approximating_the_exact_penalty_is_an_equivalence_test(tmp_path, shift, noise, expected):
+    """Context-free data (keeps 0.85) against the exact KL penalty: the margin is a quarter
+    of the penalty's own effect on the forgetting average (against plain, keeps 0.5). A
+    difference that excludes 0 but reaches inside the margin is inconclusive, not a
+    contradiction."""
+    paths = write_study(tmp_path)
+    knobs = {"temperature": 1.0, "ratio": 1.0, "lambda": 1.0}
+    cell = "kl_to_base/temp1/ratio1/lambda1"
+    shifted_copy(paths, "temp1/ratio1", cell, knobs, shift, 0.2, noise)
+    verdicts = report.build_verdicts(report.read_cells(all_paths(paths)), CLAIMS)
+    row = verdicts.set_index("comparison").loc["context_free T1 r1 - kl_to_base T1 r1 λ1"]
+    effect = 0.35 + shift  # the penalty's cell keeps 0.85 + shift, plain 0.5
+    assert row.margin == pytest.approx(0.25 * effect, abs=0.015)
+    assert row.forgetting_avg_difference == pytest.approx(-shift, abs=0.02)
+    assert row.verdict == expected
+    if expected == "inconclusive":
+        assert row.low > 0, "the case of a difference that excludes 0 inside the margin"
+
+
+def test_seeds_pair_by_id_and_a_missing_seed_is_named(tmp_path):
+    paths = write_study(tmp_path)
+    record = json.loads(paths["replay/ratio1"][2].read_text())
+    record["provenance"]["seed"] = 5
+    paths["replay/ratio1"][2].write_text(json.dumps(record))
+    cells = report.read_cells(all_paths(paths))
+    with pytest.raises(ValueError, match=r"\[2, 5\] on one side only"):
+        report.build_verdicts(cells, CLAIMS)
+
+
+def test_differences_carry_each_forgetting_task(tmp_path):
+    cells = report.read_cells(all_paths(write_study(tmp_path)))
+    table = report.build_differences(cells)
+    rows = table[(table["label"] == "context_free T1 r1") & (table["versus"] == "plain")]
+    by_metric = rows.set_index("metric")
+    assert {f"forgetting:{task}" for task in FORGETTING} <= set(by_metric.index)
+    tasks = [by_metric.loc[f"forgetting:{task}", "difference"] for task in FORGETTING]
+    assert np.mean(tasks) == pytest.approx(by_metric.loc["forgetting_avg", "difference"])
+    assert (rows["p_value"].between(0, 1)).all()

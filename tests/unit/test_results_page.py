@@ -5,10 +5,12 @@ study."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 from cfs import report
 from cfs.study import FIGURES
-from test_report import all_paths, write_study
+from test_report import CLAIMS, all_paths, write_study
 
 
 def test_the_page_has_every_cell_verdict_and_figure(tmp_path):
@@ -18,6 +20,7 @@ def test_the_page_has_every_cell_verdict_and_figure(tmp_path):
         ["table", "--evals", *map(str, all_paths(paths)), "--out", str(out / "summary.csv")]
         + ["--differences", str(out / "differences.csv"), "--verdicts", str(out / "verdicts.csv")]
         + ["--page", str(out / "results.md"), "--study", "made_up"]
+        + ["--claims", json.dumps(CLAIMS)]
     )
     page = (out / "results.md").read_text()
     assert page.startswith("# Study `made_up`: results\n"), page[:200]
@@ -30,6 +33,7 @@ def test_the_page_has_every_cell_verdict_and_figure(tmp_path):
         assert f"| tiny | {label} |" in page, f"no row for {label}:\n{page}"
     for comparison in pd.read_csv(out / "verdicts.csv")["comparison"]:
         assert f"| {comparison} |" in page, f"no verdict row for {comparison}:\n{page}"
+    assert "less than plain fine-tuning (primary) | context_free T1 r1 - plain |" in page
     links = [f"(figures/tiny_{name}.png)" for name in FIGURES]
     missing = [link for link in links if link not in page]
     assert missing == [], f"figures without a link on the page:\n{page}"

@@ -133,3 +133,26 @@ def test_unknown_resource_prefix_is_rejected():
     model = config["study"]["models"][0]
     config["models"][model]["resources"] = {"loar_gpus": 1}
     assert_refused(config, f"models.{model}.resources.loar_gpus")
+
+
+def test_a_primary_claim_outside_the_grid_is_rejected_by_name():
+    config = default_config()
+    config["claims"]["primary"] = {"cell": "temp0.7/ratio1", "versus": "ratio0"}
+    assert_refused(config, "claims.primary.cell", "temp0.7/ratio1")
+
+
+def test_a_primary_claim_the_study_does_not_compare_is_rejected():
+    config = default_config()
+    # both cells run, but WiSE-FT has no claim: no verdict compares them
+    config["claims"]["primary"] = {"cell": "temp1/ratio1", "versus": "wiseft/alpha0.5"}
+    assert_refused(config, "claims.primary", "no comparison the study makes")
+
+
+def test_a_config_without_claims_has_no_primary():
+    from snakemake.utils import validate
+
+    config = default_config()
+    del config["claims"]
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    assert config["claims"] == {"primary": None, "equivalence_margin": 0.25}
+    Study(config).check()

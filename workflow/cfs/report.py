@@ -2,8 +2,9 @@
 
 - `cell`: one cell's eval.json over its seeds (means, 95% intervals, every seed's metrics).
 - `table`: summary.csv (each cell's mean over seeds and 95% interval, cfs.statistics),
-  differences.csv (each cell minus plain fine-tuning and minus base, paired intervals) and
-  verdicts.csv (the paper's claims, answered by those intervals).
+  differences.csv (each cell minus plain fine-tuning and minus base, paired intervals, also
+  per forgetting task) and verdicts.csv (the paper's claims, answered by those intervals:
+  the primary claim at 0.05, the rest Holm-corrected).
 - `figures`: target and forgetting average against temperature and against ratio (plain
   fine-tuning is ratio 0, the first point of each ratio curve), and the trade-off of target
   gain against forgetting and KL, for context-free data and for every method; error bars
@@ -11,7 +12,8 @@
 
     python -m cfs.report cell --evals results/m/temp1/ratio1/seed*/eval.json --out .../eval.json
     python -m cfs.report table --evals results/*/.../eval.json --out results/summary.csv \
-        --differences results/differences.csv --verdicts results/verdicts.csv
+        --differences results/differences.csv --verdicts results/verdicts.csv \
+        --claims '{"primary": {"cell": "temp1/ratio1", "versus": "ratio0"}, ...}'
     python -m cfs.report figures --summary results/summary.csv --out-dir results/figures
 """
 
@@ -21,32 +23,38 @@ import argparse
 import logging
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
 from cfs.artifacts import atomic_path, read_json, write_json
-from cfs.cli import run_stage
+from cfs.cli import parse_settings, run_stage
 from cfs.errors import DataError
 from cfs.figures import read_curves, write_figures
 from cfs.results_page import results_page
 from cfs.statistics import (
     CONFIDENCE,
+    Interval,
+    corrected,
+    crossed_interval,
+    equivalence,
+    holm,
     paired_difference,
     paired_seed_difference,
     seed_interval,
-    two_level_bootstrap,
 )
 from cfs.study import (
     KNOB_LABELS,
     KNOB_MEANINGS,
     METHODS,
     PROPOSED,
+    parse_cell,
     report_order,
 )
 
 log = logging.getLogger("cfs.report")
 KNOBS = tuple(KNOB_LABELS)
-ITEM_METRICS = ("target", "forgetting_avg")  # scored per test item: two-level bootstrap
+ITEM_METRICS = ("target", "forgetting_avg")  # scored per test item: seeds x items
 SEED_METRICS = ("kl_to_base", "heldout_nll")  # one number per seed: t interval over seeds
 
 
@@ -69,6 +77,8 @@ class Cell:
         self.info = {k: v for k, v in first.get("cell", {}).items()}
         self.label = cell_label(self.info)
         self.settings = first.get("settings") or {}
+        if len(set(self.seeds)) != len(self.seeds):
+            raise DataError(f"{self.label}: two evals of one seed among seeds {self.seeds}")
 
     @property
     def seeds(self) -> list:
@@ -78,20 +88,29 @@ class Cell:
         tasks = self.records[0]["tasks"]
         return [tasks["target"]] if metric == "target" else list(tasks["forgetting"])
 
-    def items(self) -> list[dict]:
-        return [record["items"] for record in self.records]
+    def items(self) -> dict:
+        """{seed id: {task: {item id: score}}}."""
+        return dict(zip(self.seeds, (record["items"] for record in self.records), strict=True))
+
+    def seed_values(self, name: str) -> dict:
+        """{seed id: the metric's value}."""
+        values = (record["metrics"].get(name) for record in self.records)
+        return dict(zip(self.seeds, values, strict=True))
 
     def has_items(self) -> bool:
         return all("items" in record and "tasks" in record for record in self.records)
 
-    def metric(self, name: str) -> tuple[float, float, float]:
-        """(mean over seeds, low, high)."""
+    def metric(self, name: str) -> Interval:
+        """The mean over seeds (and items) with its interval (cfs.statistics)."""
         if name in ITEM_METRICS and self.has_items():
             tables = [
-                [[scores[i] for i in sorted(scores)] for scores in (s[task] for s in self.items())]
+                [
+                    [scores[i] for i in sorted(scores)]
+                    for scores in (r["items"][task] for r in self.records)
+                ]
                 for task in self.task_names(name)
             ]
-            return two_level_bootstrap(tables)
+            return crossed_interval(tables)
         return seed_interval([record["metrics"].get(name) for record in self.records])
 
 
@@ -112,7 +131,13 @@ def summary_row(cell: Cell) -> dict:
     row.update(label=cell.label, **{knob: cell.info.get(knob) for knob in KNOBS})
     row.update(seeds=" ".join(str(s) for s in cell.seeds), num_seeds=len(cell.records))
     for name in ITEM_METRICS + SEED_METRICS:
-        row[name], row[f"{name}_low"], row[f"{name}_high"] = cell.metric(name)
+        interval = cell.metric(name)
+        row[name], row[f"{name}_low"], row[f"{name}_high"] = (
+            interval.estimate,
+            interval.low,
+            interval.high,
+        )
+        row[f"{name}_se"], row[f"{name}_df"] = interval.standard_error, interval.df
     forgetting = [record["metrics"]["forgetting"] for record in cell.records]
     for task in forgetting[0]:
         row[f"forgetting:{task}"] = sum(f[task] for f in forgetting) / len(forgetting)
@@ -149,18 +174,36 @@ def build_summary(eval_paths: list[Path]) -> pd.DataFrame:
     return sort_rows(pd.DataFrame([summary_row(cell) for cell in read_cells(eval_paths)]))
 
 
-def compare(a: Cell, b: Cell, metric: str) -> tuple[float, float, float]:
-    """a - b with its paired 95% interval: over seeds and items for the scores, over seeds
-    (Student t) for a metric with one number per seed (KL to base)."""
+def compare(a: Cell, b: Cell, metric: str) -> Interval:
+    """a - b with its paired interval, seeds paired by id: over seeds and items for the
+    scores, over seeds (Student t) for a metric with one number per seed (KL to base).
+    `forgetting:<task>` is one forgetting task alone."""
     if metric in SEED_METRICS:
-        values = [[record["metrics"].get(metric) for record in cell.records] for cell in (a, b)]
-        return paired_seed_difference(*values)
-    return paired_difference(a.items(), b.items(), a.task_names(metric))
+        return paired_seed_difference(a.seed_values(metric), b.seed_values(metric))
+    tasks = [metric.partition(":")[2]] if ":" in metric else a.task_names(metric)
+    return paired_difference(a.items(), b.items(), tasks)
+
+
+DIFFERENCE_COLUMNS = [
+    "model",
+    "method",
+    "label",
+    "versus",
+    "metric",
+    "difference",
+    "low",
+    "high",
+    "standard_error",
+    "df",
+    "p_value",
+    "num_seeds",
+]
 
 
 def build_differences(cells: list[Cell]) -> pd.DataFrame:
     """Each cell minus plain fine-tuning and minus base, per model, on the target, the
-    forgetting average and KL to base, with paired 95% intervals."""
+    forgetting average, each forgetting task (`forgetting:<task>`) and KL to base, with
+    paired 95% intervals."""
     rows = []
     for model in sorted({c.info.get("model") for c in cells}):
         own = [c for c in cells if c.info.get("model") == model and c.has_items()]
@@ -168,11 +211,12 @@ def build_differences(cells: list[Cell]) -> pd.DataFrame:
         for cell in own:
             if cell.info["method"] == "base":
                 continue
+            tasks = [f"forgetting:{task}" for task in cell.task_names("forgetting_avg")]
             for versus, reference in references.items():
                 if reference is cell:
                     continue
-                for metric in (*ITEM_METRICS, "kl_to_base"):
-                    difference, low, high = compare(cell, reference, metric)
+                for metric in (*ITEM_METRICS, "kl_to_base", *tasks):
+                    interval = compare(cell, reference, metric)
                     rows.append(
                         {
                             "model": model,
@@ -180,26 +224,16 @@ def build_differences(cells: list[Cell]) -> pd.DataFrame:
                             "label": cell.label,
                             "versus": versus,
                             "metric": metric,
-                            "difference": difference,
-                            "low": low,
-                            "high": high,
+                            "difference": interval.estimate,
+                            "low": interval.low,
+                            "high": interval.high,
+                            "standard_error": interval.standard_error,
+                            "df": interval.df,
+                            "p_value": interval.p_value,
                             "num_seeds": len(cell.records),
                         }
                     )
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "model",
-            "method",
-            "label",
-            "versus",
-            "metric",
-            "difference",
-            "low",
-            "high",
-            "num_seeds",
-        ],
-    )
+    return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
 
 
 def sweep_claim(knob: str) -> str:
@@ -207,19 +241,17 @@ def sweep_claim(knob: str) -> str:
     return f"{KNOB_MEANINGS.get(knob, 'the ' + knob)} changes what context-free data keeps"
 
 
-def verdict(kind: str, low: float, high: float, margin: float | None = None) -> str:
-    """A claim's answer from a paired 95% interval of (context-free data - the other):
-    - keeps_more: supported above 0, contradicted below 0;
-    - matters (a knob): supported when the interval excludes 0;
-    - approximates: supported when the interval lies within +-margin, contradicted when
-      it excludes 0 beyond the margin; inconclusive otherwise, and without a margin."""
+def verdict(kind: str, low: float, high: float) -> str:
+    """A claim's answer from a (multiplicity-corrected) interval of (context-free data -
+    the other):
+    - keeps_more: supported above 0, contradicted below 0, inconclusive otherwise;
+    - matters (a knob): supported when the interval excludes 0, inconclusive otherwise.
+    An "approximates" claim is an equivalence test (cfs.statistics.equivalence)."""
     if kind == "keeps_more":
         return "supported" if low > 0 else "contradicted" if high < 0 else "inconclusive"
     if kind == "matters":
         return "supported" if low > 0 or high < 0 else "inconclusive"
-    if margin is not None and margin > 0 and -margin <= low and high <= margin:
-        return "supported"
-    return "contradicted" if low > 0 or high < 0 else "inconclusive"
+    raise ValueError(f"not a superiority claim: {kind!r}")
 
 
 def claim_comparisons(cells: list[Cell]):
@@ -253,13 +285,22 @@ VERDICT_COLUMNS = [
     "model",
     "claim",
     "comparison",
+    "primary",
     "forgetting_avg_difference",
     "low",
     "high",
+    "p_value",
+    "holm_p_value",
+    "corrected_low",
+    "corrected_high",
     "verdict",
     "kl_to_base_difference",
     "kl_low",
     "kl_high",
+    "kl_p_value",
+    "kl_holm_p_value",
+    "kl_corrected_low",
+    "kl_corrected_high",
     "kl_verdict",
     "target_difference",
     "target_low",
@@ -270,55 +311,119 @@ VERDICT_COLUMNS = [
 ]
 
 
-def build_verdicts(cells: list[Cell]) -> pd.DataFrame:
+def matches(cell: Cell, path: str) -> bool:
+    """Whether a cell is the one a config's cell path names ('temp1/ratio0.5')."""
+    return all(cell.info.get(key) == value for key, value in parse_cell(path).items())
+
+
+class Test(NamedTuple):
+    """One verdict's test: the paired interval, the claimed direction (+1: higher, -1:
+    lower), the equivalence margin (approximates claims) and the p-value."""
+
+    interval: Interval
+    sign: int
+    margin: float | None
+    p_value: float
+
+
+def claim_tests(cell: Cell, other: Cell, kind: str, plain: Cell | None, share: float) -> dict:
+    """{metric: Test} on the forgetting average and KL to base."""
+    tests = {}
+    for metric, sign in (("forgetting_avg", 1), ("kl_to_base", -1)):
+        interval = compare(cell, other, metric)
+        margin = None
+        if kind == "approximates":
+            if plain is not None:
+                margin = share * abs(compare(other, plain, metric).estimate)
+            p = equivalence(interval, margin or 0.0)[1]
+        else:
+            p = interval.p_value
+        tests[metric] = Test(interval, sign, margin, p)
+    return tests
+
+
+def build_verdicts(cells: list[Cell], claims: dict) -> pd.DataFrame:
     """The paper's claims, one row per comparison, each answered on the forgetting average
-    (higher keeps more) and on KL to base (lower is nearer the base model: the answer is
-    given on its negation, so that "supported" means the same), with the target's change
+    (higher keeps more) and on KL to base (lower is nearer the base model: its verdict is
+    given on the negation, so that "supported" means the same), with the target's change
     beside them: a score can rise because the model sharpens, and KL to base tells whether
-    the model also stayed near base. An "approximates" claim's margin is a third of plain
-    fine-tuning's change from base (forgetting average, KL to base): what the study sets
-    out to resolve."""
+    the model also stayed near base. All three are the same kind of interval (seeds paired
+    by id, cfs.statistics).
+
+    claims (the config's `claims`): the primary comparison's forgetting verdict is tested at
+    ALPHA; every other test of the model (each row's forgetting and KL) forms one family,
+    Holm-corrected, and its verdict is read off the interval at the corrected level. An
+    "approximates" claim is an equivalence test with a margin of
+    claims.equivalence_margin x |plain - the exact penalty's cell| on that metric."""
     rows = []
     for model in sorted({c.info.get("model") for c in cells}):
         own = [c for c in cells if c.info.get("model") == model and c.has_items()]
-        margins = plain_margins(own)
+        plain = next((c for c in own if c.info["method"] == "plain"), None)
+        model_rows = []
         for claim, cell, other, kind in claim_comparisons(own):
-            difference, low, high = compare(cell, other, "forgetting_avg")
-            kl, kl_low, kl_high = compare(cell, other, "kl_to_base")
-            target, target_low, target_high = compare(cell, other, "target")
-            margin, kl_margin = margins if kind == "approximates" else (None, None)
-            rows.append(
-                {
-                    "model": model,
-                    "claim": claim,
-                    "comparison": f"{cell.label} - {other.label}",
-                    "forgetting_avg_difference": difference,
-                    "low": low,
-                    "high": high,
-                    "verdict": verdict(kind, low, high, margin),
-                    "kl_to_base_difference": kl,
-                    "kl_low": kl_low,
-                    "kl_high": kl_high,
-                    "kl_verdict": verdict(kind, -kl_high, -kl_low, kl_margin),
-                    "target_difference": target,
-                    "target_low": target_low,
-                    "target_high": target_high,
-                    "margin": margin,
-                    "kl_margin": kl_margin,
-                    "num_seeds": len(cell.records),
-                }
+            chosen = claims["primary"]
+            primary = (
+                chosen is not None
+                and matches(cell, chosen["cell"])
+                and matches(other, chosen["versus"])
             )
+            tests = claim_tests(cell, other, kind, plain, claims["equivalence_margin"])
+            target = compare(cell, other, "target")
+            model_rows.append((claim, cell, other, kind, primary, tests, target))
+        if claims["primary"] is not None and not any(p for *_, p, _, _ in model_rows):
+            made = [f"{c.label} - {o.label}" for _, c, o, *_ in model_rows]
+            raise ValueError(
+                f"config key claims.primary: {claims['primary']['cell']} versus "
+                f"{claims['primary']['versus']} is no comparison the study makes for {model} "
+                f"(it makes: {'; '.join(made) or 'none'})"
+            )
+        family = [
+            (row, metric)
+            for row, (*_, primary, tests, _) in enumerate(model_rows)
+            for metric in tests
+            if not (primary and metric == "forgetting_avg")
+        ]
+        p_values = [model_rows[row][5][metric].p_value for row, metric in family]
+        adjusted = dict(zip(family, holm(p_values), strict=True))
+        for row, (claim, cell, other, kind, primary, tests, target) in enumerate(model_rows):
+            record = {
+                "model": model,
+                "claim": claim,
+                "comparison": f"{cell.label} - {other.label}",
+                "primary": primary,
+                "target_difference": target.estimate,
+                "target_low": target.low,
+                "target_high": target.high,
+                "num_seeds": len(cell.records),
+            }
+            for metric, prefix, column in (
+                ("forgetting_avg", "", "forgetting_avg_difference"),
+                ("kl_to_base", "kl_", "kl_to_base_difference"),
+            ):
+                interval, sign, margin, p = tests[metric]
+                holm_p = adjusted.get((row, metric), p)
+                level = corrected(interval, p, holm_p)
+                if kind == "approximates":  # TOST at alpha reads the 1 - 2 alpha interval
+                    alpha = 1 - level.confidence
+                    answer = equivalence(interval, margin or 0.0, alpha)[0]
+                    level = interval.at(1 - 2 * alpha)
+                else:
+                    answer = verdict(kind, *sorted((sign * level.low, sign * level.high)))
+                record.update(
+                    {
+                        column: interval.estimate,
+                        f"{prefix}low": interval.low,
+                        f"{prefix}high": interval.high,
+                        f"{prefix}p_value": p,
+                        f"{prefix}holm_p_value": holm_p,
+                        f"{prefix}corrected_low": level.low,
+                        f"{prefix}corrected_high": level.high,
+                        f"{prefix}verdict": answer,
+                        f"{prefix}margin": margin,
+                    }
+                )
+            rows.append(record)
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
-
-
-def plain_margins(cells: list[Cell]) -> tuple[float | None, float | None]:
-    """A third of plain fine-tuning's change from base: forgetting average, KL to base."""
-    by_method = {c.info["method"]: c for c in cells if c.info["method"] in ("base", "plain")}
-    if set(by_method) != {"base", "plain"}:
-        return None, None
-    forgetting = compare(by_method["plain"], by_method["base"], "forgetting_avg")[0]
-    kl = by_method["plain"].metric("kl_to_base")[0]
-    return abs(forgetting) / 3, abs(kl) / 3
 
 
 def cell_card(eval_paths: list[Path]) -> dict:
@@ -329,8 +434,8 @@ def cell_card(eval_paths: list[Path]) -> dict:
     cell = cells[0]
     metrics, intervals = {}, {}
     for name in ITEM_METRICS + SEED_METRICS:
-        metrics[name], low, high = cell.metric(name)
-        intervals[name] = [low, high]
+        interval = cell.metric(name)
+        metrics[name], intervals[name] = interval.estimate, [interval.low, interval.high]
     return {
         "cell": cell.info,
         "seeds": cell.seeds,
@@ -362,6 +467,12 @@ def main(argv: list[str] | None = None) -> None:
     table.add_argument("--out", required=True, type=Path)
     table.add_argument("--differences", type=Path)
     table.add_argument("--verdicts", type=Path)
+    table.add_argument(
+        "--claims",
+        required=True,
+        type=parse_settings,
+        help="the config's `claims` as JSON: the primary comparison and the equivalence margin",
+    )
     table.add_argument("--page", type=Path, help="the results as one Markdown page")
     table.add_argument("--study", default="default", help="the study's name, for the page")
     figures = commands.add_parser("figures", help="write PNG figures from summary.csv")
@@ -379,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = read_cells(args.evals)
         write_csv(sort_rows(pd.DataFrame([summary_row(c) for c in cells])), args.out)
         summary = sort_rows(pd.DataFrame([summary_row(c) for c in cells]))
-        differences, verdicts = build_differences(cells), build_verdicts(cells)
+        differences, verdicts = build_differences(cells), build_verdicts(cells, args.claims)
         if args.differences:
             write_csv(differences, args.differences)
         if args.verdicts:

@@ -108,7 +108,7 @@ def results_page(
     lines += ["", "## Verdicts", ""]
     rows = [
         [
-            row.claim,
+            f"{row.claim} (primary)" if row.primary else row.claim,
             row.comparison,
             f"{row.verdict} ({signed(row.forgetting_avg_difference, row.low, row.high, 100)})",
             f"{row.kl_verdict} ({signed(row.kl_to_base_difference, row.kl_low, row.kl_high, 1)})",

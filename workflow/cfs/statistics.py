@@ -1,114 +1,229 @@
-"""Intervals for the study's numbers.
+"""Intervals, p-values and multiplicity for the study's numbers.
 
-A metric of a cell is a mean over seed replicates and over the test items of one or more
-tasks (the forgetting average: the mean of each task's mean). Its 95% interval is a
-two-level percentile bootstrap: each replicate draws the seeds with replacement and, for
-every task, the items with replacement (the same items for every seed), so it holds both
-the training noise between seeds and the sampling noise of a finite test set. A difference
-between two cells is bootstrapped the same way on the per-(seed, item) differences, seeds
-paired by position and items by id: that is the paired interval. scipy.stats.bootstrap
-resamples one axis only, hence the few lines below; a metric with no per-item scores (KL to
-base, held-out NLL) gets scipy's Student t interval over seeds.
+The seed is the unit of replication. A metric scored per test item (the target, the
+forgetting average: the mean over tasks of each task's seeds x items mean) has two sources
+of noise, crossed: the training seed and the finite test set. Its interval is a
+variance-components interval: the seed term (the spread of the per-seed means, S - 1 df)
+plus each task's item term (the spread of the per-item means, less the residual that the
+seed term already holds), each term's t half-width added in quadrature (`Interval`); the
+Satterthwaite df of the summed variance is reported beside it. With one seed (the base
+model) it is the item terms alone. A metric with one number per seed (KL to base) gets the
+Student t interval over seeds. A percentile bootstrap over 3-5 seeds under-covers; these
+intervals are checked by simulation in tests/unit/test_statistics.py.
+
+A difference of two cells is the same interval on the per-(seed, item) differences, seeds
+paired by seed id and items by item id.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
+
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 CONFIDENCE = 0.95
-BOOTSTRAP_REPLICATES = 2000
-BOOTSTRAP_SEED = 0
+ALPHA = 1 - CONFIDENCE
 
 
-def two_level_bootstrap(
-    tables: list[np.ndarray],
-    replicates: int = BOOTSTRAP_REPLICATES,
-    seed: int = BOOTSTRAP_SEED,
-) -> tuple[float, float, float]:
-    """(estimate, low, high) of the mean over tasks of each task's (seeds x items) mean.
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its noise terms, each (variance, df). With one term the interval is
+    Student t's; with several, each term's half-width is t(its df) x its standard error and
+    the half-widths add in quadrature (a modified large-sample interval: Satterthwaite's
+    single df under-covers when a few-df seed term dominates but is estimated small). NaN
+    bounds when the data cannot give an interval (one seed of a per-seed metric)."""
 
-    Each table is one task's scores, shape (seeds, items); every table has the same seeds.
-    Resampling is a multinomial weighting of rows and columns, so a replicate costs one
-    weighted sum per task."""
+    estimate: float
+    terms: tuple[tuple[float, float], ...]
+    confidence: float = CONFIDENCE
+
+    @property
+    def standard_error(self) -> float:
+        return math.sqrt(max(sum(variance for variance, _ in self.terms), 0.0))
+
+    @property
+    def df(self) -> float:
+        """Satterthwaite's degrees of freedom of the summed variance."""
+        variance = sum(v for v, _ in self.terms)
+        spread = sum(v**2 / df for v, df in self.terms if v > 0)
+        return variance**2 / spread if spread > 0 else math.inf
+
+    def half_width_at(self, confidence: float) -> float:
+        quantile = 0.5 + confidence / 2
+        return math.sqrt(sum(stats.t.ppf(quantile, df) ** 2 * v for v, df in self.terms if v))
+
+    @property
+    def half_width(self) -> float:
+        return self.half_width_at(self.confidence)
+
+    @property
+    def low(self) -> float:
+        return self.estimate - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.estimate + self.half_width
+
+    def two_sided_p(self, distance: float) -> float:
+        """The alpha whose 1 - alpha interval has half-width |distance|."""
+        distance = abs(distance)
+        if math.isnan(self.standard_error) or math.isnan(distance):
+            return float("nan")
+        if self.standard_error == 0:
+            return 1.0 if distance == 0 else 0.0
+        if distance == 0:
+            return 1.0
+        smallest = 1e-15
+        if self.half_width_at(1 - smallest) <= distance:
+            return smallest
+        return float(optimize.brentq(lambda a: self.half_width_at(1 - a) - distance, smallest, 1.0))
+
+    def one_sided_p(self, distance: float) -> float:
+        """p-value of "the true value lies `distance` below the estimate or further"."""
+        p = self.two_sided_p(distance) / 2
+        return p if distance > 0 else 1 - p
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided p-value of "the true value is 0"."""
+        return self.two_sided_p(self.estimate)
+
+    def at(self, confidence: float) -> Interval:
+        """The same estimate at another confidence level (a multiplicity-corrected one)."""
+        return replace(self, confidence=confidence)
+
+
+def undefined(estimate: float) -> Interval:
+    return Interval(estimate, ((float("nan"), float("nan")),))
+
+
+def crossed_interval(tables: list[np.ndarray]) -> Interval:
+    """The mean over tasks of each task's (seeds x items) mean, with its interval.
+
+    Each table is one task's scores, shape (seeds, items), the same seeds in the same order
+    for every task. Var(estimate) = Var(per-seed mean over tasks) / S + (1/T^2) sum over
+    tasks of (MS_item - MS_residual) / (S I): the seed term already holds the residual once,
+    so each item term leaves it out (an item term below 0 counts as 0)."""
     tables = [np.asarray(table, dtype=float) for table in tables]
     num_seeds = tables[0].shape[0]
     if any(table.ndim != 2 or table.shape[0] != num_seeds for table in tables):
         raise ValueError("every task's table needs shape (seeds, items) with the same seeds")
+    num_tasks = len(tables)
     estimate = float(np.mean([table.mean() for table in tables]))
-    rng = np.random.default_rng(seed)
-    seed_weights = rng.multinomial(num_seeds, np.full(num_seeds, 1 / num_seeds), replicates)
-    totals = np.zeros(replicates)
+    if any(table.shape[1] < 2 for table in tables):
+        return undefined(estimate)  # one item: no item term to estimate
+    terms = []
+    if num_seeds > 1:
+        seed_means = np.mean([table.mean(axis=1) for table in tables], axis=0)
+        terms.append((seed_means.var(ddof=1) / num_seeds, num_seeds - 1))
     for table in tables:
         num_items = table.shape[1]
-        item_weights = rng.multinomial(num_items, np.full(num_items, 1 / num_items), replicates)
-        totals += np.einsum("bs,si,bi->b", seed_weights, table, item_weights) / (
-            num_seeds * num_items
-        )
-    draws = totals / len(tables)
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail])
-    # a constant table gives a constant statistic: keep the interval exact there
-    return estimate, float(min(low, estimate)), float(max(high, estimate))
+        item_means = table.mean(axis=0)
+        item_square = item_means.var(ddof=1)
+        if num_seeds > 1:
+            residual = table - table.mean(axis=1, keepdims=True) - item_means + table.mean()
+            residual_df = (num_seeds - 1) * (num_items - 1)
+            item_square -= (residual**2).sum() / residual_df / num_seeds
+        terms.append((max(item_square, 0.0) / (num_tasks**2 * num_items), num_items - 1))
+    return Interval(estimate, tuple(terms))
 
 
-def seed_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): Student t interval over seeds; NaN bounds with one seed."""
+def seed_interval(values: list[float]) -> Interval:
+    """Student t interval over seeds (S - 1 df); NaN bounds with one seed."""
     values = np.asarray([v for v in values if v is not None], dtype=float)
     if values.size == 0:
-        return float("nan"), float("nan"), float("nan")
+        return undefined(float("nan"))
     mean = float(values.mean())
     if values.size < 2:
-        return mean, float("nan"), float("nan")
-    if np.all(values == values[0]):
-        return mean, mean, mean
-    low, high = stats.t.interval(CONFIDENCE, values.size - 1, loc=mean, scale=stats.sem(values))
-    return mean, float(low), float(high)
+        return undefined(mean)
+    return Interval(mean, ((float(values.var(ddof=1)) / values.size, values.size - 1),))
 
 
-def aligned(items_a: dict, items_b: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Two cells' per-item scores of one task as (seeds, items) arrays over the same item
-    ids (in sorted order). items_*: list over seeds of {item id: score}."""
-    ids = sorted(items_a[0])
-    for scores in [*items_a, *items_b]:
-        if set(scores) != set(ids):
-            raise ValueError(f"{where}: the evals scored different items; compare on one split")
-    return (
-        np.array([[scores[i] for i in ids] for scores in items_a]),
-        np.array([[scores[i] for i in ids] for scores in items_b]),
-    )
+def paired_seeds(seeds_a: list, seeds_b: list) -> list[tuple]:
+    """The (seed of a, seed of b) pairs: the same seed id on both sides; a single replicate
+    (the base model) pairs with every seed of the other side."""
+    if len(seeds_a) == 1:
+        return [(seeds_a[0], seed) for seed in seeds_b]
+    if len(seeds_b) == 1:
+        return [(seed, seeds_b[0]) for seed in seeds_a]
+    if len(set(seeds_a)) != len(seeds_a) or len(set(seeds_b)) != len(seeds_b):
+        raise ValueError(f"cannot pair seeds {seeds_a} with {seeds_b}: a seed id repeats")
+    if set(seeds_a) != set(seeds_b):
+        raise ValueError(
+            f"cannot pair seeds {sorted(seeds_a, key=str)} with {sorted(seeds_b, key=str)}: "
+            f"{sorted(set(seeds_a) ^ set(seeds_b), key=str)} on one side only"
+        )
+    return [(seed, seed) for seed in seeds_a]
 
 
-def paired_seed_count(seeds_a: list, seeds_b: list) -> int:
-    """Seeds pair by position; a single replicate (the base model) pairs with every seed."""
-    count = max(len(seeds_a), len(seeds_b))
-    if len(seeds_a) not in (1, count) or len(seeds_b) not in (1, count):
-        raise ValueError(f"cannot pair {len(seeds_a)} seeds with {len(seeds_b)}")
-    return count
+def item_ids(scores_a: dict, scores_b: dict, where: str) -> list:
+    """The item ids both per-item score maps share (sorted); they must be the same."""
+    if set(scores_a) != set(scores_b):
+        raise ValueError(f"{where}: the evals scored different items; compare on one split")
+    return sorted(scores_a)
 
 
-def paired_difference(
-    cell_a: list[dict], cell_b: list[dict], tasks: list[str]
-) -> tuple[float, float, float]:
-    """Mean over `tasks` of cell_a minus cell_b, with its paired two-level interval.
+def paired_difference(cell_a: dict, cell_b: dict, tasks: list[str]) -> Interval:
+    """Mean over `tasks` of cell_a minus cell_b, with its paired interval.
 
-    cell_*: per seed, {task: {item id: score}}. Seeds are paired by position; a cell with
-    one replicate (the base model) is compared with every seed of the other."""
-    count = paired_seed_count(cell_a, cell_b)
+    cell_*: {seed id: {task: {item id: score}}}; seeds pair by id (`paired_seeds`), items
+    by id."""
+    pairs = paired_seeds(list(cell_a), list(cell_b))
     tables = []
     for task in tasks:
-        a, b = aligned([s[task] for s in cell_a], [s[task] for s in cell_b], task)
-        tables.append(np.broadcast_to(a, (count, a.shape[1])) - b)
-    return two_level_bootstrap(tables)
+        ids = item_ids(cell_a[pairs[0][0]][task], cell_b[pairs[0][1]][task], task)
+        rows = []
+        for seed_a, seed_b in pairs:
+            a, b = cell_a[seed_a][task], cell_b[seed_b][task]
+            item_ids(a, b, f"{task} (seeds {seed_a}, {seed_b})")
+            rows.append([a[i] - b[i] for i in ids])
+        tables.append(np.array(rows))
+    return crossed_interval(tables)
 
 
-def paired_seed_difference(
-    values_a: list[float], values_b: list[float]
-) -> tuple[float, float, float]:
-    """(mean, low, high) of a - b for a metric with one number per seed (KL to base), seeds
-    paired by position (a single value, the base model's, pairs with every seed): the
-    Student t interval of the per-seed differences."""
-    count = paired_seed_count(values_a, values_b)
-    a = np.broadcast_to(np.asarray(values_a, dtype=float), count)
-    b = np.broadcast_to(np.asarray(values_b, dtype=float), count)
-    return seed_interval(list(a - b))
+def paired_seed_difference(values_a: dict, values_b: dict) -> Interval:
+    """a - b for a metric with one number per seed (KL to base): the Student t interval of
+    the per-seed differences. values_*: {seed id: value}, paired as `paired_seeds`."""
+    pairs = paired_seeds(list(values_a), list(values_b))
+    return seed_interval([values_a[a] - values_b[b] for a, b in pairs])
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given (NaN stays NaN and does not
+    count in the family)."""
+    known = [(p, i) for i, p in enumerate(p_values) if not math.isnan(p)]
+    adjusted = [float("nan")] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(known)):
+        running = max(running, min(1.0, (len(known) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def corrected(interval: Interval, p_value: float, adjusted: float) -> Interval:
+    """The interval at the level a Holm-adjusted p-value tests: it excludes 0 exactly when
+    the adjusted p-value is below ALPHA."""
+    if math.isnan(adjusted) or adjusted == 0:
+        return interval
+    return interval.at(1 - ALPHA * min(1.0, p_value / adjusted))
+
+
+def equivalence(interval: Interval, margin: float, alpha: float = ALPHA) -> tuple[str, float]:
+    """(verdict, TOST p-value) of "|true value| < margin": "equivalent" when the whole
+    1 - 2 alpha interval lies within +-margin, "not equivalent" when it lies wholly beyond
+    the margin, "inconclusive" otherwise (and without a margin or an interval)."""
+    if not margin > 0 or math.isnan(interval.standard_error):
+        return "inconclusive", float("nan")
+    below = interval.one_sided_p(interval.estimate + margin)
+    above = interval.one_sided_p(margin - interval.estimate)
+    return equivalence_verdict(interval.at(1 - 2 * alpha), margin), max(below, above)
+
+
+def equivalence_verdict(interval: Interval, margin: float) -> str:
+    if -margin < interval.low and interval.high < margin:
+        return "equivalent"
+    if interval.low > margin or interval.high < -margin:
+        return "not equivalent"
+    return "inconclusive"

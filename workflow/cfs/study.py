@@ -319,6 +319,33 @@ class Study:
     def seeded(self, path: str) -> list[str]:
         return [path.format(seed=seed) for seed in self.seeds]
 
+    def check_primary_claim(self) -> None:
+        """claims.primary, when set, names a context-free cell and a cell it is compared
+        with (cfs.report's verdicts), both in the grid."""
+        primary = self.config["claims"]["primary"]
+        if primary is None:
+            return
+        cells = self.cells()
+        for key in ("cell", "versus"):
+            if primary[key] not in cells:
+                raise ValueError(
+                    f"config key claims.primary.{key}: {primary[key]!r} is not a cell of the "
+                    f"study (its cells: {', '.join(cells)})"
+                )
+        cell, versus = parse_cell(primary["cell"]), parse_cell(primary["versus"])
+        other = METHODS[versus["method"]]
+        compared = cell["method"] == PROPOSED and (
+            (other.claim and all(cell.get(k) == versus.get(k) for k in other.paired_on))
+            or versus["method"] == PROPOSED
+            and sum(cell[k] != versus[k] for k in METHODS[PROPOSED].knobs) == 1
+        )
+        if not compared:
+            raise ValueError(
+                f"config key claims.primary: {primary['cell']} versus {primary['versus']} is "
+                "no comparison the study makes (a context-free cell against plain, a method "
+                "with a claim at the same paired knobs, or another context-free cell)"
+            )
+
     def check(self) -> None:
         """What the schema cannot say; the message names the config key."""
         for model in self.study["models"]:
@@ -374,6 +401,7 @@ class Study:
                     f"one of {', '.join(STAGES)}, METHOD a trained method: "
                     f"{', '.join(m for m in METHODS if METHODS[m].trains)})"
                 )
+        self.check_primary_claim()
         num_train = self.config["task"].get("num_train", 0)
         for name in self.methods:
             if METHODS[name].samples not in ("context_free", "contextual") or not num_train:

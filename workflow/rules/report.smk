@@ -50,9 +50,11 @@ rule summary_table:
         **stage_resources("report"),
     params:
         study=STUDY.name,
+        claims=as_arg(config["claims"]),
     shell:
         "python -m cfs.report table --evals {input} --out {output.summary}"
         " --differences {output.differences} --verdicts {output.verdicts}"
+        " --claims {params.claims}"
         " --page {output.page} --study {params.study} > {log} 2>&1"
 
 
