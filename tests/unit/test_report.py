@@ -351,3 +351,20 @@ def test_differences_carry_each_forgetting_task(tmp_path):
     tasks = [by_metric.loc[f"forgetting:{task}", "difference"] for task in FORGETTING]
     assert np.mean(tasks) == pytest.approx(by_metric.loc["forgetting_avg", "difference"])
     assert (rows["p_value"].between(0, 1)).all()
+
+
+def test_every_baseline_that_runs_gets_a_verdict_whatever_its_sign(tmp_path):
+    """A WiSE-FT cell that keeps more than context-free data is answered, "contradicted";
+    the same samples as a weighted term are compared with mixing them in (approximates)."""
+    paths = write_study(tmp_path)
+    shifted_copy(paths, "temp1/ratio1", "wiseft/alpha0.5", {"alpha": 0.5}, 0.1, 0.1)
+    weighted = {"temperature": 1.0, "ratio": 1.0, "lambda": 1.0}
+    shifted_copy(paths, "temp1/ratio1", "cf_weighted/temp1/ratio1/lambda1", weighted, 0.0, 0.2)
+    verdicts = report.build_verdicts(report.read_cells(all_paths(paths)), CLAIMS)
+    rows = verdicts.set_index("comparison")
+    wiseft = rows.loc["context_free T1 r1 - wiseft α0.5"]
+    assert wiseft.claim == METHODS["wiseft"].claim
+    assert wiseft.verdict == "contradicted", wiseft
+    same = rows.loc["context_free T1 r1 - weighted_synthetic T1 r1 λ1"]
+    assert same.claim == METHODS["weighted_synthetic"].claim
+    assert same.verdict in ("equivalent", "inconclusive"), same

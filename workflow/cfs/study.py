@@ -156,14 +156,35 @@ METHODS = {
             claim="pretraining replay keeps less than context-free data",
             paired_on=("ratio",),
         ),
-        Method("lora", "lora/rank{rank}", trains="lora"),
-        Method("l2", "l2/lambda{lambda}", trains="l2"),
-        Method("wiseft", "wiseft/alpha{alpha}", trains=None, stage="merge"),
+        # every baseline that runs gets a verdict, whatever its sign: "contradicted" says
+        # the baseline keeps more than context-free data
+        Method(
+            "lora",
+            "lora/rank{rank}",
+            trains="lora",
+            claim="context-free data keeps more than LoRA",
+        ),
+        Method(
+            "l2",
+            "l2/lambda{lambda}",
+            trains="l2",
+            claim="context-free data keeps more than L2 toward the original weights",
+        ),
+        Method(
+            "wiseft",
+            "wiseft/alpha{alpha}",
+            trains=None,
+            stage="merge",
+            claim="context-free data keeps more than WiSE-FT",
+        ),
         Method(
             "weighted_synthetic",
             "cf_weighted/temp{temperature}/ratio{ratio}/lambda{lambda}",
             "context_free",
             trains="weighted_synthetic",
+            claim="mixing the samples in does what the same samples as a weighted term do",
+            paired_on=("temperature", "ratio"),
+            claim_kind="approximates",
         ),
         Method(
             "kl_to_base",
