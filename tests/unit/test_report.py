@@ -368,3 +368,28 @@ def test_every_baseline_that_runs_gets_a_verdict_whatever_its_sign(tmp_path):
     same = rows.loc["context_free T1 r1 - weighted_synthetic T1 r1 λ1"]
     assert same.claim == METHODS["weighted_synthetic"].claim
     assert same.verdict in ("equivalent", "inconclusive"), same
+
+
+def test_the_primary_claim_is_checked_with_each_forgetting_task_left_out(tmp_path):
+    """Context-free data keeps more than plain on cfs_animals only: with it left out, the
+    claim is inconclusive."""
+    paths = write_study(tmp_path)
+    for path, plain_path in zip(paths["temp1/ratio1"], paths["ratio0"], strict=True):
+        record, plain = json.loads(path.read_text()), json.loads(plain_path.read_text())
+        record["items"]["cfs_capitals"] = plain["items"]["cfs_capitals"]  # no gain there
+        path.write_text(json.dumps(record))
+    cells = report.read_cells(all_paths(paths))
+    left_out = report.leave_one_task_out(cells, report.build_verdicts(cells, CLAIMS))
+    by_task = left_out.set_index("left_out")
+    assert list(by_task.index) == FORGETTING
+    assert by_task.loc["cfs_capitals", "verdict"] == "supported"
+    assert by_task.loc["cfs_animals", "verdict"] == "inconclusive"
+    assert by_task.loc["cfs_animals", "difference"] == pytest.approx(0.0, abs=1e-12)
+    page = report.results_page(
+        "s",
+        report.build_summary(all_paths(paths)),
+        pd.DataFrame(columns=["model", "label", "versus", "metric", "difference", "low", "high"]),
+        report.build_verdicts(cells, CLAIMS),
+        left_out,
+    )
+    assert "## The primary claim without each forgetting task" in page

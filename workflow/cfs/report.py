@@ -426,6 +426,34 @@ def build_verdicts(cells: list[Cell], claims: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
+def leave_one_task_out(cells: list[Cell], verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The primary comparison's forgetting average with each forgetting task left out in
+    turn (paired interval, uncorrected, as the primary's own): whether the claim rests on
+    one task."""
+    rows = []
+    for verdict_row in verdicts[verdicts["primary"].astype(bool)].itertuples():
+        own = {c.label: c for c in cells if c.info.get("model") == verdict_row.model}
+        cell_label, other_label = verdict_row.comparison.split(" - ")
+        cell, other = own[cell_label], own[other_label]
+        tasks = cell.task_names("forgetting_avg")
+        for left_out in tasks:
+            kept = [task for task in tasks if task != left_out]
+            interval = paired_difference(cell.items(), other.items(), kept)
+            rows.append(
+                {
+                    "model": verdict_row.model,
+                    "comparison": verdict_row.comparison,
+                    "left_out": left_out,
+                    "difference": interval.estimate,
+                    "low": interval.low,
+                    "high": interval.high,
+                    "verdict": verdict("keeps_more", interval.low, interval.high),
+                }
+            )
+    columns = ["model", "comparison", "left_out", "difference", "low", "high", "verdict"]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def cell_card(eval_paths: list[Path]) -> dict:
     """One cell over its seeds, for results/{model}/{cell}/eval.json."""
     cells = read_cells(eval_paths)
@@ -499,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
                 log.info("%s: %s (%s)", row.verdict, row.claim, row.comparison)
         if args.page:
             with atomic_path(args.page) as tmp:
-                tmp.write_text(results_page(args.study, summary, differences, verdicts))
+                robustness = leave_one_task_out(cells, verdicts)
+                tmp.write_text(results_page(args.study, summary, differences, verdicts, robustness))
     else:
         summary = pd.read_csv(args.summary)
         differences = pd.read_csv(args.differences) if args.differences else None

@@ -64,15 +64,20 @@ def precisions(summary: pd.DataFrame) -> list[str]:
 
 
 def results_page(
-    name: str, summary: pd.DataFrame, differences: pd.DataFrame, verdicts: pd.DataFrame
+    name: str,
+    summary: pd.DataFrame,
+    differences: pd.DataFrame,
+    verdicts: pd.DataFrame,
+    left_out: pd.DataFrame | None = None,
 ) -> str:
     level = f"{CONFIDENCE:.0%}"
     lines = [
         f"# Study `{name}`: results",
         "",
         f"Written {datetime.date.today().isoformat()} on {machine()}. Target and forgetting "
-        f"average in percent; every interval is {level} (seeds and test items resampled; "
-        "KL to base: Student t over seeds).",
+        f"average in percent; every interval is {level}, seeds paired by id (seed and "
+        "test-item variance components; KL to base: Student t over seeds); the primary "
+        "claim is tested at 5%, the other verdicts Holm-corrected.",
         "",
         *precisions(summary),
         "## Each cell",
@@ -116,6 +121,17 @@ def results_page(
         for row in verdicts.itertuples()
     ]
     lines += markdown_table(["claim", "comparison", "on forgetting avg", "on KL to base"], rows)
+    if left_out is not None and not left_out.empty:
+        lines += ["", "## The primary claim without each forgetting task", ""]
+        rows = [
+            [
+                row.comparison,
+                row.left_out,
+                f"{row.verdict} ({signed(row.difference, row.low, row.high, 100)})",
+            ]
+            for row in left_out.itertuples()
+        ]
+        lines += markdown_table(["comparison", "left out", "forgetting avg of the rest"], rows)
     lines += ["", "## Figures", ""]
     for model in summary["model"].unique():
         lines += [f"![{model} {figure}](figures/{model}_{figure}.png)" for figure in FIGURES]
