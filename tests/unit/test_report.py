@@ -393,3 +393,26 @@ def test_the_primary_claim_is_checked_with_each_forgetting_task_left_out(tmp_pat
         left_out,
     )
     assert "## The primary claim without each forgetting task" in page
+
+
+def test_summary_and_page_carry_each_tasks_acc_and_acc_norm(tmp_path):
+    paths = write_study(tmp_path)
+    for path in all_paths(paths):
+        record = json.loads(path.read_text())
+        record["lm_eval"] = {
+            task: {"acc,none": 0.25, "acc_norm,none": 0.75, "p_correct,none": 0.5}
+            for task in FORGETTING
+        }
+        path.write_text(json.dumps(record))
+    summary = report.build_summary(all_paths(paths))
+    assert (summary["acc:cfs_animals"] == 0.25).all()
+    assert (summary["acc_norm:cfs_capitals"] == 0.75).all()
+    page = report.results_page(
+        "s",
+        summary,
+        pd.DataFrame(columns=["model", "label", "versus", "metric", "difference", "low", "high"]),
+        pd.DataFrame(columns=report.VERDICT_COLUMNS),
+    )
+    section = page[page.index("## Each forgetting task") :].splitlines()
+    row = next(line for line in section if line.startswith("| tiny | plain |"))
+    assert row.count(" / 25.0 / 75.0 |") == len(FORGETTING), row

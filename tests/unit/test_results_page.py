@@ -27,7 +27,8 @@ def test_the_page_has_every_cell_verdict_and_figure(tmp_path):
     rows = [line for line in page.splitlines() if line.startswith("| tiny | ")]
     summary = pd.read_csv(out / "summary.csv")
     against_plain = pd.read_csv(out / "differences.csv").query("versus == 'plain'")
-    expected = len(summary) + against_plain["label"].nunique()
+    # each cell's row, its row of differences from plain, its row of forgetting tasks
+    expected = 2 * len(summary) + against_plain["label"].nunique()
     assert len(rows) == expected, f"{len(rows)} rows of cells, expected {expected}:\n{page}"
     for label in summary["label"]:
         assert f"| tiny | {label} |" in page, f"no row for {label}:\n{page}"

@@ -54,6 +54,7 @@ from cfs.study import (
 
 log = logging.getLogger("cfs.report")
 KNOBS = tuple(KNOB_LABELS)
+ACCURACIES = ("acc,none", "acc_norm,none")  # lm-eval's multiple-choice accuracies
 ITEM_METRICS = ("target", "forgetting_avg")  # scored per test item: seeds x items
 SEED_METRICS = ("kl_to_base", "heldout_nll")  # one number per seed: t interval over seeds
 
@@ -141,6 +142,11 @@ def summary_row(cell: Cell) -> dict:
     forgetting = [record["metrics"]["forgetting"] for record in cell.records]
     for task in forgetting[0]:
         row[f"forgetting:{task}"] = sum(f[task] for f in forgetting) / len(forgetting)
+        # lm-eval's accuracies beside the configured metric, where the task reports them
+        for name in ACCURACIES:
+            values = [record.get("lm_eval", {}).get(task, {}).get(name) for record in cell.records]
+            if all(isinstance(value, int | float) for value in values):
+                row[f"{name.partition(',')[0]}:{task}"] = sum(values) / len(values)
     base = cell.records[0].get("base")
     if base:
         row["base_target"] = base["target"]

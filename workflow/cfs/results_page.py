@@ -63,6 +63,23 @@ def precisions(summary: pd.DataFrame) -> list[str]:
     return [" ".join(lines), ""] if lines else []
 
 
+def per_task(summary: pd.DataFrame) -> list[str]:
+    """Each cell's mean of each forgetting task: the configured metric, then lm-eval's acc
+    and acc_norm where the task reports them (percent, means over seeds)."""
+    tasks = [c.partition(":")[2] for c in summary.columns if c.startswith("forgetting:")]
+    if not tasks:
+        return []
+    lines = ["", "## Each forgetting task (configured metric / acc / acc_norm)", ""]
+    rows = []
+    for row in summary.to_dict("records"):  # itertuples would rename "acc:<task>"
+        cells = [row["model"], row["label"]]
+        for task in tasks:
+            values = [row.get(f"{name}:{task}") for name in ("forgetting", "acc", "acc_norm")]
+            cells.append(" / ".join("" if pd.isna(v) else f"{100 * v:.1f}" for v in values))
+        rows.append(cells)
+    return lines + markdown_table(["model", "cell", *tasks], rows)
+
+
 def results_page(
     name: str,
     summary: pd.DataFrame,
@@ -121,6 +138,7 @@ def results_page(
         for row in verdicts.itertuples()
     ]
     lines += markdown_table(["claim", "comparison", "on forgetting avg", "on KL to base"], rows)
+    lines += per_task(summary)
     if left_out is not None and not left_out.empty:
         lines += ["", "## The primary claim without each forgetting task", ""]
         rows = [
