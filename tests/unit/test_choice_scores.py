@@ -77,3 +77,15 @@ def test_p_correct_is_the_softmax_probability_of_the_correct_choice(tasks):
     # equal log-likelihoods: chance
     even = tasks["cfs_capitals"].process_results(doc, [(-2.0, False)] * 4)
     assert even["p_correct"] == pytest.approx(0.25)
+
+
+def test_p_correct_norm_does_not_penalise_a_long_right_answer(tasks):
+    """A right answer twice as long as its distractors, with twice their log-likelihood
+    (the same per character): p_correct puts it below chance, p_correct_norm at chance."""
+    doc = {"stem": "A baby swan is a", "choices": ["cub", "calf", "cygnet", "kid"], "answer": 2}
+    lengths = np.array([len(choice) for choice in doc["choices"]], dtype=float)
+    loglikelihoods = -0.5 * lengths  # the same log-likelihood per character for all four
+    scores = tasks["cfs_animals"].process_results(doc, [(ll, False) for ll in loglikelihoods])
+    assert scores["p_correct"] < 0.2
+    assert scores["p_correct_norm"] == pytest.approx(0.25)
+    assert scores["acc_norm"] in (0.0, 1.0)
