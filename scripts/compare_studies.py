@@ -3,8 +3,8 @@ the verdicts, and each run's core-seconds (e.g. the default in float32 and in bf
 
     .venv/bin/python scripts/compare_studies.py RUN_A RUN_B [--names fp32 bf16] [--json F]
 
-RUN_A, RUN_B: folders holding a finished study's results/ (each a checkout where the study
-ran); the study's tables are read from results/studies/<--study>/. A cell's numbers agree
+RUN_A, RUN_B: checkouts where a study ran (its tables in results/studies/<--study>/), or
+folders of its tables (docs/results/<date>). A cell's numbers agree
 when each run's estimate lies inside the other run's 95% interval. Core-seconds are the
 sum of the wall seconds of every job's timing file under results/benchmarks/ (one thread
 per job: seconds are core-seconds).
@@ -29,12 +29,18 @@ def core_seconds(run: Path, column: str = "s") -> dict[str, float]:
     less than wall seconds."""
     import pandas as pd
 
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {}  # none for a folder of tables
     for path in sorted((run / "results" / "benchmarks").rglob("*.tsv")):
         rule = path.relative_to(run / "results" / "benchmarks").parts[0]
         value = float(pd.read_csv(path, sep="\t")[column].iloc[-1])
         seconds[rule] = seconds.get(rule, 0.0) + value
     return seconds
+
+
+def tables_folder(run: Path, study: str) -> Path:
+    """A run's tables: the folder itself where it holds them (docs/results/<date>), else
+    results/studies/<study>/ of the checkout where the study ran."""
+    return run if (run / "summary.csv").is_file() else run / "results" / "studies" / study
 
 
 def table(rows: list[list], header: list[str]) -> str:
@@ -54,7 +60,7 @@ def main() -> None:
     parser.add_argument("--study", default="default")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    folders = [run / "results" / "studies" / args.study for run in args.runs]
+    folders = [tables_folder(run, args.study) for run in args.runs]
     summaries = [pd.read_csv(folder / "summary.csv").set_index("label") for folder in folders]
     verdicts = [pd.read_csv(folder / "verdicts.csv") for folder in folders]
     rows, agree = [], {}
@@ -107,10 +113,11 @@ def main() -> None:
     cost_rows.append(["total", *(f"{t:,.0f}" for t in totals + cpu_totals)])
     header = ["rule", *(f"{n} wall s" for n in args.names), *(f"{n} CPU s" for n in args.names)]
     print(table(cost_rows, header))
-    print(
-        f"{args.names[0]} / {args.names[1]}: {totals[0] / totals[1]:.2f}x wall, "
-        f"{cpu_totals[0] / cpu_totals[1]:.2f}x CPU"
-    )
+    if all(totals):
+        print(
+            f"{args.names[0]} / {args.names[1]}: {totals[0] / totals[1]:.2f}x wall, "
+            f"{cpu_totals[0] / cpu_totals[1]:.2f}x CPU"
+        )
     if args.json:
         figures = {
             "runs": [str(run) for run in args.runs],
