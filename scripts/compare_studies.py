@@ -122,7 +122,7 @@ def main() -> None:
         figures = {
             "runs": [str(run) for run in args.runs],
             "names": args.names,
-            "agree": agree,
+            "agree": {key: bool(value) for key, value in agree.items()},
             "same_verdicts": same_verdicts,
             "verdicts": len(verdict_rows),
             "core_seconds": dict(zip(args.names, seconds, strict=True)),
