@@ -260,11 +260,12 @@ def test_verdicts_answer_the_claims_of_every_method_with_one(study):
         for knobs in grid.values()
         if grammar.METHODS[knobs["method"]].claim
     }
-    assert len(expected) == 5, expected  # plain, contextual, replay, kl_to_base, the toy
+    # plain, contextual, replay, LoRA, L2, WiSE-FT, the weighted term, kl_to_base, the toy
+    assert len(expected) == 9, expected
     verdicts = pd.read_csv(study["results"] / "studies" / "default" / "verdicts.csv")
     comparisons = dict(zip(verdicts["comparison"], verdicts["claim"], strict=True))
     assert comparisons == expected
-    answers = {"supported", "contradicted", "inconclusive"}
+    answers = {"supported", "contradicted", "inconclusive", "equivalent", "not equivalent"}
     for column in ("verdict", "kl_verdict"):
         assert set(verdicts[column]) <= answers, f"{column}: {sorted(set(verdicts[column]))}"
     approximates = verdicts[verdicts["claim"].str.contains("approximates")].iloc[0]

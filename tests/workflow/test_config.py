@@ -143,8 +143,11 @@ def test_a_primary_claim_outside_the_grid_is_rejected_by_name():
 
 def test_a_primary_claim_the_study_does_not_compare_is_rejected():
     config = default_config()
-    # both cells run, but WiSE-FT has no claim: no verdict compares them
-    config["claims"]["primary"] = {"cell": "temp1/ratio1", "versus": "wiseft/alpha0.5"}
+    # both cells run, but the exact penalty is compared only at its own temperature and ratio
+    config["claims"]["primary"] = {
+        "cell": "temp1/ratio0.5",
+        "versus": "kl_to_base/temp1/ratio1/lambda1",
+    }
     assert_refused(config, "claims.primary", "no comparison the study makes")
 
 

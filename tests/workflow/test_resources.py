@@ -37,6 +37,7 @@ def test_fine_tune_rule_starts_one_process_per_gpu(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     config = tiny_config(tmp_path / "no_model_needed")
     config["study"].update(temperatures=[1.0], ratios=[0])
+    config["claims"]["primary"] = None  # plain fine-tuning alone: nothing to compare
     config["models"]["tiny"]["resources"] = {"train_gpus": 2, "gpus": 1, "mem_mb": 16000}
     (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     result = run_snakemake(repo, "-n", "-p", "results/tiny/ratio0/seed0/model")
