@@ -34,6 +34,8 @@ munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 print_env() {
     echo "export SLURM_CONF=$CONF"
     echo "export CFS_SLURM_STATUS_COMMAND=squeue"
+    # the advertised GPUs are not real: the stages run their GPU jobs on the CPU
+    if [ "$GPUS" -gt 0 ]; then echo "export CFS_GPUS_ON_CPU=1"; fi
 }
 
 start_munge() {

@@ -102,6 +102,8 @@ def local_slurm(tmp_path_factory):
             for line in started.stdout.splitlines()
             if line.startswith("export ")
         )
+        # the node's GPUs are advertised, not real: its GPU jobs run on the CPU
+        assert client_env.get("CFS_GPUS_ON_CPU") == "1", started.stdout
         yield {"dir": state, "env": client_env}
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)

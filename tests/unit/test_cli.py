@@ -119,6 +119,17 @@ def test_a_stage_given_a_gpu_it_cannot_see_stops_at_start(monkeypatch, stage, ar
         module.main([*argv, "--gpus", "1"])
 
 
+def test_a_test_node_that_advertises_gpus_it_lacks_runs_gpu_jobs_on_the_cpu(monkeypatch):
+    import torch
+    from cfs.cli import require_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SettingsError):
+        require_gpus(2)
+    monkeypatch.setenv("CFS_GPUS_ON_CPU", "1")
+    require_gpus(2)  # scripts/local_slurm.sh's advertised GPUs: the CPU it is
+
+
 def test_a_gpu_stage_without_cuda_exits_with_the_message():
     """As the rule runs it, a process of its own: one clear line, exit status 1."""
     import subprocess

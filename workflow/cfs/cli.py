@@ -66,9 +66,15 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+# A test cluster whose nodes advertise GPUs they do not have (scripts/local_slurm.sh): its
+# GPU jobs run on the CPU.
+GPUS_ON_CPU = "CFS_GPUS_ON_CPU"
+
+
 def require_gpus(gpus: int) -> None:
-    """A job given GPUs that torch cannot see stops at start, not after hours on the CPU."""
-    if not gpus:
+    """A job given GPUs that torch cannot see stops at start, not after hours on the CPU,
+    unless CFS_GPUS_ON_CPU=1 says the GPUs were never real."""
+    if not gpus or os.environ.get(GPUS_ON_CPU) == "1":
         return
     import torch
 
@@ -77,7 +83,8 @@ def require_gpus(gpus: int) -> None:
             f"this job was given {gpus} GPU(s) (models.<name>.resources gpus) but torch "
             f"{torch.__version__} sees no CUDA device (CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); not running on the CPU instead. "
-            "Run it on a GPU node, or set the model's gpus to 0 to run it on the CPU"
+            "Run it on a GPU node, or set the model's gpus to 0 to run it on the CPU "
+            f"({GPUS_ON_CPU}=1: a test node that advertises GPUs it does not have)"
         )
 
 
