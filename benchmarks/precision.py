@@ -19,6 +19,7 @@ over its seconds. --profile: the top operators of one bf16 run of each.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -176,20 +177,25 @@ def compare_scores(a: dict, b: dict) -> dict:
 
 
 def quick_inputs(work: Path) -> tuple[Path, dict]:
-    """--quick: a tiny model, the default task's data and a few context-free samples."""
+    """--quick: a tiny model, the default task's data and a few context-free samples, in a
+    scratch folder holding tasks/ and the data as prepare_task_data writes it (lm-eval
+    reads both relative to the working folder, which becomes that folder)."""
     from cfs.artifacts import write_jsonl
     from cfs.data import prepare_arithmetic
 
     model_dir = tiny_model(work / "tiny")
-    train_set, test_set = prepare_arithmetic({**load_config()["task"], "num_train": 8})
-    samples = [
-        {"prompt_token_id": 1, "token_ids": list(range(3, 19)), "finish_reason": "length"}
-    ] * 4
-    return model_dir, {
+    task = load_config()["task"]
+    train_set, test_set = prepare_arithmetic({**task, "num_train": 8})
+    samples = [{"prompt_token_id": 1, "token_ids": list(range(3, 19)), "finish_reason": "length"}]
+    shutil.copytree(REPO / "tasks", work / "tasks")
+    data = work / "results" / "data" / task["name"]
+    inputs = {
         "train": write_jsonl(work / "train.jsonl", [{**r, "kind": "task"} for r in train_set]),
-        "test": write_jsonl(work / "test.jsonl", test_set),
-        "heldout": write_jsonl(work / "heldout.jsonl", samples),
+        "test": write_jsonl(data / "test.jsonl", test_set),
+        "heldout": write_jsonl(work / "heldout.jsonl", samples * 4),
     }
+    os.chdir(work)
+    return model_dir, inputs
 
 
 def main() -> None:
@@ -200,6 +206,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.json:
+        args.json = str(Path(args.json).resolve())  # --quick works in a scratch folder
     quiet()
     threads = set_threads(args.threads)
     from cfs.modeling import compute_precision
