@@ -557,6 +557,9 @@ def expected_jobs(config: dict) -> dict[str, int]:
         for knob in METHODS[name].knobs:
             count *= len(values(name, knob))
         cells[name] = count
+    for name in cells:  # a trained cell again at each of its extra learning rates
+        if METHODS[name].trains:
+            cells[name] *= 1 + len(sections.get(name, {}).get("learning_rates") or [])
     used = [name for name, count in cells.items() if count]
     temperatures = {kind: set() for kind in SAMPLE_RULES}
     for name in used:
@@ -572,7 +575,8 @@ def expected_jobs(config: dict) -> dict[str, int]:
         mix_at_ratio=mixed + (1 if on_task_set else 0),
         fine_tune=trained,
         interpolate_wiseft=sum(cells[name] for name in used if not METHODS[name].trains),
-        evaluate_finetuned=sum(cells.values()),
+        # each cell's eval, and each fine-tune's at every point along training
+        evaluate_finetuned=sum(cells.values()) + trained * len(config["train"]["evaluate_at"]),
     )
     per_model = {rule: count * num_seeds for rule, count in per_seed.items()}
     per_model.update(

@@ -68,7 +68,8 @@ def test_training_arguments_accumulate_to_the_effective_batch(tmp_path):
 
 @pytest.fixture(scope="module")
 def fine_tuned(tiny_model_dir, tmp_path_factory):
-    """One real 2-step fine-tune of the tiny model on a small mixed set, via the CLI."""
+    """One real 2-step fine-tune of the tiny model on a small mixed set, via the CLI, its
+    model also saved after half its steps."""
     root = tmp_path_factory.mktemp("fine_tune")
     cf = context_free_samples(2, tokens=(60, 70, 80), index=False)
     data = write_jsonl(root / "train.jsonl", task_records(6, seed=1) + cf)
@@ -84,11 +85,19 @@ def fine_tuned(tiny_model_dir, tmp_path_factory):
             json.dumps(settings),
             "--checkpoints",
             str(checkpoints),
+            "--snapshots",
+            str(root / "at0.5" / "seed0" / "snapshot"),
             "--out",
             str(out),
         ]
     )
-    return {"out": out, "checkpoints": checkpoints, "root": root, "data": data}
+    return {
+        "out": out,
+        "checkpoints": checkpoints,
+        "root": root,
+        "data": data,
+        "half": root / "at0.5" / "seed0" / "snapshot",
+    }
 
 
 def test_fine_tune_writes_model_with_logs_and_provenance(fine_tuned):
@@ -110,6 +119,15 @@ def test_fine_tune_writes_model_with_logs_and_provenance(fine_tuned):
     assert prov["seed"] == 0
     assert prov["data"] == str(fine_tuned["data"])
     assert prov["settings"]["learning_rate"] == 5e-3
+
+
+def test_the_model_after_half_the_steps_is_saved_as_a_model_of_its_own(fine_tuned, tiny_model_dir):
+    half = fine_tuned["half"]
+    summary = json.loads((half / "train_log.json").read_text())["summary"]
+    assert (summary["step"], summary["max_steps"], summary["fraction"]) == (1, 2, 0.5)
+    assert_weights_differ(tiny_model_dir, half)
+    assert_weights_differ(half, fine_tuned["out"])
+    assert json.loads((half / "config.json").read_text())["use_cache"] is True
 
 
 def test_fine_tune_counts_trained_tokens(fine_tuned, tokenizer):

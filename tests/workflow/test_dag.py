@@ -114,6 +114,31 @@ def test_three_seeds_replicate_every_cell(repo):
             assert path in output, f"{path} not in the dry run"
 
 
+def test_learning_rates_and_points_along_training_are_cells_of_their_own(repo):
+    """A learning rate of plain fine-tuning's sweep is a cell of its own, trained at that
+    rate on plain's training set; each fine-tune also saves its model at each fraction of
+    train.evaluate_at, evaluated there like a cell."""
+    config = default_config()
+    config["study"]["seeds"] = [0]
+    config["methods"]["plain"] = {"learning_rates": [2.0e-4]}
+    config["train"]["evaluate_at"] = [0.5]
+    output = dry_run_with(repo, "rates_and_points.yaml", config, "-p")
+    stats = job_stats(output)
+    stats.pop("figures")
+    assert stats == expected_jobs(config)
+    model = config["study"]["models"][0]
+    cell = f"results/{model}/ratio0/lr0.0002"
+    fine_tunes = [block for rule, block in jobs(output) if rule == "fine_tune"]
+    (own,) = [block for block in fine_tunes if f"{cell}/seed0/model" in block]
+    assert '"learning_rate": 0.0002' in own
+    assert f"--data results/{model}/ratio0/seed0/train.jsonl" in own
+    assert f"--snapshots {cell}/at0.5/seed0/snapshot" in own
+    others = [block for block in fine_tunes if block is not own]
+    assert all('"learning_rate": 0.0002' not in block for block in others)
+    for path in (f"{cell}/at0.5/seed0/eval.json", f"results/{model}/ratio0/at0.5/seed0/eval.json"):
+        assert path in output, f"{path} not in the dry run"
+
+
 def test_a_single_seed_number_is_a_list_of_one(repo):
     config = default_config()
     config["study"]["seeds"] = 7

@@ -308,7 +308,8 @@ def evaluation_jobs(config, model, study, spec: Assumption) -> list[Job]:
         tokens += min(questions, limit) * entry["repeats"] * min(length, cap)
     decode = decode_hours(tokens, spec.decode_tokens_per_s)
     hours = (decode[0] + spec.eval_fixed_hours[0], decode[1] + spec.eval_fixed_hours[1])
-    cells = ["base"] + [f"{cell} seed{seed}" for cell in study.cells() for seed in study.seeds]
+    evaluated = study.cells() + study.point_cells()  # points along training too
+    cells = ["base"] + [f"{cell} seed{seed}" for cell in evaluated for seed in study.seeds]
     jobs = []
     for name in cells:
         rule = "evaluate_base" if name == "base" else "evaluate_finetuned"

@@ -5,7 +5,10 @@ cfs.train, cfs.report and the cluster resources all derive from this module.
 
 A cell is one point of the grid (a method and its knob values); each cell runs once per
 seed of `study.seeds`, under `<cell>/seed<S>/`, and `<cell>/eval.json` stands for the
-cell over its seeds.
+cell over its seeds. A trained cell may end in `/lr<rate>` (a learning rate of
+`methods.<name>.learning_rates`, trained instead of train.learning_rate) and then in
+`/at<fraction>` (its model after that fraction of the optimizer steps, train.evaluate_at:
+a point along training, evaluated like a cell).
 """
 
 from __future__ import annotations
@@ -28,8 +31,20 @@ KNOB_PATTERNS = {
     "rank": INTEGER,
     "lambda": NUMBER,
     "alpha": NUMBER,
+    "learning_rate": NUMBER,
+    "fraction": NUMBER,
 }
-KNOB_LABELS = {"temperature": "T", "ratio": "r", "rank": "rank", "lambda": "λ", "alpha": "α"}
+KNOB_LABELS = {
+    "temperature": "T",
+    "ratio": "r",
+    "rank": "rank",
+    "lambda": "λ",
+    "alpha": "α",
+    "learning_rate": "lr",
+    "fraction": "at",
+}
+# The optional suffixes of a trained cell, in path order: knob -> its path prefix.
+TRAINING_SUFFIXES = {"learning_rate": "lr", "fraction": "at"}
 
 # What each knob means, for the claims that ask whether it matters.
 KNOB_MEANINGS = {"temperature": "the generation temperature", "ratio": "the data ratio"}
@@ -118,15 +133,24 @@ class Method:
         """Its samples feed a loss term of their own instead of the training set."""
         return self.samples is not None and not self.mixes
 
-    def pattern(self, named: bool = True) -> str:
-        """The cell path as a regular expression (named groups for the knobs)."""
+    def pattern(self, named: bool = True, suffixes=("learning_rate", "fraction")) -> str:
+        """The cell path as a regular expression (named groups for the knobs), with the
+        optional training suffixes of `suffixes` where the method trains."""
         parts = []
         for literal, field, _, _ in string.Formatter().parse(self.path):
             parts.append(re.escape(literal))
             if field:
-                value = KNOB_PATTERNS[field]
-                parts.append(f"(?P<{field}>{value})" if named else f"(?:{value})")
+                parts.append(knob_group(field, named))
+        if self.trains:
+            for knob in suffixes:
+                group = knob_group(knob, named)
+                parts.append(f"(?:/{TRAINING_SUFFIXES[knob]}{group})?")
         return "".join(parts)
+
+
+def knob_group(knob: str, named: bool) -> str:
+    value = KNOB_PATTERNS[knob]
+    return f"(?P<{knob}>{value})" if named else f"(?:{value})"
 
 
 # The method the study is about: every claim compares it with another cell.
@@ -253,14 +277,21 @@ def model_resource(config: dict, model, stage: str, key: str, method=None, defau
     return next((resources[k] for k in keys if k in resources), default)
 
 
-def alternatives(methods) -> str:
-    """One regular expression matching the cells of any of `methods`."""
-    return "|".join(METHODS[name].pattern(named=False) for name in methods)
+def alternatives(methods, suffixes=("learning_rate", "fraction")) -> str:
+    """One regular expression matching the cells of any of `methods` (trained cells with
+    the optional suffixes of `suffixes`)."""
+    return "|".join(METHODS[name].pattern(False, suffixes) for name in methods)
 
 
 def fmt(value) -> str:
     """A number as it appears in paths: 0.5 -> '0.5', 1.0 -> '1', 1e6 -> '1000000'."""
     return np.format_float_positional(float(value), trim="-")
+
+
+def untrained_part(cell: str) -> str:
+    """The cell without its training suffixes: 'temp1/ratio1/lr0.0002/at0.5' ->
+    'temp1/ratio1', whose training set it shares."""
+    return re.sub(r"(/(lr|at)\d+(?:\.\d+)?)+$", "", cell)
 
 
 def parse_cell(cell: str) -> dict:
@@ -271,6 +302,7 @@ def parse_cell(cell: str) -> dict:
             knobs = {
                 key: int(value) if key == "rank" else float(value)
                 for key, value in match.groupdict().items()
+                if value is not None
             }
             if method.name == "plain":
                 knobs["ratio"] = 0.0
@@ -309,6 +341,16 @@ class Study:
         seeds = self.study["seeds"]
         return [seeds] if isinstance(seeds, int) else list(seeds)
 
+    def learning_rates(self, method: str) -> list[float]:
+        """methods.<method>.learning_rates: rates a trained method also runs at, each a
+        cell of its own (`<cell>/lr<rate>`) beside the one at the configured rate."""
+        return list(self.config.get("methods", {}).get(method, {}).get("learning_rates") or [])
+
+    @property
+    def evaluate_at(self) -> list[float]:
+        """train.evaluate_at: the fractions of a fine-tune's steps its model is evaluated at."""
+        return list(self.config["train"].get("evaluate_at") or [])
+
     def knob_values(self, method: str, knob: str) -> list:
         """methods.<method>.<knob>s, else study.<knob>s; ratios without 0."""
         plural = f"{knob}s"
@@ -321,21 +363,35 @@ class Study:
         """methods.<method> without its sweeps (the lists of knob values): what every cell
         of the method shares, so adding a value to a sweep changes no other cell's job."""
         section = self.config.get("methods", {}).get(method, {})
-        sweeps = {f"{knob}s" for knob in KNOB_PATTERNS}
+        sweeps = {f"{knob}s" for knob in KNOB_PATTERNS} | {"learning_rates"}
         return {key: value for key, value in section.items() if key not in sweeps}
 
     def method_cells(self, method: str) -> list[str]:
+        """The method's cells, each trained one also at each of its extra learning rates."""
         spec = METHODS[method]
         if method == "plain":
-            return [spec.path] if 0 in self.study["ratios"] else []
-        grids = [[]]
-        for knob in spec.knobs:
-            grids = [g + [(knob, value)] for g in grids for value in self.knob_values(method, knob)]
-        return [spec.path.format(**{k: fmt(v) for k, v in grid}) for grid in grids]
+            cells = [spec.path] if 0 in self.study["ratios"] else []
+        else:
+            grids = [[]]
+            for knob in spec.knobs:
+                values = self.knob_values(method, knob)
+                grids = [g + [(knob, value)] for g in grids for value in values]
+            cells = [spec.path.format(**{k: fmt(v) for k, v in grid}) for grid in grids]
+        rates = self.learning_rates(method) if spec.trains else []
+        return [*cells, *(f"{cell}/lr{fmt(rate)}" for cell in cells for rate in rates)]
 
     def cells(self) -> list[str]:
         """Every cell: plain fine-tuning (ratio 0) and each configured method's."""
         return [cell for name in ["plain", *self.methods] for cell in self.method_cells(name)]
+
+    def point_cells(self) -> list[str]:
+        """Every trained cell's points along training (`<cell>/at<fraction>`)."""
+        return [
+            f"{cell}/at{fmt(fraction)}"
+            for cell in self.cells()
+            if METHODS[parse_cell(cell)["method"]].trains
+            for fraction in self.evaluate_at
+        ]
 
     def seeded(self, path: str) -> list[str]:
         return [path.format(seed=seed) for seed in self.seeds]
@@ -382,11 +438,18 @@ class Study:
                     f"config key study.methods: unknown method '{name}' "
                     f"(known: {', '.join(configurable)})"
                 )
-        for name in self.config.get("methods", {}):
-            if name not in configurable:
+        for name, section in self.config.get("methods", {}).items():
+            if name not in METHODS:
                 raise ValueError(
-                    f"config key methods.{name}: unknown method (known: {', '.join(configurable)})"
+                    f"config key methods.{name}: unknown method (known: {', '.join(METHODS)})"
                 )
+            if name == "plain" and set(section) - {"learning_rates"}:
+                raise ValueError(
+                    "config key methods.plain: plain fine-tuning takes only learning_rates "
+                    "(its other settings are under `train`)"
+                )
+            if section.get("learning_rates") and not METHODS[name].trains:
+                raise ValueError(f"config key methods.{name}.learning_rates: {name} does not train")
         for name in self.methods:
             spec = METHODS[name]
             if "ratio" in spec.knobs and "temperature" in spec.knobs:

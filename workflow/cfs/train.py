@@ -57,6 +57,7 @@ from cfs.objectives import (
     synthetic_draws,
 )
 from cfs.saving import save_fine_tuned
+from cfs.snapshots import parse_snapshots
 from cfs.study import METHODS, Method
 
 log = logging.getLogger("cfs.train")
@@ -153,10 +154,12 @@ def fine_tune(
     synthetic: Path | None = None,
     heldout: Path | None = None,
     target_test: Path | None = None,
+    snapshots: dict[float, Path] | None = None,
 ) -> dict:
     """Fine-tune the model at `model_dir` on `data` with the cell's method; `synthetic`:
     the samples of a synthetic loss term; `heldout` and `target_test`: the forgetting
-    curves' held-out context-free samples and target problems (train.curve_every)."""
+    curves' held-out context-free samples and target problems (train.curve_every);
+    `snapshots`: {fraction of the steps: folder} of the models saved along training."""
     from datasets import Dataset
 
     from cfs.trainer import (
@@ -235,6 +238,12 @@ def fine_tune(
         trainer.add_callback(
             forgetting_curves(trainer, *curve_inputs, tokenizer, settings, checkpoints)
         )
+    saved_along = None
+    if snapshots:
+        from cfs.snapshots import Snapshots
+
+        saved_along = Snapshots(trainer, tokenizer, settings, data, snapshots, checkpoints)
+        trainer.add_callback(saved_along)
     fingerprint = run_fingerprint(model_dir, data, settings)
     for extra in (synthetic, heldout, target_test):
         if extra is not None:
@@ -265,6 +274,8 @@ def fine_tune(
     if isinstance(regularizer, WeightedSyntheticLoss):
         summary["synthetic_term"] = synthetic_draws(regularizer)
     save_fine_tuned(trainer, tokenizer, settings, data, summary, out)
+    if saved_along and is_main_process():
+        saved_along.finish()
     if is_main_process() and not settings["keep_checkpoints"]:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return summary
@@ -279,6 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--heldout", type=Path, help="curves: held-out context-free samples")
     parser.add_argument("--target-test", type=Path, help="curves: held-out target problems")
+    parser.add_argument(
+        "--snapshots",
+        nargs="*",
+        help="folders <cell>/at<FRACTION>/seed<S>/snapshot: the model after that share of steps",
+    )
     parser.add_argument("--checkpoints", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="fine-tuned model folder")
     args = parser.parse_args(argv)
@@ -295,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         synthetic=args.synthetic,
         heldout=args.heldout,
         target_test=args.target_test,
+        snapshots=parse_snapshots(args.snapshots),
     )
     log.info("done: %s", summary)
 

@@ -24,6 +24,7 @@ from cfs.study import (
     fmt,
     parse_cell,
     replay_sources,
+    untrained_part,
 )
 
 # `python -m cfs.<stage>` must import this checkout's package whichever environment runs
@@ -40,15 +41,21 @@ try:
 except ValueError as error:
     raise WorkflowError(str(error)) from None
 
-MIXED_CELL = alternatives(["plain"] + [m.name for m in METHODS.values() if m.mixes])
-TRAINED_CELL = alternatives([m.name for m in METHODS.values() if m.trains])
+MIXED_CELL = alternatives(
+    ["plain"] + [m.name for m in METHODS.values() if m.mixes], suffixes=()
+)
+# a fine-tune's cell: a learning rate of its own, never a point along training
+TRAINED_CELL = alternatives(
+    [m.name for m in METHODS.values() if m.trains], suffixes=("learning_rate",)
+)
 EVAL_CELL = alternatives(METHODS)
 # The study's tables and figures, under its name: studies sharing one results/ folder
 # share their cells' jobs but never overwrite each other's tables.
 REPORT_DIR = f"results/studies/{STUDY.name}"
 RESULTS_PAGE = f"{REPORT_DIR}/results.md"
 REPORT_TABLES = {
-    name: f"{REPORT_DIR}/{name}.csv" for name in ("summary", "differences", "verdicts")
+    name: f"{REPORT_DIR}/{name}.csv"
+    for name in ("summary", "differences", "verdicts", "frontier")
 }
 
 
@@ -88,12 +95,35 @@ def seed_evals(model, cell):
 
 
 def all_evals():
-    """Each model's base eval and, per cell, every seed's eval."""
+    """Each model's base eval and, per cell and per point along training, every seed's
+    eval."""
     paths = []
     for model in STUDY.study["models"]:
         paths.append(f"results/{model}/base/eval.json")
-        paths.extend(path for cell in STUDY.cells() for path in seed_evals(model, cell))
+        cells = STUDY.cells() + STUDY.point_cells()
+        paths.extend(path for cell in cells for path in seed_evals(model, cell))
     return paths
+
+
+def snapshot_models():
+    """A fine-tune's models at the fractions of its steps of train.evaluate_at, kept
+    until their evaluations are done."""
+    return [
+        temp(
+            directory(
+                f"results/{{model}}/{{cell}}/at{fmt(fraction)}/seed{{seed}}/snapshot"
+            )
+        )
+        for fraction in STUDY.evaluate_at
+    ]
+
+
+def evaluated_model(wildcards):
+    """The model folder an eval reads: a fine-tune's (or merge's) model, or its snapshot
+    at a point along training (its own name: no other job's output looks like it)."""
+    folder = f"results/{wildcards.model}/{wildcards.cell}/seed{wildcards.seed}"
+    point = parse_cell(wildcards.cell).get("fraction") is not None
+    return f"{folder}/snapshot" if point else f"{folder}/model"
 
 
 def cell_cards():
@@ -176,7 +206,7 @@ def mix_params(wildcards, input):
 def train_inputs(wildcards):
     """Base model, training set and (for a separate synthetic loss term) the samples."""
     method = METHODS[parse_cell(wildcards.cell)["method"]]
-    set_cell = wildcards.cell if method.mixes else PLAIN_CELL
+    set_cell = untrained_part(wildcards.cell) if method.mixes else PLAIN_CELL
     inputs = {
         "model": f"results/models/{wildcards.model}/base",
         "data": f"results/{wildcards.model}/{set_cell}/seed{wildcards.seed}/train.jsonl",
@@ -272,7 +302,11 @@ def train_settings(cell, seed):
     name = knobs.pop("method")
     options = STUDY.method_options(name)
     settings = {**config["train"], "seed": int(seed)}
-    learning_rate = options.pop("learning_rate", None)
+    # the cell's own rate (a sweep's /lr suffix), else the method's, else train's
+    learning_rate = knobs.pop("learning_rate", None) or options.pop(
+        "learning_rate", None
+    )
+    options.pop("learning_rate", None)
     if learning_rate:
         settings["learning_rate"] = learning_rate
     settings["method"] = {**options, **knobs, "name": name}

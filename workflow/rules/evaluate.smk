@@ -27,7 +27,7 @@ rule evaluate_base:
 rule evaluate_finetuned:
     input:
         checks=ancient(TASK_CHECK),
-        model="results/{model}/{cell}/seed{seed}/model",
+        model=evaluated_model,
         base_model="results/models/{model}/base",
         base_eval="results/{model}/base/eval.json",
         heldout="results/{model}/heldout/context_free.jsonl",

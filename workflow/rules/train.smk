@@ -3,6 +3,8 @@ rule fine_tune:
         unpack(train_inputs),
     output:
         model=directory("results/{model}/{cell}/seed{seed}/model"),
+        # the model along training (train.evaluate_at), kept until evaluated
+        snapshots=snapshot_models(),
     log:
         "results/logs/fine_tune/{model}/{cell}/seed{seed}.log",
     benchmark:
@@ -27,7 +29,8 @@ rule fine_tune:
         " $launch -m cfs.train --model {input.model} --data {input.data}"
         " {params.flags} --settings {params.settings}"
         " --threads {threads} --gpus {resources.gpu}"
-        " --checkpoints {params.checkpoints} --out {output.model} > {log} 2>&1"
+        " --checkpoints {params.checkpoints} --snapshots {output.snapshots}"
+        " --out {output.model} > {log} 2>&1"
 
 
 # WiSE-FT (a baseline): no training, the plain fine-tune's weights interpolated with the
