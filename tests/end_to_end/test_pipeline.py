@@ -19,6 +19,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
+from cfs.frontier import family_of
 from cfs.report import cell_label
 from cfs.study import FIGURES, METHODS, PROPOSED
 from conftest import (
@@ -64,8 +65,11 @@ def every_method_config(model_dir):
         "kl_to_base": {**synthetic, "lambdas": [1.0]},
         "toy": {**synthetic, "lambdas": [2.0]},
     }
+    config["methods"]["plain"] = {"learning_rates": []}
     config["train"]["logging_steps"] = 1  # each regulariser's term is in the log
     config["train"]["curve_every"] = 2
+    config["train"]["evaluate_at"] = [0.5]  # every fine-tune also evaluated halfway
+    config["claims"]["matched_target_gain"] = 0.25
     return config
 
 
@@ -144,10 +148,15 @@ def grid_jobs(config, grammar) -> dict[str, set[str]]:
         for seed in study.seeds:
             folder = f"results/{MODEL}/{cell}/seed{seed}"
             if spec.mixes or spec.name == "plain":
-                jobs.setdefault("mix_at_ratio", set()).add(f"{folder}/train.jsonl")
+                # a cell at another learning rate trains on its cell's set
+                mixed = f"results/{MODEL}/{grammar.untrained_part(cell)}/seed{seed}"
+                jobs.setdefault("mix_at_ratio", set()).add(f"{mixed}/train.jsonl")
             rule = "fine_tune" if spec.trains else "interpolate_wiseft"
             jobs.setdefault(rule, set()).add(f"{folder}/model")
             jobs.setdefault("evaluate_finetuned", set()).add(f"{folder}/eval.json")
+            for fraction in study.evaluate_at if spec.trains else []:
+                point = f"results/{MODEL}/{cell}/at{fmt(fraction)}/seed{seed}/eval.json"
+                jobs["evaluate_finetuned"].add(point)
             if spec.samples:
                 fields = {k: fmt(v) for k, v in knobs.items() if k != "method"}
                 path = SAMPLE_KINDS[spec.samples].path.format(seed=seed, **fields)
@@ -184,7 +193,9 @@ def new_jobs(before, after, grammar) -> dict[str, set[str]]:
     added = {rule: new[rule] - old.get(rule, set()) for rule in new}
     # a cell with a new seed is summarised again over its seeds
     added["summarise_seeds"] = {
-        path.rsplit("/seed", 1)[0] + "/eval.json" for path in added["evaluate_finetuned"]
+        path.rsplit("/seed", 1)[0] + "/eval.json"
+        for path in added["evaluate_finetuned"]
+        if "/at" not in path.rsplit("/seed", 1)[0].rsplit("/", 1)[-1]
     }
     return {rule: paths for rule, paths in added.items() if paths} | reporting(
         after["study"].get("name", "default")
@@ -251,21 +262,39 @@ def test_summary_has_one_finite_row_per_cell(study):
 
 def test_verdicts_answer_the_claims_of_every_method_with_one(study):
     """Each method with a claim in the grammar (the toy's included) against the one
-    context-free cell: one verdict per pair."""
+    context-free cell at the end of training: one verdict per pair. At the matched target
+    gain: every method against plain fine-tuning's frontier, and context-free data against
+    every other method."""
     grammar = study["grammar"]
     grid = {cell: grammar.parse_cell(cell) for cell in grammar.Study(study["config"]).cells()}
     (proposed,) = [cell_label(knobs) for knobs in grid.values() if knobs["method"] == PROPOSED]
     expected = {
-        f"{proposed} - {cell_label(knobs)}": grammar.METHODS[knobs["method"]].claim
+        f"{proposed} - {cell_label(knobs)}": f"{grammar.METHODS[knobs['method']].claim} "
+        "(at the end of training)"
         for knobs in grid.values()
         if grammar.METHODS[knobs["method"]].claim
     }
     # plain, contextual, replay, LoRA, L2, WiSE-FT, the weighted term, kl_to_base, the toy
     assert len(expected) == 9, expected
     verdicts = pd.read_csv(study["results"] / "studies" / "default" / "verdicts.csv")
-    comparisons = dict(zip(verdicts["comparison"], verdicts["claim"], strict=True))
+    matched = verdicts["comparison"].str.endswith(" at matched target")
+    at_end = verdicts[~matched]
+    comparisons = dict(zip(at_end["comparison"], at_end["claim"], strict=True))
     assert comparisons == expected
+    families = {
+        family_of(knobs) for knobs in grid.values() if grammar.METHODS[knobs["method"]].trains
+    } | {"wiseft"}
+    others = families - {"plain", proposed}
+    expected_matched = {f"{family} - plain" for family in families - {"plain"}} | {
+        f"{proposed} - {other}" for other in others
+    }
+    found = {c.removesuffix(" at matched target") for c in verdicts.loc[matched, "comparison"]}
+    assert found == expected_matched
+    assert verdicts.loc[verdicts["primary"], "comparison"].tolist() == [
+        f"{proposed} - plain at matched target"
+    ]
     answers = {"supported", "contradicted", "inconclusive", "equivalent", "not equivalent"}
+    answers.add("target gain not reached")  # a tiny random model learns little of the task
     for column in ("verdict", "kl_verdict"):
         assert set(verdicts[column]) <= answers, f"{column}: {sorted(set(verdicts[column]))}"
     approximates = verdicts[verdicts["claim"].str.contains("approximates")].iloc[0]
@@ -273,6 +302,26 @@ def test_verdicts_answer_the_claims_of_every_method_with_one(study):
     assert min(margins) > 0, f"(margin, kl_margin) {margins}, expected positive"
     differences = pd.read_csv(study["results"] / "studies" / "default" / "differences.csv")
     assert set(differences["method"]) == set(cells(study).values()) - {"base"}
+
+
+def test_every_fine_tune_has_a_path_through_its_point_halfway(study):
+    """frontier.csv: each fine-tune's path from the base model through its model after
+    half its steps to its end; the end is the cell's own evaluation, and the model saved
+    halfway is gone once it was evaluated."""
+    frontier = pd.read_csv(study["results"] / "studies" / "default" / "frontier.csv")
+    summary = pd.read_csv(study["results"] / "studies" / "default" / "summary.csv")
+    trained = summary[[bool(study["grammar"].METHODS[m].trains) for m in summary["method"]]]
+    ends = summary.set_index("label")
+    base = ends.loc["base"]
+    for label in trained["label"]:
+        path = frontier[frontier["path"] == label]
+        assert path["position"].tolist() == [0.0, 0.5, 1.0], label
+        end = path.iloc[-1]
+        assert end["target_change"] == pytest.approx(ends.loc[label, "target"] - base["target"])
+        assert end["kl_to_base"] == pytest.approx(ends.loc[label, "kl_to_base"])
+    halfway = list((study["results"] / MODEL).glob("**/at0.5/seed0/*"))
+    assert "eval.json" in {p.name for p in halfway}
+    assert [p for p in halfway if p.name == "snapshot"] == [], "a model kept after its eval"
 
 
 def test_every_figure_is_drawn(study):
@@ -391,6 +440,7 @@ ADDITIONS = {
     "l2_lambda": add_value("methods.l2.lambdas", 10),
     "weighted_synthetic_lambda": add_value("methods.weighted_synthetic.lambdas", 2.0),
     "wiseft_alpha": add_value("methods.wiseft.alphas", 0.25),
+    "plain_learning_rate": add_value("methods.plain.learning_rates", 2e-3),
 }
 
 
@@ -435,6 +485,9 @@ def small_study(study) -> dict:
     name: its jobs are the study's own; run once, only its tables and figures execute."""
     config = copy.deepcopy(study["config"])
     config["study"].update(name="small", methods=["context_free"])
+    # no points along training: an evaluation change then re-runs no fine-tune (a point's
+    # model is kept only until it is evaluated)
+    config["train"]["evaluate_at"] = []
     result = run(study["repo"], config, "small.yaml")
     assert result.returncode == 0, failure_report(study["repo"], result)
     assert_executed(result, reporting("small"), "small")

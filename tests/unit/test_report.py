@@ -59,7 +59,11 @@ CELLS = {  # cell path (cfs.study's grammar): (method, knobs, target p, forgetti
 }
 
 
-CLAIMS = {"primary": {"cell": "temp1/ratio1", "versus": "ratio0"}, "equivalence_margin": 0.25}
+CLAIMS = {
+    "primary": {"cell": "temp1/ratio1", "versus": "ratio0"},
+    "equivalence_margin": 0.25,
+    "matched_target_gain": None,
+}
 
 
 def write_study(root, model="tiny", seeds=(0, 1, 2), cells=CELLS) -> dict[str, list]:
@@ -332,6 +336,26 @@ def test_approximating_the_exact_penalty_is_an_equivalence_test(tmp_path, shift,
         assert row.low > 0, "the case of a difference that excludes 0 inside the margin"
 
 
+def test_the_sampled_term_is_compared_with_the_exact_penalty_it_estimates(tmp_path):
+    """weighted_synthetic's term is an unbiased estimate of kl_to_base's at the same
+    lambda and samples per step: one equivalence row per such pair, none across lambdas."""
+    paths = write_study(tmp_path)
+    for lam in (1.0, 2.0):
+        knobs = {"temperature": 1.0, "ratio": 1.0, "lambda": lam}
+        shifted_copy(
+            paths, "temp1/ratio1", f"kl_to_base/temp1/ratio1/lambda{lam:g}", knobs, 0.0, 0.2
+        )
+    weighted = {"temperature": 1.0, "ratio": 1.0, "lambda": 1.0}
+    shifted_copy(paths, "temp1/ratio1", "cf_weighted/temp1/ratio1/lambda1", weighted, -0.2, 0.5)
+    verdicts = report.build_verdicts(report.read_cells(all_paths(paths)), CLAIMS)
+    rows = verdicts[verdicts["claim"].str.startswith("weighted_synthetic's sampled term")]
+    assert rows["comparison"].tolist() == ["weighted_synthetic T1 r1 λ1 - kl_to_base T1 r1 λ1"]
+    row = rows.iloc[0]
+    assert row.forgetting_avg_difference == pytest.approx(-0.2, abs=0.02)
+    assert row.verdict == "not equivalent"  # 0.2 apart, against a margin of 0.25 x 0.35
+    assert row.kl_to_base_difference == pytest.approx(0.3)
+
+
 def test_seeds_pair_by_id_and_a_missing_seed_is_named(tmp_path):
     paths = write_study(tmp_path)
     record = json.loads(paths["replay/ratio1"][2].read_text())
@@ -379,7 +403,7 @@ def test_the_primary_claim_is_checked_with_each_forgetting_task_left_out(tmp_pat
         record["items"]["cfs_capitals"] = plain["items"]["cfs_capitals"]  # no gain there
         path.write_text(json.dumps(record))
     cells = report.read_cells(all_paths(paths))
-    left_out = report.leave_one_task_out(cells, report.build_verdicts(cells, CLAIMS))
+    left_out = report.leave_one_task_out(cells, report.build_verdicts(cells, CLAIMS), CLAIMS)
     by_task = left_out.set_index("left_out")
     assert list(by_task.index) == FORGETTING
     assert by_task.loc["cfs_capitals", "verdict"] == "supported"

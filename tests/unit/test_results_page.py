@@ -20,6 +20,7 @@ def test_the_page_has_every_cell_verdict_and_figure(tmp_path):
         ["table", "--evals", *map(str, all_paths(paths)), "--out", str(out / "summary.csv")]
         + ["--differences", str(out / "differences.csv"), "--verdicts", str(out / "verdicts.csv")]
         + ["--page", str(out / "results.md"), "--study", "made_up"]
+        + ["--frontier", str(out / "frontier.csv")]
         + ["--claims", json.dumps(CLAIMS)]
     )
     page = (out / "results.md").read_text()
@@ -27,8 +28,11 @@ def test_the_page_has_every_cell_verdict_and_figure(tmp_path):
     rows = [line for line in page.splitlines() if line.startswith("| tiny | ")]
     summary = pd.read_csv(out / "summary.csv")
     against_plain = pd.read_csv(out / "differences.csv").query("versus == 'plain'")
-    # each cell's row, its row of differences from plain, its row of forgetting tasks
-    expected = 2 * len(summary) + against_plain["label"].nunique()
+    frontier = pd.read_csv(out / "frontier.csv").query("position > 0")
+    # each cell's row, its row of differences from plain, its row of forgetting tasks, and
+    # each point of each method's path from base
+    expected = 2 * len(summary) + against_plain["label"].nunique() + len(frontier)
+    assert len(frontier) == 6  # each trained cell's end: no points along training here
     assert len(rows) == expected, f"{len(rows)} rows of cells, expected {expected}:\n{page}"
     for label in summary["label"]:
         assert f"| tiny | {label} |" in page, f"no row for {label}:\n{page}"

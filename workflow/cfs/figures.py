@@ -9,7 +9,10 @@ forgetting curves (cfs.curves); every error bar and band is a 95% interval.
   KL to base and the target, with the paired intervals the verdicts use, and a line at 0;
 - curves: KL to base and held-out NLL against the optimizer step, one line per cell, the
   band over seeds;
-- target_vs_kl: the held-out target loss against KL to base along training.
+- target_vs_kl: the held-out target loss against KL to base along training;
+- frontier: each method's path from the base model (cfs.frontier: its points along
+  training, WiSE-FT's alphas), the forgetting average's change and KL to base against the
+  target gain, in points, with the intervals over seeds and items at each point.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ def _tradeoff_figure(group: pd.DataFrame, title: str, methods: list[str] | None 
     base_target = base["target"].iloc[0] if not base.empty else 0.0
     if methods is not None:
         group = group[group["method"].isin(methods)]
+    scores = [f"{m}{s}" for m in ("target", "forgetting_avg") for s in ("", "_low", "_high")]
+    group = group.assign(**{column: group[column] * 100 for column in scores})  # points
+    base_target *= 100
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     marker = markers()
     for method in [m for m in report_order() if m in set(group["method"])]:
@@ -110,10 +116,10 @@ def _tradeoff_figure(group: pd.DataFrame, title: str, methods: list[str] | None 
                     axis.annotate(
                         knobs, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points"
                     )
-    axes[0].set_xlabel("forgetting-task average (higher = less forgetting)")
+    axes[0].set_xlabel("forgetting-task average, points (higher = less forgetting)")
     axes[1].set_xlabel("KL(base || model) per token (lower = closer to base)")
     for axis in axes:
-        axis.set_ylabel(f"target gain over base ({CONFIDENCE:.0%} interval)")
+        axis.set_ylabel(f"target gain over base, points ({CONFIDENCE:.0%} interval)")
         axis.axhline(0.0, color="grey", linewidth=0.5)
         axis.legend(fontsize=7)
     figure.suptitle(title)
@@ -126,21 +132,22 @@ def _forest_figure(differences: pd.DataFrame, title: str):
     metric, the paired 95% interval of each difference."""
     import matplotlib.pyplot as plt
 
-    metrics = [
-        ("forgetting_avg", "forgetting average"),
-        ("kl_to_base", "KL(base || model) per token"),
-        ("target", "target metric"),
+    metrics = [  # scores in points, as the tables give them
+        ("forgetting_avg", "forgetting average (points)", 100),
+        ("kl_to_base", "KL(base || model) per token", 1),
+        ("target", "target metric (points)", 100),
     ]
     labels = list(dict.fromkeys(differences["label"]))
     figure, axes = plt.subplots(
         1, len(metrics), figsize=(13, 1.2 + 0.35 * max(len(labels), 2)), sharey=True
     )
-    for axis, (metric, name) in zip(axes, metrics, strict=True):
+    for axis, (metric, name, scale) in zip(axes, metrics, strict=True):
         for offset, versus, color in ((-0.15, "plain", "C0"), (0.15, "base", "C1")):
             rows = differences[
                 (differences["metric"] == metric) & (differences["versus"] == versus)
             ]
             rows = rows.set_index("label").reindex(labels).dropna(subset=["difference"])
+            rows = rows[["difference", "low", "high"]] * scale
             y = [labels.index(label) + offset for label in rows.index]
             error = [
                 (rows["difference"] - rows["low"]).clip(lower=0).fillna(0),
@@ -243,6 +250,49 @@ def read_curves(paths: list[Path], summary: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
+def _frontier_figure(frontier: pd.DataFrame, title: str):
+    """Per path: forgetting change and KL to base against the target gain, in points."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    colours = {}
+    gain = frontier["target_change"] * 100
+    gain_err = [
+        (gain - frontier["target_change_low"] * 100).clip(lower=0),
+        (frontier["target_change_high"] * 100 - gain).clip(lower=0),
+    ]
+    for axis, column, scale, name in (
+        (axes[0], "forgetting_avg_change", 100, "forgetting average change (points)"),
+        (axes[1], "kl_to_base", 1, "KL(base || model) per token"),
+    ):
+        for path, rows in frontier.groupby("path", sort=False):
+            family = rows["family"].iloc[0]
+            index = rows.index
+            value = rows[column] * scale
+            colour = colours.setdefault(family, f"C{len(colours) % 10}")
+            axis.errorbar(
+                gain[index],
+                value,
+                xerr=[gain_err[0][index], gain_err[1][index]],
+                yerr=[
+                    (value - rows[f"{column}_low"] * scale).clip(lower=0),
+                    (rows[f"{column}_high"] * scale - value).clip(lower=0),
+                ],
+                marker="o",
+                markersize=4,
+                capsize=2,
+                color=colour,
+                linestyle="-" if family == path.split(" lr")[0] else "--",
+                label=path,
+            )
+        axis.set_xlabel("target gain over base (points)")
+        axis.set_ylabel(f"{name}, {CONFIDENCE:.0%} intervals")
+        axis.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
 def _empty_figure(title: str, text: str):
     import matplotlib.pyplot as plt
 
@@ -259,6 +309,7 @@ def write_figures(
     model: str | None = None,
     differences: pd.DataFrame | None = None,
     curves: pd.DataFrame | None = None,
+    frontier: pd.DataFrame | None = None,
 ) -> list[Path]:
     import matplotlib
 
@@ -276,6 +327,9 @@ def write_figures(
         )
         own_curves = curves[curves["model"] == model] if curves is not None else pd.DataFrame()
         no_curves = "no forgetting curves (train.curve_every: 0)"
+        own_frontier = (
+            frontier[frontier["model"] == model] if frontier is not None else pd.DataFrame()
+        )
         figures = {
             "vs_temperature": _sweep_figure(
                 group, "temperature", "ratio", f"{model}: against generation temperature"
@@ -303,6 +357,11 @@ def write_figures(
                 _target_vs_kl_figure(own_curves, f"{model}: target loss against KL along training")
                 if not own_curves.empty
                 else _empty_figure(model, no_curves)
+            ),
+            "frontier": (
+                _frontier_figure(own_frontier, f"{model}: each method's path from base")
+                if not own_frontier.empty
+                else _empty_figure(model, "no frontier (no base model evaluation)")
             ),
         }
         assert set(figures) == set(FIGURES)

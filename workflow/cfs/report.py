@@ -31,6 +31,7 @@ from cfs.artifacts import atomic_path, read_json, write_json
 from cfs.cli import parse_settings, run_stage
 from cfs.errors import DataError
 from cfs.figures import read_curves, write_figures
+from cfs.frontier import family_of, frontier_table, matched_comparisons
 from cfs.results_page import results_page
 from cfs.statistics import (
     CONFIDENCE,
@@ -213,7 +214,11 @@ def build_differences(cells: list[Cell]) -> pd.DataFrame:
     rows = []
     for model in sorted({c.info.get("model") for c in cells}):
         own = [c for c in cells if c.info.get("model") == model and c.has_items()]
-        references = {c.info["method"]: c for c in own if c.info["method"] in ("base", "plain")}
+        references = {
+            c.info["method"]: c
+            for c in own
+            if c.info["method"] in ("base", "plain") and c.info.get("learning_rate") is None
+        }
         for cell in own:
             if cell.info["method"] == "base":
                 continue
@@ -260,14 +265,19 @@ def verdict(kind: str, low: float, high: float) -> str:
     raise ValueError(f"not a superiority claim: {kind!r}")
 
 
+ESTIMATE_PAIRED_ON = ("temperature", "ratio", "lambda")
+
+
 def claim_comparisons(cells: list[Cell]):
     """(claim, context-free cell, other cell, kind of claim: `verdict`). Each method with
     a claim in cfs.study.METHODS is compared with every context-free cell that shares its
-    `paired_on` knobs; within context-free data, each knob's largest value is compared with
-    its smallest at the same other knobs."""
+    `paired_on` knobs; a method that `estimates` another's term with that method's cell
+    at the same temperature, ratio and lambda; within context-free data, each knob's
+    largest value is compared with its smallest at the same other knobs."""
     by_method = defaultdict(list)
     for cell in cells:
-        by_method[cell.info["method"]].append(cell)
+        if cell.info.get("learning_rate") is None:  # the other rates: frontiers only
+            by_method[cell.info["method"]].append(cell)
     proposed = by_method[PROPOSED]
     for name, spec in METHODS.items():
         if spec.claim is None:
@@ -276,6 +286,16 @@ def claim_comparisons(cells: list[Cell]):
             for cell in proposed:
                 if all(cell.info.get(k) == other.info.get(k) for k in spec.paired_on):
                     yield spec.claim, cell, other, spec.claim_kind
+    for name, spec in METHODS.items():
+        if spec.estimates is None:
+            continue
+        claim = (
+            f"{name}'s sampled term approximates {spec.estimates} at equal λ and samples per step"
+        )
+        for cell in by_method[name]:
+            for other in by_method[spec.estimates]:
+                if all(cell.info.get(k) == other.info.get(k) for k in ESTIMATE_PAIRED_ON):
+                    yield claim, cell, other, "approximates"
     knobs = METHODS[PROPOSED].knobs
     for knob in knobs:
         lines = defaultdict(list)
@@ -348,6 +368,97 @@ def claim_tests(cell: Cell, other: Cell, kind: str, plain: Cell | None, share: f
     return tests
 
 
+NOT_REACHED = "target gain not reached"
+
+
+class Row(NamedTuple):
+    """One verdict's comparison before its family is corrected."""
+
+    claim: str
+    comparison: str
+    kind: str
+    primary: bool
+    tests: dict
+    target: Interval | None
+    num_seeds: int
+
+
+def at_end_rows(own: list[Cell], claims: dict) -> list[Row]:
+    """The per-cell comparisons, at the end of training (each cell at its own target
+    gain: not matched, and so labelled where the study also compares at a matched gain);
+    primary when claims.primary names them and no matched gain is set."""
+    plain = next(
+        (c for c in own if c.info["method"] == "plain" and c.info.get("learning_rate") is None),
+        None,
+    )
+    matched = claims["matched_target_gain"] is not None
+    chosen = None if matched else claims["primary"]
+    suffix = " (at the end of training)" if matched else ""
+    rows = []
+    for claim, cell, other, kind in claim_comparisons(own):
+        primary = (
+            chosen is not None
+            and matches(cell, chosen["cell"])
+            and matches(other, chosen["versus"])
+        )
+        tests = claim_tests(cell, other, kind, plain, claims["equivalence_margin"])
+        rows.append(
+            Row(
+                f"{claim}{suffix}",
+                f"{cell.label} - {other.label}",
+                kind,
+                primary,
+                tests,
+                compare(cell, other, "target"),
+                len(cell.records),
+            )
+        )
+    return rows
+
+
+def matched_rows(cells: list[Cell], claims: dict) -> list[Row]:
+    """The comparisons at claims.matched_target_gain along the frontiers (cfs.frontier)."""
+    gain = claims["matched_target_gain"]
+    if gain is None:
+        return []
+    chosen = claims["primary"]
+    primary_pair = None
+    if chosen is not None:
+        primary_pair = (
+            family_of(parse_cell(chosen["cell"])),
+            family_of(parse_cell(chosen["versus"])),
+        )
+    rows = []
+    for matched in matched_comparisons(cells, gain):
+        versus = (
+            "plain fine-tuning's frontier (learning rates and steps)"
+            if matched.family_b == "plain"
+            else matched.family_b
+        )
+        claim = (
+            f"at a target gain of {100 * gain:g} points, {matched.family_a} keeps more than "
+            f"{versus}"
+        )
+        tests = {}
+        if matched.num_seeds:
+            tests = {
+                "forgetting_avg": Test(matched.forgetting, 1, None, matched.forgetting.p_value),
+                "kl_to_base": Test(matched.kl_to_base, -1, None, matched.kl_to_base.p_value),
+            }
+        rows.append(
+            Row(
+                claim,
+                f"{matched.family_a} - {matched.family_b} at matched target",
+                "keeps_more",
+                (matched.family_a, matched.family_b) == primary_pair,
+                tests,
+                None,
+                matched.num_seeds,
+            )
+        )
+    return rows
+
+
 def build_verdicts(cells: list[Cell], claims: dict) -> pd.DataFrame:
     """The paper's claims, one row per comparison, each answered on the forgetting average
     (higher keeps more) and on KL to base (lower is nearer the base model: its verdict is
@@ -356,65 +467,65 @@ def build_verdicts(cells: list[Cell], claims: dict) -> pd.DataFrame:
     the model also stayed near base. All three are the same kind of interval (seeds paired
     by id, cfs.statistics).
 
+    Two kinds of comparison: each cell against the cells it is paired with at the end of
+    training (each at its own target gain), and, with claims.matched_target_gain, each
+    method against plain fine-tuning's frontier and context-free data against each other
+    method at that target gain (cfs.frontier).
+
     claims (the config's `claims`): the primary comparison's forgetting verdict is tested at
-    ALPHA; every other test of the model (each row's forgetting and KL) forms one family,
-    Holm-corrected, and its verdict is read off the interval at the corrected level. An
-    "approximates" claim is an equivalence test with a margin of
-    claims.equivalence_margin x |plain - the exact penalty's cell| on that metric."""
+    ALPHA (the matched comparison of claims.primary when a matched gain is set); every other
+    test of the model (each row's forgetting and KL) forms one family, Holm-corrected, and
+    its verdict is read off the interval at the corrected level. An "approximates" claim is
+    an equivalence test with a margin of claims.equivalence_margin x |plain - the exact
+    penalty's cell| on that metric."""
     rows = []
     for model in sorted({c.info.get("model") for c in cells}):
-        own = [c for c in cells if c.info.get("model") == model and c.has_items()]
-        plain = next((c for c in own if c.info["method"] == "plain"), None)
-        model_rows = []
-        for claim, cell, other, kind in claim_comparisons(own):
-            chosen = claims["primary"]
-            primary = (
-                chosen is not None
-                and matches(cell, chosen["cell"])
-                and matches(other, chosen["versus"])
-            )
-            tests = claim_tests(cell, other, kind, plain, claims["equivalence_margin"])
-            target = compare(cell, other, "target")
-            model_rows.append((claim, cell, other, kind, primary, tests, target))
-        if claims["primary"] is not None and not any(p for *_, p, _, _ in model_rows):
-            made = [f"{c.label} - {o.label}" for _, c, o, *_ in model_rows]
+        with_points = [c for c in cells if c.info.get("model") == model and c.has_items()]
+        own = [c for c in with_points if c.info.get("fraction") is None]
+        model_rows = at_end_rows(own, claims) + matched_rows(with_points, claims)
+        if claims["primary"] is not None and not any(row.primary for row in model_rows):
+            made = [row.comparison for row in model_rows]
             raise ValueError(
                 f"config key claims.primary: {claims['primary']['cell']} versus "
                 f"{claims['primary']['versus']} is no comparison the study makes for {model} "
                 f"(it makes: {'; '.join(made) or 'none'})"
             )
         family = [
-            (row, metric)
-            for row, (*_, primary, tests, _) in enumerate(model_rows)
-            for metric in tests
-            if not (primary and metric == "forgetting_avg")
+            (index, metric)
+            for index, row in enumerate(model_rows)
+            for metric in row.tests
+            if not (row.primary and metric == "forgetting_avg")
         ]
-        p_values = [model_rows[row][5][metric].p_value for row, metric in family]
+        p_values = [model_rows[index].tests[metric].p_value for index, metric in family]
         adjusted = dict(zip(family, holm(p_values), strict=True))
-        for row, (claim, cell, other, kind, primary, tests, target) in enumerate(model_rows):
+        for index, row in enumerate(model_rows):
+            target = row.target
             record = {
                 "model": model,
-                "claim": claim,
-                "comparison": f"{cell.label} - {other.label}",
-                "primary": primary,
-                "target_difference": target.estimate,
-                "target_low": target.low,
-                "target_high": target.high,
-                "num_seeds": len(cell.records),
+                "claim": row.claim,
+                "comparison": row.comparison,
+                "primary": row.primary,
+                "target_difference": target.estimate if target else None,
+                "target_low": target.low if target else None,
+                "target_high": target.high if target else None,
+                "num_seeds": row.num_seeds,
             }
             for metric, prefix, column in (
                 ("forgetting_avg", "", "forgetting_avg_difference"),
                 ("kl_to_base", "kl_", "kl_to_base_difference"),
             ):
-                interval, sign, margin, p = tests[metric]
-                holm_p = adjusted.get((row, metric), p)
+                if metric not in row.tests:  # a path that never reaches the matched gain
+                    record[f"{prefix}verdict"] = NOT_REACHED
+                    continue
+                interval, sign, margin, p = row.tests[metric]
+                holm_p = adjusted.get((index, metric), p)
                 level = corrected(interval, p, holm_p)
-                if kind == "approximates":  # TOST at alpha reads the 1 - 2 alpha interval
+                if row.kind == "approximates":  # TOST at alpha reads the 1 - 2 alpha interval
                     alpha = 1 - level.confidence
                     answer = equivalence(interval, margin or 0.0, alpha)[0]
                     level = interval.at(1 - 2 * alpha)
                 else:
-                    answer = verdict(kind, *sorted((sign * level.low, sign * level.high)))
+                    answer = verdict(row.kind, *sorted((sign * level.low, sign * level.high)))
                 record.update(
                     {
                         column: interval.estimate,
@@ -432,19 +543,33 @@ def build_verdicts(cells: list[Cell], claims: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
-def leave_one_task_out(cells: list[Cell], verdicts: pd.DataFrame) -> pd.DataFrame:
+def leave_one_task_out(cells: list[Cell], verdicts: pd.DataFrame, claims: dict) -> pd.DataFrame:
     """The primary comparison's forgetting average with each forgetting task left out in
     turn (paired interval, uncorrected, as the primary's own): whether the claim rests on
-    one task."""
+    one task. A matched comparison is redone on the tasks kept (each seed's frontier
+    chosen on them too)."""
     rows = []
     for verdict_row in verdicts[verdicts["primary"].astype(bool)].itertuples():
-        own = {c.label: c for c in cells if c.info.get("model") == verdict_row.model}
+        model_cells = [c for c in cells if c.info.get("model") == verdict_row.model]
+        own = {c.label: c for c in model_cells if c.info.get("fraction") is None}
         cell_label, other_label = verdict_row.comparison.split(" - ")
-        cell, other = own[cell_label], own[other_label]
-        tasks = cell.task_names("forgetting_avg")
+        other_label = other_label.removesuffix(" at matched target")
+        matched = verdict_row.comparison.endswith(" at matched target")
+        tasks = next(c for c in model_cells if c.has_items()).task_names("forgetting_avg")
         for left_out in tasks:
             kept = [task for task in tasks if task != left_out]
-            interval = paired_difference(cell.items(), other.items(), kept)
+            if matched:
+                found = [
+                    m.forgetting
+                    for m in matched_comparisons(model_cells, claims["matched_target_gain"], kept)
+                    if (m.family_a, m.family_b) == (cell_label, other_label) and m.num_seeds
+                ]
+                if not found:
+                    continue
+                interval = found[0]
+            else:
+                cell, other = own[cell_label], own[other_label]
+                interval = paired_difference(cell.items(), other.items(), kept)
             rows.append(
                 {
                     "model": verdict_row.model,
@@ -501,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     table.add_argument("--out", required=True, type=Path)
     table.add_argument("--differences", type=Path)
     table.add_argument("--verdicts", type=Path)
+    table.add_argument("--frontier", type=Path, help="every method's path, point by point")
     table.add_argument(
         "--claims",
         required=True,
@@ -515,6 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     figures.add_argument(
         "--curves", nargs="*", default=[], type=Path, help="fine-tuned model folders"
     )
+    figures.add_argument("--frontier", type=Path, help="frontier.csv (cfs.frontier)")
     figures.add_argument("--out-dir", required=True, type=Path)
     figures.add_argument("--model", help="only this model's figures")
     args = parser.parse_args(argv)
@@ -522,9 +649,13 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.out, cell_card(args.evals))
     elif args.command == "table":
         cells = read_cells(args.evals)
-        write_csv(sort_rows(pd.DataFrame([summary_row(c) for c in cells])), args.out)
-        summary = sort_rows(pd.DataFrame([summary_row(c) for c in cells]))
-        differences, verdicts = build_differences(cells), build_verdicts(cells, args.claims)
+        ends = [c for c in cells if c.info.get("fraction") is None]  # not points along
+        summary = sort_rows(pd.DataFrame([summary_row(c) for c in ends]))
+        write_csv(summary, args.out)
+        differences, verdicts = build_differences(ends), build_verdicts(cells, args.claims)
+        frontier = frontier_table(cells)
+        if args.frontier:
+            write_csv(frontier, args.frontier)
         if args.differences:
             write_csv(differences, args.differences)
         if args.verdicts:
@@ -533,8 +664,10 @@ def main(argv: list[str] | None = None) -> None:
                 log.info("%s: %s (%s)", row.verdict, row.claim, row.comparison)
         if args.page:
             with atomic_path(args.page) as tmp:
-                robustness = leave_one_task_out(cells, verdicts)
-                tmp.write_text(results_page(args.study, summary, differences, verdicts, robustness))
+                robustness = leave_one_task_out(cells, verdicts, args.claims)
+                tmp.write_text(
+                    results_page(args.study, summary, differences, verdicts, robustness, frontier)
+                )
     else:
         summary = pd.read_csv(args.summary)
         differences = pd.read_csv(args.differences) if args.differences else None
@@ -544,6 +677,7 @@ def main(argv: list[str] | None = None) -> None:
             args.model,
             differences=differences,
             curves=read_curves(args.curves, summary),
+            frontier=pd.read_csv(args.frontier) if args.frontier else None,
         )
         log.info("wrote %s", ", ".join(str(path) for path in written))
 

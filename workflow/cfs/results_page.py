@@ -80,12 +80,44 @@ def per_task(summary: pd.DataFrame) -> list[str]:
     return lines + markdown_table(["model", "cell", *tasks], rows)
 
 
+def frontier_points(frontier: pd.DataFrame | None) -> list[str]:
+    """Each method's path (cfs.frontier), point by point: change from base."""
+    if frontier is None or frontier.empty:
+        return []
+    lines = ["", "## Frontiers: each method's path from the base model", ""]
+    lines.append(
+        "Position: the share of the fine-tune's steps (WiSE-FT: alpha). Changes from the "
+        "base model in points; KL to base in nats per token."
+    )
+    lines.append("")
+    rows = [
+        [
+            row["model"],
+            row["path"],
+            f"{row['position']:g}",
+            signed(row["target_change"], row["target_change_low"], row["target_change_high"], 100),
+            signed(
+                row["forgetting_avg_change"],
+                row["forgetting_avg_change_low"],
+                row["forgetting_avg_change_high"],
+                100,
+            ),
+            signed(row["kl_to_base"], row["kl_to_base_low"], row["kl_to_base_high"], 1),
+        ]
+        for row in frontier.to_dict("records")
+        if row["position"] > 0
+    ]
+    header = ["model", "path", "position", "target gain", "forgetting avg change", "KL to base"]
+    return lines + markdown_table(header, rows)
+
+
 def results_page(
     name: str,
     summary: pd.DataFrame,
     differences: pd.DataFrame,
     verdicts: pd.DataFrame,
     left_out: pd.DataFrame | None = None,
+    frontier: pd.DataFrame | None = None,
 ) -> str:
     level = f"{CONFIDENCE:.0%}"
     lines = [
@@ -116,7 +148,14 @@ def results_page(
         )
     header = ["model", "cell", "seeds", "target", "forgetting avg", "KL to base", "eff. λ"]
     lines += markdown_table(header, rows)
-    lines += ["", "## Each cell minus plain fine-tuning (paired)", ""]
+    lines += [
+        "",
+        "## Each cell minus plain fine-tuning (paired, at the end of training)",
+        "",
+        "Each cell at its own target gain: a cell that learned less of the target may also "
+        "forget less. The matched comparisons below hold the target gain fixed.",
+        "",
+    ]
     rows = []
     against_plain = differences[differences["versus"] == "plain"]
     for (model, label), group in against_plain.groupby(["model", "label"], sort=False):
@@ -138,6 +177,7 @@ def results_page(
         for row in verdicts.itertuples()
     ]
     lines += markdown_table(["claim", "comparison", "on forgetting avg", "on KL to base"], rows)
+    lines += frontier_points(frontier)
     lines += per_task(summary)
     if left_out is not None and not left_out.empty:
         lines += ["", "## The primary claim without each forgetting task", ""]

@@ -112,6 +112,9 @@ class Method:
         its `paired_on` knobs (cfs.report's verdicts).
     claim_kind: "keeps_more" (context-free data keeps more of the base model) or
         "approximates" (context-free data does what this method does, within a margin).
+    estimates: a method whose loss term this one's samples estimate without bias; each of
+        its cells is compared with that method's cell at the same temperature, ratio
+        (samples per step) and lambda ("approximates").
     """
 
     name: str
@@ -123,6 +126,7 @@ class Method:
     claim: str | None = None
     paired_on: tuple[str, ...] = ()
     claim_kind: str = "keeps_more"
+    estimates: str | None = None
 
     @property
     def knobs(self) -> tuple[str, ...]:
@@ -209,6 +213,7 @@ METHODS = {
             claim="mixing the samples in does what the same samples as a weighted term do",
             paired_on=("temperature", "ratio"),
             claim_kind="approximates",
+            estimates="kl_to_base",
         ),
         Method(
             "kl_to_base",
@@ -234,6 +239,7 @@ FIGURES = (
     "differences",
     "curves",
     "target_vs_kl",
+    "frontier",
 )
 PLAIN_CELL = METHODS["plain"].path
 # A marker per method in the figures, in the order of METHODS (repeating past the last).

@@ -41,6 +41,11 @@ rule summary_table:
             caption="../report/verdicts.rst",
             category="Table",
         ),
+        frontier=report(
+            REPORT_TABLES["frontier"],
+            caption="../report/frontier.rst",
+            category="Table",
+        ),
         page=RESULTS_PAGE,
     log:
         f"results/logs/summary_table/{STUDY.name}.log",
@@ -54,6 +59,7 @@ rule summary_table:
     shell:
         "python -m cfs.report table --evals {input} --out {output.summary}"
         " --differences {output.differences} --verdicts {output.verdicts}"
+        " --frontier {output.frontier}"
         " --claims {params.claims}"
         " --page {output.page} --study {params.study} > {log} 2>&1"
 
@@ -62,6 +68,7 @@ rule figures:
     input:
         summary=REPORT_TABLES["summary"],
         differences=REPORT_TABLES["differences"],
+        frontier=REPORT_TABLES["frontier"],
         curves=lambda wildcards: trained_models(wildcards.model),
     output:
         **{
@@ -83,5 +90,6 @@ rule figures:
         out_dir=lambda wildcards, output: Path(output[0]).parent,
     shell:
         "python -m cfs.report figures --summary {input.summary}"
-        " --differences {input.differences} --curves {input.curves}"
+        " --differences {input.differences} --frontier {input.frontier}"
+        " --curves {input.curves}"
         " --model {wildcards.model} --out-dir {params.out_dir} > {log} 2>&1"
