@@ -104,16 +104,3 @@ def test_the_benchmarks_read_the_config_as_snakemake_does():
         expected = copy.deepcopy(common.merged(*(yaml.safe_load(f.read_text()) for f in files)))
         validate(expected, str(common.SCHEMA))
         assert common.load_config(path) == expected, path.name
-
-
-@pytest.mark.parametrize("name", ["olmo.yaml", "reasoning.yaml"])
-def test_the_paper_grid_of_each_paper_config_is_a_valid_study(name):
-    """benchmarks/dag.py widens a paper config to every method at 4 x 4: the widened config
-    passes the study's own check (replay joins only where a corpus is named)."""
-    from cfs.study import Study
-
-    common, dag = benchmark_module("_common"), benchmark_module("dag")
-    config = common.load_config(REPO / "config" / name)
-    widened = common.merged(config, dag.paper_grid(config))
-    Study(widened).check()
-    assert ("replay" in widened["study"]["methods"]) == (name == "olmo.yaml"), widened["study"]
