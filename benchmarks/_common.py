@@ -82,37 +82,17 @@ def load_config(*paths: Path) -> dict:
     return fill_defaults(config, schema, schema)
 
 
-def train_settings(config: dict, method: str, knobs: dict, seed: int = 0) -> dict:
-    """cfs.train's --settings for a cell of `method` with `knobs`, as the fine_tune rule
-    builds them (workflow/rules/common.smk, train_settings)."""
-    from cfs.study import Study
-
-    options = Study(config).method_options(method)
-    settings = {**config["train"], "seed": seed}
-    learning_rate = options.pop("learning_rate", None)
-    if learning_rate:
-        settings["learning_rate"] = learning_rate
-    settings["method"] = {**options, **knobs, "name": method}
-    return settings
-
-
-def first_cell(config: dict, method: str) -> dict:
-    """The knobs of `method`'s first cell in the config's grid."""
-    from cfs.study import Study, parse_cell
-
-    knobs = parse_cell(Study(config).method_cells(method)[0])
-    knobs.pop("method")
-    return knobs
-
-
-def rule_settings(target: str, module: str, timeout: int = 300) -> dict | None:
+def rule_settings(target: str, module: str, config: str | None = None) -> dict | None:
     """The --settings JSON the Snakemake rule hands `python -m cfs.<module>` for `target`,
-    read from a forced dry run (`snakemake -n -p -f target`): the benchmark then runs the
-    stage with exactly the settings the pipeline would. None if that dry run fails."""
+    read from a forced dry run (`snakemake -n -p -f target`, with `config` merged over the
+    default): the benchmark then runs the stage with exactly the settings the pipeline
+    would. None if that dry run fails."""
     import shlex
     import subprocess
 
     command = [sys.executable, "-m", "snakemake", "-n", "-p", "-f", target]
+    command += ["--configfile", str(Path(config).resolve())] if config else []
+    timeout = 300
     try:
         output = subprocess.run(
             command, cwd=REPO, capture_output=True, text=True, timeout=timeout
