@@ -268,7 +268,7 @@ def main() -> None:
     threads = set_threads(args.threads)
     from cfs.artifacts import write_jsonl
 
-    config = load_config(*([args.config] if args.config else []))
+    config = load_config(args.config)
     workdir = Path(tempfile.mkdtemp(prefix="cfs-bench-train-"))
     if args.quick:
         quick_mode()

@@ -137,7 +137,7 @@ def main() -> None:
     set_threads(args.threads)
     from cfs.modeling import load_model, load_tokenizer
 
-    config = load_config(*([args.config] if args.config else []))
+    config = load_config(args.config)
     settings = {**config["generation"], "seed": 0}  # as the rule hands them, first seed
     scratch = Path(tempfile.mkdtemp(prefix="cfs-bench-generation-"))
     if args.quick:

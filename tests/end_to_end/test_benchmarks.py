@@ -72,35 +72,3 @@ def test_quick_mode_runs_and_writes_its_figures(quick_runs, name):
 def test_every_benchmark_has_a_quick_run_here():
     scripts = {path.stem for path in BENCHMARKS.glob("*.py") if not path.stem.startswith("_")}
     assert scripts == set(EXPECTED) | {"gpu_check"}  # gpu_check: tests/end_to_end/test_gpu_check
-
-
-def benchmark_module(name: str):
-    """A module of benchmarks/, imported here; the environment it sets (the benchmarks'
-    defaults: offline, quiet) is put back."""
-    import importlib
-
-    environment = dict(os.environ)
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-        os.environ.clear()
-        os.environ.update(environment)
-
-
-def test_the_benchmarks_read_the_config_as_snakemake_does():
-    """benchmarks/_common.load_config fills in the schema's defaults without Snakemake (the
-    GPU machine has none): the same config as Snakemake's validation gives."""
-    import copy
-
-    import yaml
-    from snakemake.utils import validate
-
-    common = benchmark_module("_common")
-    default = common.DEFAULT_CONFIG
-    for path in sorted((REPO / "config").glob("*.yaml")):
-        files = [default] if path == default else [default, path]
-        expected = copy.deepcopy(common.merged(*(yaml.safe_load(f.read_text()) for f in files)))
-        validate(expected, str(common.SCHEMA))
-        assert common.load_config(path) == expected, path.name
