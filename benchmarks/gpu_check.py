@@ -45,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["Snakefile", "workflow", "config", "tasks", "envs"]  # what the stages read
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 FSDP_TARGET = "results/mini_fsdp/ratio0/seed0/model"
 # Llama shapes: (hidden, layers, heads, intermediate)
 SHAPES = {"quick": (64, 2, 4, 128), "gpu": (2048, 12, 16, 5632)}
@@ -160,7 +160,10 @@ class PeakMemory:
     def sample(self):
         while not self.done.wait(0.2):
             query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
-            used = subprocess.run(query, stdout=subprocess.PIPE, text=True).stdout.split()
+            try:
+                used = subprocess.run(query, stdout=subprocess.PIPE, text=True).stdout.split()
+            except OSError:  # no nvidia-smi: no figure
+                return
             self.peak = max([self.peak, *map(float, used or [0])])
 
     def __enter__(self):
