@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
 
-.PHONY: study test lint report clean-results
+.PHONY: study test lint report clean-results sandbox-wheels
 
 $(BIN)/.cfs-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,16 +24,14 @@ study: $(BIN)/.cfs-installed
 report: $(BIN)/.cfs-installed
 	PATH="$(abspath $(BIN)):$$PATH" snakemake --report report.html
 
-# The pure-Python wheels the GPU check carries (git-ignored, downloaded from PyPI); its CPU
-# smoke in the tests runs on them.
-WHEELS := benchmarks/wheels/.built
-$(WHEELS): benchmarks/wheels/build.py $(BIN)/.cfs-installed
-	$(BIN)/python benchmarks/wheels/build.py
-	touch $@
+# Sandbox tooling (tools/sandbox/README.md): the pure-Python wheels benchmarks/gpu_check.sh
+# carries to a GPU machine without cfs's packages (git-ignored, downloaded from PyPI).
+sandbox-wheels: $(BIN)/.cfs-installed
+	$(BIN)/python tools/sandbox/wheels/build.py
 
 # Two processes, each test module in one of them (its fixtures built once), the longest
 # modules first (tests/conftest.py).
-test: $(BIN)/.cfs-installed $(WHEELS)
+test: $(BIN)/.cfs-installed
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -v --durations=15 \
 		-n 2 --dist loadfile --no-loadscope-reorder
 

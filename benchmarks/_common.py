@@ -12,8 +12,6 @@ benchmark out of step with the code fails there.
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import json
 import os
 import platform
@@ -36,83 +34,31 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 DEFAULT_MODEL = REPO / "results" / "models" / "smollm2" / "base"
-DEFAULT_CONFIG = REPO / "config" / "config.yaml"
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
 # --------------------------------------------------------------------------- the config
 
 
-def merged(*configs: dict) -> dict:
-    """Snakemake's --configfile merge of `configs` in order (cfs.budget.merged)."""
-    from cfs.budget import merged as merged_over
+def load_config(path: Path | str | None = None) -> dict:
+    """config/config.yaml with `path` merged over it (as `--configfile` does) and the
+    schema's defaults filled in: the config as the Snakefile sees it (cfs.budget)."""
+    from cfs.budget import DEFAULT_CONFIG
+    from cfs.budget import load_config as load
 
-    return functools.reduce(merged_over, configs, {})
-
-
-def fill_defaults(value, schema: dict, root: dict):
-    """`value` with the schema's defaults filled in where keys are missing, as Snakemake's
-    validate(set_default=True) does (properties, additionalProperties, array items, $ref)."""
-    while "$ref" in schema:
-        name = schema["$ref"].removeprefix("#/definitions/")
-        schema = {**root["definitions"][name], **{k: v for k, v in schema.items() if k != "$ref"}}
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        for key, prop in properties.items():
-            if key not in value and "default" in prop:
-                value[key] = copy.deepcopy(prop["default"])
-        others = schema.get("additionalProperties")
-        for key in value:
-            if key in properties or isinstance(others, dict):
-                value[key] = fill_defaults(value[key], properties.get(key, others), root)
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        return [fill_defaults(item, schema["items"], root) for item in value]
-    return value
+    return load(Path(path) if path else DEFAULT_CONFIG)
 
 
-def load_config(*paths: Path) -> dict:
-    """config/config.yaml, with each of `paths` merged over it (as `--configfile` does),
-    and the schema's defaults filled in: the config as the Snakefile sees it, without
-    Snakemake (which a GPU machine may lack)."""
-    import yaml
-
-    files = [DEFAULT_CONFIG, *(Path(p) for p in paths if Path(p) != DEFAULT_CONFIG)]
-    config = merged(*(yaml.safe_load(Path(f).read_text()) for f in files))
-    schema = yaml.safe_load(SCHEMA.read_text())
-    return fill_defaults(config, schema, schema)
-
-
-def train_settings(config: dict, method: str, knobs: dict, seed: int = 0) -> dict:
-    """cfs.train's --settings for a cell of `method` with `knobs`, as the fine_tune rule
-    builds them (workflow/rules/common.smk, train_settings)."""
-    from cfs.study import Study
-
-    options = Study(config).method_options(method)
-    settings = {**config["train"], "seed": seed}
-    learning_rate = options.pop("learning_rate", None)
-    if learning_rate:
-        settings["learning_rate"] = learning_rate
-    settings["method"] = {**options, **knobs, "name": method}
-    return settings
-
-
-def first_cell(config: dict, method: str) -> dict:
-    """The knobs of `method`'s first cell in the config's grid."""
-    from cfs.study import Study, parse_cell
-
-    knobs = parse_cell(Study(config).method_cells(method)[0])
-    knobs.pop("method")
-    return knobs
-
-
-def rule_settings(target: str, module: str, timeout: int = 300) -> dict | None:
+def rule_settings(target: str, module: str, config: str | None = None) -> dict | None:
     """The --settings JSON the Snakemake rule hands `python -m cfs.<module>` for `target`,
-    read from a forced dry run (`snakemake -n -p -f target`): the benchmark then runs the
-    stage with exactly the settings the pipeline would. None if that dry run fails."""
+    read from a forced dry run (`snakemake -n -p -f target`, with `config` merged over the
+    default): the benchmark then runs the stage with exactly the settings the pipeline
+    would. None if that dry run fails."""
     import shlex
     import subprocess
 
     command = [sys.executable, "-m", "snakemake", "-n", "-p", "-f", target]
+    command += ["--configfile", str(Path(config).resolve())] if config else []
+    timeout = 300
     try:
         output = subprocess.run(
             command, cwd=REPO, capture_output=True, text=True, timeout=timeout

@@ -37,7 +37,6 @@ from _common import (
     Timer,
     alternate,
     best,
-    first_cell,
     goal,
     load_config,
     profile_call,
@@ -46,10 +45,10 @@ from _common import (
     report,
     require_model,
     round_ratios,
+    rule_settings,
     set_threads,
     table,
     tiny_model,
-    train_settings,
 )
 
 GOAL_NON_PADDING = 0.95
@@ -269,15 +268,22 @@ def main() -> None:
     threads = set_threads(args.threads)
     from cfs.artifacts import write_jsonl
 
-    config = load_config(*([args.config] if args.config else []))
+    config = load_config(args.config)
     workdir = Path(tempfile.mkdtemp(prefix="cfs-bench-train-"))
     if args.quick:
         quick_mode()
         model_dir = Path(args.model) if args.model else tiny_model(workdir / "tiny")
     else:
         model_dir = require_model(Path(args.model or DEFAULT_MODEL))
-    knobs = first_cell(config, "context_free")
-    settings = train_settings(config, "context_free", knobs)
+    from cfs.study import Study, parse_cell
+
+    # the fine_tune rule's settings for the first context-free cell, from a dry run
+    cell = Study(config).method_cells("context_free")[0]
+    knobs = parse_cell(cell)
+    target = f"results/{config['study']['models'][0]}/{cell}/seed0/model"
+    settings = rule_settings(target, "train", args.config)
+    if settings is None:
+        raise SystemExit(f"`snakemake -n -p -f {target}` gave no settings for cfs.train")
     batch = settings["batch_size"]
     num_task = args.num_task or (3 * batch if args.quick else 4 * batch)
     records = mixed_set(config, model_dir, num_task, knobs["ratio"])

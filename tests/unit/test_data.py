@@ -1,6 +1,6 @@
 """cfs.data: the seeded arithmetic task, and hub or local datasets with a field mapping and
-prompt/response templates (the "any model, any dataset" worked example of config/README.md),
-as functions and as the `python -m cfs.data` CLI."""
+prompt/response templates (the "any model, any dataset" worked example,
+config/examples/my_study.yaml), as functions and as the `python -m cfs.data` CLI."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ Snakefile checks it; and once through Snakemake itself, which stops before any j
 from __future__ import annotations
 
 import copy
+import re
 
 import yaml
 from cfs.study import METHODS, Study
@@ -159,3 +160,34 @@ def test_a_config_without_claims_has_no_primary():
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     assert config["claims"] == {"primary": None, "equivalence_margin": 0.25}
     Study(config).check()
+
+
+def schema_keys(node: dict, path: tuple = ()) -> set[tuple[str, ...]]:
+    """Every key path the schema names (a model's keys under `models.*`)."""
+    keys = set()
+    for name, child in (node.get("properties") or {}).items():
+        keys.add((*path, name))
+        keys |= schema_keys(child, (*path, name))
+    for child in [node.get("items"), node.get("additionalProperties")]:
+        if isinstance(child, dict):
+            keys |= schema_keys(child, (*path, "*"))
+    for choice in node.get("oneOf", []) + node.get("anyOf", []) + node.get("allOf", []):
+        keys |= schema_keys(choice, path)
+    return keys
+
+
+def test_config_readme_names_every_schema_key():
+    """config/README.md is the key reference: every key of the schema appears there in
+    code format (alone, or as the last part of a dotted name such as `kl.seed`)."""
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    keys = schema_keys(schema)
+    for name, definition in schema.get("definitions", {}).items():
+        keys |= schema_keys(definition, ("definitions", name))
+    text = re.sub(r"```\w*", "", (REPO / "config" / "README.md").read_text())  # fences
+    spans = " ".join(re.findall(r"`([^`]+)`", text))
+    missing = [
+        ".".join(path)
+        for path in sorted(keys)
+        if not re.search(rf"(?<![\w-]){re.escape(path[-1])}(?![\w-])", spans)
+    ]
+    assert missing == [], f"config/README.md does not name: {missing}"

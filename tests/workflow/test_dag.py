@@ -319,3 +319,41 @@ def test_a_missing_evaluation_dataset_stops_the_study_in_its_first_job(tmp_path)
     result = run_snakemake(repo, "-n", "all", "--configfile", "hub_task.yaml", env=env, timeout=300)
     gated = [block for rule, block in jobs(result.stdout) if rule in FETCH_GATED]
     assert gated and all("results/checks/hub_fetch.json" in block for block in gated)
+
+
+# --------------------------------------------------------------------------- a finished grid
+
+
+def test_a_finished_paper_grid_reruns_nothing_and_a_new_temperature_only_its_jobs(tmp_path):
+    """config/olmo.yaml's grid marked finished without running a model (every output of the
+    dry run a placeholder, then `snakemake --touch` records them as a run leaves them):
+    nothing is scheduled; adding one temperature schedules exactly the jobs that value
+    needs (the grid arithmetic of the wider grid less the finished one's) and the tables,
+    figures and `all` that read every cell."""
+    from cfs.budget import merged
+
+    repo = copy_repo(tmp_path / "repo")
+    files = ["--configfile", PAPER_CONFIGS["olmo"]]
+    for _, block in jobs(dry_run(repo, *files)):
+        outputs = re.search(r"^\s+output: (.*)$", block, re.M)
+        for name in outputs.group(1).split(", ") if outputs else []:
+            path = repo / name
+            if path.suffix:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("placeholder\n")
+            else:  # a directory output (a model folder)
+                path.mkdir(parents=True, exist_ok=True)
+    touched = run_snakemake(repo, "--touch", "-F", "--cores", "1", *files, timeout=300)
+    assert touched.returncode == 0, touched.stdout[-3000:]
+    assert job_stats(dry_run(repo, *files)) == {}
+
+    config = merged(default_config(), yaml.safe_load((REPO / PAPER_CONFIGS["olmo"]).read_text()))
+    temperatures = config["study"]["temperatures"]
+    plus = {"study": {"temperatures": [*temperatures, 1.5]}}
+    (repo / "plus.yaml").write_text(yaml.safe_dump(plus))
+    scheduled = job_stats(dry_run(repo, *files, "plus.yaml"))
+    wider, finished = expected_jobs(merged(config, plus)), expected_jobs(config)
+    needed = {rule: wider[rule] - finished.get(rule, 0) for rule in wider}
+    needed = {rule: count for rule, count in needed.items() if count}
+    needed.update(summary_table=1, figures=1, all=1)
+    assert scheduled == needed

@@ -1,7 +1,8 @@
 """The paper's two settings as config files (config/olmo.yaml, config/reasoning.yaml) and
-the "any model, any dataset" worked example of config/README.md: what they set, full-grid
-dry runs offline with per-rule job counts from the grid arithmetic (conftest.expected_jobs),
-the settings the stages get from them, the lm-eval task names they use, and a training
+the "any model, any dataset" worked example (config/examples/my_study.yaml): what they set,
+full-grid dry runs offline with per-rule job counts from the grid arithmetic
+(conftest.expected_jobs), the settings the stages get from them, the lm-eval task names they
+use, and a training
 schedule that the configured batch sizes allow for every trained cell. (What they rest
 on, module by module: tests/unit, e.g. the prompt ids of OLMo-like and Llama-like
 tokenizers in test_tokens.py, local datasets in test_data.py, sampled pass@1 evals in
@@ -10,7 +11,6 @@ test_evaluate.py.)"""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import yaml
@@ -222,16 +222,9 @@ def test_reasoning_prompt_template_holds_one_bos(llama_like_tokenizer):
     assert (ids[0], ids.count(LLAMA_BOS_ID)) == (LLAMA_BOS_ID, 1)
 
 
-def readme_worked_example() -> dict:
-    text = (REPO / "config" / "README.md").read_text()
-    match = re.search(r"```yaml\n(# worked example.*?)```", text, re.S)
-    assert match, "config/README.md has no ```yaml block starting '# worked example'"
-    return yaml.safe_load(match.group(1))
-
-
-def test_readme_worked_example_builds(repo, tmp_path):
+def test_worked_example_builds(repo, tmp_path):
     """Another hub causal LM and a local dataset, by config alone: the DAG builds."""
-    example = readme_worked_example()
+    example = yaml.safe_load((REPO / "config" / "examples" / "my_study.yaml").read_text())
     (repo / "my_study.yaml").write_text(yaml.safe_dump(example, sort_keys=False))
     result = run_snakemake(repo, "-n", "-p", "all", "--configfile", "my_study.yaml", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]

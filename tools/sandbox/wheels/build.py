@@ -1,10 +1,10 @@
 """Build the wheels benchmarks/gpu_check.sh carries to a GPU machine that has torch,
 transformers, accelerate, peft, numpy, pandas, scipy, matplotlib and tqdm but no network.
 
-    python benchmarks/wheels/build.py        # rewrites benchmarks/wheels/*.whl
+    python tools/sandbox/wheels/build.py     # rewrites tools/sandbox/wheels/*.whl
 
-The wheels are git-ignored (`make test` builds them for the CPU smoke); a GPU call carries
-them as an ignored path (benchmarks/wheels).
+The wheels are git-ignored (`make sandbox-wheels` builds them); a GPU call carries them as
+an ignored path (tools/sandbox/wheels).
 
 Every wheel is pure Python (py3-none-any), so the same files install on any CPython 3.
 - The versions cfs pins (pyproject.toml) of transformers, accelerate and peft, because cfs
@@ -14,7 +14,7 @@ Every wheel is pure Python (py3-none-any), so the same files install on any CPyt
 - lm-eval 0.4.13 without its built-in task folders (15,000 YAML files; cfs evaluates the
   local tasks/ folder only), renamed 0.4.13+notasks, and what its import path needs
   (sacrebleu, dill, sqlitedict, requests and their pure-Python dependencies).
-- Not `datasets`: it needs pyarrow, a 49-55 MB binary wheel. benchmarks/shim/datasets
+- Not `datasets`: it needs pyarrow, a 49-55 MB binary wheel. tools/sandbox/shim/datasets
   stands in for the two calls the stages make (Dataset.from_list, load_dataset("json")).
 """
 
