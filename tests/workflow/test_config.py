@@ -144,6 +144,7 @@ def test_a_primary_claim_outside_the_grid_is_rejected_by_name():
 
 def test_a_primary_claim_the_study_does_not_compare_is_rejected():
     config = default_config()
+    config["study"]["ratios"] = [0.0, 0.5, 1.0]
     # both cells run, but the exact penalty is compared only at its own temperature and ratio
     config["claims"]["primary"] = {
         "cell": "temp1/ratio0.5",
@@ -158,7 +159,11 @@ def test_a_config_without_claims_has_no_primary():
     config = default_config()
     del config["claims"]
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
-    assert config["claims"] == {"primary": None, "equivalence_margin": 0.25}
+    assert config["claims"] == {
+        "primary": None,
+        "equivalence_margin": 0.25,
+        "matched_target_gain": None,
+    }
     Study(config).check()
 
 
