@@ -42,6 +42,22 @@ BOS, EOS, END_OF_DOC = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_DOC, BOS, EOS]  # ids 0, 1, 2 (as in SmolLM2)
 TEMPLATE = "### Instruction:\n{query}\n\n### Response:\n"
 VOCAB_SIZE = 500
+# A method with a loss term of its own, as a user adds one: a Method of the table in
+# cfs.study and its objective in cfs.objectives (the squared NLL of the synthetic samples).
+TOY_METHOD = (
+    "METHODS['toy'] = Method('toy', 'toy/temp{temperature}/ratio{ratio}/lambda{lambda}', "
+    "'context_free', trains='toy_loss', claim='the toy keeps less than "
+    "context-free data', paired_on=('temperature', 'ratio'))"
+)
+TOY_OBJECTIVE = """
+@objective("toy_loss")
+class SquaredSyntheticLoss(WeightedSyntheticLoss):
+    name = "toy_loss"
+
+    def __call__(self, model, step, micro_step):
+        term, share = super().__call__(model, step, micro_step)
+        return (None, share) if term is None else (term**2, share)
+"""
 
 
 # The longest modules, first: `make test` runs the suite in two processes, a module to one
@@ -296,13 +312,13 @@ def lora_model(model_dir, dtype=None):
     down_proj as cfs.train adds them, their B matrices non-zero so that a merge changes
     the weights."""
     import torch
-    from cfs import train
+    from cfs import objectives
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     method = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "down_proj"]}
-    peft_model = train.add_lora(model, method, seed=0)
+    peft_model = objectives.add_lora(model, method, seed=0)
     torch.manual_seed(1)
     for name, parameter in peft_model.named_parameters():
         if "lora_B" in name:  # B starts at zero: give the adapters something to merge
