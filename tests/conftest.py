@@ -111,7 +111,7 @@ def forgetting_task_texts() -> list[str]:
 
 
 def training_corpus() -> list[str]:
-    from cfs.data import arithmetic_problems
+    from cfs.arithmetic import arithmetic_problems
 
     texts = []
     for record in arithmetic_problems(300, seed=0):
@@ -248,8 +248,8 @@ def perturbed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def task_records(count: int, seed: int) -> list[dict]:
-    """`count` arithmetic problems (cfs.data, `seed`) as task records of a training set."""
-    from cfs.data import arithmetic_problems, render
+    """`count` arithmetic problems (cfs.arithmetic, `seed`) as task records of a training set."""
+    from cfs.arithmetic import arithmetic_problems, render
 
     return [
         {"kind": "task", "prompt": r["prompt"], "response": r["response"]}

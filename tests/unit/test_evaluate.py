@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cfs import data, evaluate, generate, heldout, lm_eval_tasks, objectives, tokens
+from cfs import arithmetic, evaluate, generate, heldout, lm_eval_tasks, objectives, tokens
 from cfs.errors import SettingsError
 from cfs.generate import sample_context_free
 from cfs.modeling import load_model, load_tokenizer
@@ -201,7 +201,7 @@ def stage_runs(tiny_model_dir, perturbed_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     shutil.copytree(REPO / "tasks" / "target", root / "tasks" / "target")
     write_mc_task(root / "tasks" / MC_TASK)
-    train, test = data.prepare_arithmetic(
+    train, test = arithmetic.prepare_arithmetic(
         {"num_train": 4, "num_test": 6, "seed": 0, "steps": 2, "prompt_template": TEMPLATE}
     )
     write_jsonl(root / "results" / "data" / "arith" / "test.jsonl", test)
