@@ -555,7 +555,9 @@ def expected_jobs(config: dict) -> dict[str, int]:
     mix per mixing cell plus one of the task set if any cell trains on it, a fine-tune per
     trained cell, a WiSE-FT merge per other cell, an eval per cell; per model the base eval,
     the held-out samples and a summary over seeds per cell; the task's data, the task check,
-    the tables and `all` once. (The figures, once per model, are not counted.)"""
+    the fetch (where the study reads from the hub), the tables and `all` once. (The
+    figures, once per model, are not counted.)"""
+    from cfs.fetch import reads_the_hub
     from cfs.study import METHODS
 
     config = validated_config(copy.deepcopy(config))
@@ -596,6 +598,12 @@ def expected_jobs(config: dict) -> dict[str, int]:
     )
     jobs = {rule: count * len(study["models"]) for rule, count in per_model.items()}
     jobs.update(check_evaluation_tasks=1, prepare_task_data=1, summary_table=1, all=1)
+    hub_models = [model for model in study["models"] if "hub_id" in config["models"][model]]
+    include = config["evaluation"]["include_path"]
+    folders = [include] if isinstance(include, str) else list(include or [])
+    evaluation = {**config["evaluation"], "include_path": [str(REPO / f) for f in folders]}
+    fetch = {"models": hub_models, "task": config["task"]["source"] == "hub"}
+    jobs["fetch_from_hub"] = int(reads_the_hub(fetch, evaluation))
     return {rule: count for rule, count in jobs.items() if count}
 
 
