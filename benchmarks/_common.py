@@ -91,7 +91,7 @@ def tiny_model(out: Path, hidden: int = 64, layers: int = 2) -> Path:
     <|im_start|> 1, EOS <|im_end|> 2) and a byte-level BPE tokenizer of 500 tokens trained
     on the default task's text and the local lm-eval tasks: what --quick runs on."""
     import torch
-    from cfs.data import arithmetic_problems
+    from cfs.arithmetic import arithmetic_problems
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

@@ -180,11 +180,11 @@ def startup_seconds(model_dir, settings: dict, quick: bool) -> dict:
         env = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
         subprocess.run(command, check=True, env=env)
         imports = time.perf_counter() - start
-    from cfs import evaluate
+    from cfs.lm_eval_tasks import local_task_manager
     from cfs.modeling import load_model
 
     start = time.perf_counter()
-    evaluate.local_task_manager(settings["include_path"], [settings["target"]["task"]])
+    local_task_manager(settings["include_path"], [settings["target"]["task"]])
     index = time.perf_counter() - start
     start = time.perf_counter()
     load_model(model_dir, "float32")

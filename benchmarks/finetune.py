@@ -58,7 +58,7 @@ GOAL_OVERHEAD = 0.20
 def mixed_set(config: dict, model_dir: Path, num_task: int, ratio: float) -> list[dict]:
     """The first `num_task` task examples and round(ratio x num_task) context-free samples
     of the model, mixed as cfs.mix does."""
-    from cfs.data import prepare_arithmetic
+    from cfs.arithmetic import prepare_arithmetic
     from cfs.generate import sample_context_free
     from cfs.mix import mix_at_ratio
     from cfs.modeling import load_model, load_tokenizer

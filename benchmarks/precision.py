@@ -180,8 +180,8 @@ def quick_inputs(work: Path) -> tuple[Path, dict]:
     """--quick: a tiny model, the default task's data and a few context-free samples, in a
     scratch folder holding tasks/ and the data as prepare_task_data writes it (lm-eval
     reads both relative to the working folder, which becomes that folder)."""
+    from cfs.arithmetic import prepare_arithmetic
     from cfs.artifacts import write_jsonl
-    from cfs.data import prepare_arithmetic
 
     model_dir = tiny_model(work / "tiny")
     task = load_config()["task"]

@@ -42,6 +42,22 @@ BOS, EOS, END_OF_DOC = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_DOC, BOS, EOS]  # ids 0, 1, 2 (as in SmolLM2)
 TEMPLATE = "### Instruction:\n{query}\n\n### Response:\n"
 VOCAB_SIZE = 500
+# A method with a loss term of its own, as a user adds one: a Method of the table in
+# cfs.study and its objective in cfs.objectives (the squared NLL of the synthetic samples).
+TOY_METHOD = (
+    "METHODS['toy'] = Method('toy', 'toy/temp{temperature}/ratio{ratio}/lambda{lambda}', "
+    "'context_free', trains='toy_loss', claim='the toy keeps less than "
+    "context-free data', paired_on=('temperature', 'ratio'))"
+)
+TOY_OBJECTIVE = """
+@objective("toy_loss")
+class SquaredSyntheticLoss(WeightedSyntheticLoss):
+    name = "toy_loss"
+
+    def __call__(self, model, step, micro_step):
+        term, share = super().__call__(model, step, micro_step)
+        return (None, share) if term is None else (term**2, share)
+"""
 
 
 # The longest modules, first: `make test` runs the suite in two processes, a module to one
@@ -95,7 +111,7 @@ def forgetting_task_texts() -> list[str]:
 
 
 def training_corpus() -> list[str]:
-    from cfs.data import arithmetic_problems
+    from cfs.arithmetic import arithmetic_problems
 
     texts = []
     for record in arithmetic_problems(300, seed=0):
@@ -232,8 +248,8 @@ def perturbed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def task_records(count: int, seed: int) -> list[dict]:
-    """`count` arithmetic problems (cfs.data, `seed`) as task records of a training set."""
-    from cfs.data import arithmetic_problems, render
+    """`count` arithmetic problems (cfs.arithmetic, `seed`) as task records of a training set."""
+    from cfs.arithmetic import arithmetic_problems, render
 
     return [
         {"kind": "task", "prompt": r["prompt"], "response": r["response"]}
@@ -296,13 +312,13 @@ def lora_model(model_dir, dtype=None):
     down_proj as cfs.train adds them, their B matrices non-zero so that a merge changes
     the weights."""
     import torch
-    from cfs import train
+    from cfs import objectives
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     method = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "down_proj"]}
-    peft_model = train.add_lora(model, method, seed=0)
+    peft_model = objectives.add_lora(model, method, seed=0)
     torch.manual_seed(1)
     for name, parameter in peft_model.named_parameters():
         if "lora_B" in name:  # B starts at zero: give the adapters something to merge
@@ -539,7 +555,9 @@ def expected_jobs(config: dict) -> dict[str, int]:
     mix per mixing cell plus one of the task set if any cell trains on it, a fine-tune per
     trained cell, a WiSE-FT merge per other cell, an eval per cell; per model the base eval,
     the held-out samples and a summary over seeds per cell; the task's data, the task check,
-    the tables and `all` once. (The figures, once per model, are not counted.)"""
+    the fetch (where the study reads from the hub), the tables and `all` once. (The
+    figures, once per model, are not counted.)"""
+    from cfs.fetch import reads_the_hub
     from cfs.study import METHODS
 
     config = validated_config(copy.deepcopy(config))
@@ -584,6 +602,12 @@ def expected_jobs(config: dict) -> dict[str, int]:
     )
     jobs = {rule: count * len(study["models"]) for rule, count in per_model.items()}
     jobs.update(check_evaluation_tasks=1, prepare_task_data=1, summary_table=1, all=1)
+    hub_models = [model for model in study["models"] if "hub_id" in config["models"][model]]
+    include = config["evaluation"]["include_path"]
+    folders = [include] if isinstance(include, str) else list(include or [])
+    evaluation = {**config["evaluation"], "include_path": [str(REPO / f) for f in folders]}
+    fetch = {"models": hub_models, "task": config["task"]["source"] == "hub"}
+    jobs["fetch_from_hub"] = int(reads_the_hub(fetch, evaluation))
     return {rule: count for rule, count in jobs.items() if count}
 
 

@@ -1,10 +1,11 @@
 """End to end through Snakemake itself: a tiny study with every method (and a toy method
-added to cfs.study by the test, as a user would add one) runs to completion on a tiny
-random model; then one value is added to each sweep in turn and Snakemake runs again,
-executing exactly the jobs that value needs; a second study shares the results/ folder
-without touching the first's jobs; an added forgetting task computes only its own
-requests. Bad input stops the study: a misspelt evaluation task before any model job, an
-uncached hub model offline at once, with the message in the job's log."""
+with a loss term of its own, added to cfs.study and cfs.objectives by the test as a user
+would add one) runs to completion on a tiny random model; then one value is added to
+each sweep in turn and Snakemake runs again, executing exactly the jobs that value
+needs; a second study shares the results/ folder without touching the first's jobs; an
+added forgetting task computes only its own requests. Bad input stops the study: a
+misspelt evaluation task before any model job, an uncached hub model offline at once,
+with the message in the job's log."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from conftest import (
     MODEL,
     MODEL_STAGE_RULES,
     SAMPLE_RULES,
+    TOY_METHOD,
+    TOY_OBJECTIVE,
     copy_repo,
     default_config,
     failure_report,
@@ -38,11 +41,6 @@ from conftest import (
 
 pytestmark = pytest.mark.slow
 
-TOY = (
-    "METHODS['toy'] = Method('toy', 'toy/temp{temperature}/ratio{ratio}/lambda{lambda}', "
-    "'context_free', trains='weighted_synthetic', claim='the toy keeps less than "
-    "context-free data', paired_on=('temperature', 'ratio'))"
-)
 CONFIGURABLE = [name for name in METHODS if name != "plain"]  # plain runs at ratio 0
 ADDED_TASK = "cfs_animals"
 JOB = r"^(?:local)?rule (\w+):\n((?:    .*\n)+)"
@@ -74,8 +72,9 @@ def every_method_config(model_dir):
 
 
 def add_toy_method(repo):
-    study = repo / "workflow" / "cfs" / "study.py"
-    study.write_text(study.read_text() + "\n" + TOY + "\n")
+    for name, text in (("study.py", TOY_METHOD), ("objectives.py", TOY_OBJECTIVE)):
+        module = repo / "workflow" / "cfs" / name
+        module.write_text(module.read_text() + "\n" + text + "\n")
 
 
 def run(repo, config, name="config/config.yaml", *args, timeout=900):
@@ -385,7 +384,7 @@ def test_each_method_trained_what_it_should(study):
         ("l2/lambda1000", "l2", "l2"),
         ("cf_weighted/temp1/ratio0.5/lambda0.5", "weighted_synthetic", "synthetic_nll"),
         ("kl_to_base/temp1/ratio0.5/lambda1", "kl_to_base", "kl_to_base"),
-        ("toy/temp1/ratio0.5/lambda2", "toy", "synthetic_nll"),
+        ("toy/temp1/ratio0.5/lambda2", "toy", "toy_loss"),
     ):
         log = json.loads((results / cell / "seed0" / "model" / "train_log.json").read_text())
         assert log["summary"]["method"] == method, cell

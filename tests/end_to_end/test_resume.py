@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cfs.data import arithmetic_problems, render
+from cfs.arithmetic import arithmetic_problems, render
 from conftest import (
     PACKAGE_DIR,
     TEMPLATE,

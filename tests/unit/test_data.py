@@ -1,5 +1,5 @@
-"""cfs.data: the seeded arithmetic task, and hub or local datasets with a field mapping and
-prompt/response templates (the "any model, any dataset" worked example,
+"""cfs.data: the seeded arithmetic task (cfs.arithmetic), and hub or local datasets with a
+field mapping and prompt/response templates (the "any model, any dataset" worked example,
 config/examples/my_study.yaml), as functions and as the `python -m cfs.data` CLI."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import re
 
 import pytest
 from cfs import data
+from cfs.arithmetic import arithmetic_problems, prepare_arithmetic
 from cfs.errors import SettingsError
 from conftest import TEMPLATE, read_jsonl, task_settings, write_jsonl
 
@@ -27,21 +28,21 @@ EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
 
 def test_problems_are_deterministic_in_seed():
-    assert data.arithmetic_problems(30, seed=5) == data.arithmetic_problems(30, seed=5)
-    assert data.arithmetic_problems(30, seed=5) != data.arithmetic_problems(30, seed=6), (
+    assert arithmetic_problems(30, seed=5) == arithmetic_problems(30, seed=5)
+    assert arithmetic_problems(30, seed=5) != arithmetic_problems(30, seed=6), (
         "seeds 5 and 6 gave the same problems"
     )
 
 
 def test_problems_are_distinct_and_counted():
-    problems = data.arithmetic_problems(200, seed=0)
+    problems = arithmetic_problems(200, seed=0)
     assert len(problems) == 200
     assert len({p["query"] for p in problems}) == 200
 
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_every_response_ends_with_its_answer_and_the_arithmetic_holds(steps):
-    for problem in data.arithmetic_problems(300, seed=1, steps=steps):
+    for problem in arithmetic_problems(300, seed=1, steps=steps):
         match = ANSWER_LINE.search(problem["response"])
         assert match is not None, f"no 'The answer is:' line ending: {problem['response']}"
         assert match.group(1) == problem["answer"]
@@ -57,27 +58,27 @@ def test_every_response_ends_with_its_answer_and_the_arithmetic_holds(steps):
 def test_sharing_problem_does_not_ask_what_the_giver_receives():
     """'Ava ... shares the rest among 3 friends, including Ava. How many does Ava get?'
     is not a well-posed question: the friend must differ from the person sharing."""
-    for problem in data.arithmetic_problems(400, seed=0):
+    for problem in arithmetic_problems(400, seed=0):
         match = re.match(r"(\w+) has \d+ \w+, keeps .* including (\w+)\.", problem["query"])
         if match:
             assert match.group(1) != match.group(2), f"the giver receives: {problem['query']}"
 
 
 def test_train_and_test_are_disjoint_and_sized():
-    train, test = data.prepare_arithmetic(SETTINGS)
+    train, test = prepare_arithmetic(SETTINGS)
     assert (len(train), len(test)) == (40, 20)
     assert {r["query"] for r in train} & {r["query"] for r in test} == set()
 
 
 def test_prompts_use_the_template():
-    train, test = data.prepare_arithmetic(SETTINGS)
+    train, test = prepare_arithmetic(SETTINGS)
     for record in train + test:
         assert record["prompt"] == TEMPLATE.format(query=record["query"])
 
 
 def test_template_with_unknown_field_is_a_settings_error():
     with pytest.raises(SettingsError, match="prompt_template"):
-        data.prepare_arithmetic({**SETTINGS, "prompt_template": "Q: {question}\nA:"})
+        prepare_arithmetic({**SETTINGS, "prompt_template": "Q: {question}\nA:"})
 
 
 def test_cli_writes_train_test_and_provenance(tmp_path):
@@ -89,7 +90,7 @@ def test_cli_writes_train_test_and_provenance(tmp_path):
     assert (len(train), len(test)) == (40, 20)
     fields = {"query", "prompt", "response", "answer"}
     assert fields <= set(train[0]), f"a record lacks one of {fields}: {train[0]}"
-    assert (train, test) == data.prepare_arithmetic(SETTINGS)
+    assert (train, test) == prepare_arithmetic(SETTINGS)
     prov = json.loads((tmp_path / "d" / "train.provenance.json").read_text())
     assert prov["seed"] == 3
     assert (prov["num_train"], prov["num_test"]) == (40, 20)

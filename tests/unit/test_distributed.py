@@ -13,6 +13,7 @@ import pytest
 import torch
 from cfs import distributed
 from cfs.errors import SettingsError
+from cfs.objectives import OBJECTIVES
 from conftest import train_settings
 
 
@@ -97,8 +98,9 @@ def test_weights_dtype_is_bf16_only_for_lora_on_a_gpu_without_fsdp():
         return SimpleNamespace(bf16=bf16, fsdp=fsdp)
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert distributed.weights_dtype("lora", args(), cuda) == "bfloat16"
-    assert distributed.weights_dtype("lora", args(), cpu) == "float32"
-    assert distributed.weights_dtype("lora", args(bf16=False), cuda) == "float32"
-    assert distributed.weights_dtype("lora", args(fsdp=True), cuda) == "float32"
-    assert distributed.weights_dtype("full", args(), cuda) == "float32"
+    lora, full = OBJECTIVES["lora"], OBJECTIVES["full"]
+    assert distributed.weights_dtype(lora, args(), cuda) == "bfloat16"
+    assert distributed.weights_dtype(lora, args(), cpu) == "float32"
+    assert distributed.weights_dtype(lora, args(bf16=False), cuda) == "float32"
+    assert distributed.weights_dtype(lora, args(fsdp=True), cuda) == "float32"
+    assert distributed.weights_dtype(full, args(), cuda) == "float32"

@@ -1,8 +1,9 @@
-"""cfs.evaluate: KL to the base model on held-out context-free samples (the regulariser's
-token KL), metric summaries, the lm-eval settings it passes (batch size, backend, model
-arguments, sampled answers averaged into pass@1, tasks built after seeding), answers cut
-before a reasoning model's think-end token counted in the eval's record, and the whole
-stage (lm-eval on a local target and forgetting task) through its CLI."""
+"""cfs.evaluate: KL to the base model on held-out context-free samples (the
+regulariser's token KL), metric summaries, the lm-eval settings it passes (batch size,
+backend, model arguments, and of cfs.lm_eval_tasks: sampled answers averaged into
+pass@1, tasks built after seeding), answers cut before a reasoning model's think-end
+token counted in the eval's record, and the whole stage (lm-eval on a local target and
+forgetting task) through its CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cfs import data, evaluate, generate, heldout, objectives, tokens
+from cfs import arithmetic, evaluate, generate, heldout, lm_eval_tasks, objectives, tokens
 from cfs.errors import SettingsError
 from cfs.generate import sample_context_free
 from cfs.modeling import load_model, load_tokenizer
@@ -200,7 +201,7 @@ def stage_runs(tiny_model_dir, perturbed_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     shutil.copytree(REPO / "tasks" / "target", root / "tasks" / "target")
     write_mc_task(root / "tasks" / MC_TASK)
-    train, test = data.prepare_arithmetic(
+    train, test = arithmetic.prepare_arithmetic(
         {"num_train": 4, "num_test": 6, "seed": 0, "steps": 2, "prompt_template": TEMPLATE}
     )
     write_jsonl(root / "results" / "data" / "arith" / "test.jsonl", test)
@@ -517,12 +518,12 @@ def test_tasks_are_built_after_seeding(tmp_path):
     (folder / "cfs_shuffled.yaml").write_text(SHUFFLED_TASK.format(data=rows))
     (folder / "utils.py").write_text(SHUFFLING_UTILS)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
-    # num_fewshot makes cfs.evaluate build the Task object itself (configured_task)
+    # num_fewshot makes cfs.lm_eval_tasks build the Task object itself (configured_task)
     entry = task_entry(task="cfs_shuffled", metric="acc,none", num_fewshot=0)
     orders = []
     for state in (1, 2):  # whatever drew from `random` before (another task, a library)
         random.seed(state)
-        (task,) = evaluate.build_tasks(manager, [entry], seed=0)
+        (task,) = lm_eval_tasks.build_tasks(manager, [entry], seed=0)
         orders.append([doc["choices"] for doc in task.test_docs()])
     assert orders[0] == orders[1], "answer order depends on the random state before the eval"
     distinct = {tuple(choices) for choices in orders[0]}
@@ -616,13 +617,13 @@ def test_repeats_on_a_log_likelihood_task_is_refused(tmp_path):
         'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
         "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
     )
-    manager = evaluate.local_task_manager(str(tmp_path / "tasks"), ["cfs_test_mc2"])
+    manager = lm_eval_tasks.local_task_manager(str(tmp_path / "tasks"), ["cfs_test_mc2"])
     with pytest.raises(SettingsError, match="not generative"):
-        evaluate.configured_task(
+        lm_eval_tasks.configured_task(
             manager, task_entry(task="cfs_test_mc2", metric="acc,none", repeats=4)
         )
     entry = task_entry(task="cfs_test_mc2", metric="acc,none")
-    assert evaluate.configured_task(manager, entry) == "cfs_test_mc2"
+    assert lm_eval_tasks.configured_task(manager, entry) == "cfs_test_mc2"
 
 
 def test_an_evaluation_counts_its_cut_answers(tiny_model_dir, tmp_path):

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from cfs import examples, train
+from cfs import examples, objectives, train
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
 from cfs.study import SAMPLE_KINDS
@@ -172,7 +172,7 @@ def test_trained_positions_only_gives_the_same_loss_and_gradients(
     head = model.lm_head
     if lora:  # peft's wrapper hands logits_to_keep and shift_labels through
         method = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]}
-        model = train.add_lora(model, method, 0)
+        model = objectives.add_lora(model, method, 0)
     head_rows = []
     head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[:-1].numel()))
 

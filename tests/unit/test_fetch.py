@@ -1,9 +1,9 @@
-"""cfs.fetch: what the first job of a study fetches from the hub on the submitting host,
-through the task check's command (python -m cfs.task_check --fetch, offline with an empty
-HF_HOME): local tasks need nothing from the hub, which is then not even probed; whether a
-study reads the hub (a hub model, a hub dataset, a task not among the local ones); and an
-uncached hub evaluation dataset or model fails that first job at once, naming what is
-missing, without a traceback."""
+"""cfs.fetch: what a study fetches from the hub on the submitting host, right after the task
+check, through its command (python -m cfs.fetch, offline with an empty HF_HOME): local
+tasks need nothing from the hub, which is then not even probed; whether a study reads the
+hub (a hub model, a hub dataset, a task not among the local ones); and an uncached hub
+evaluation dataset or model fails the fetch at once, naming what is missing, without a
+traceback."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def write_hub_task(folder: Path) -> Path:
     return folder
 
 
-def run_check(tmp_path: Path, settings: dict, fetch: dict | None = None):
+def run_fetch(tmp_path: Path, settings: dict, fetch: dict | None = None):
     env = {
         key: value
         for key, value in os.environ.items()
@@ -39,10 +39,9 @@ def run_check(tmp_path: Path, settings: dict, fetch: dict | None = None):
         PYTHONPATH=str(PACKAGE_DIR),
         TOKENIZERS_PARALLELISM="false",
     )
-    command = [sys.executable, "-m", "cfs.task_check", "--settings", json.dumps(settings)]
+    command = [sys.executable, "-m", "cfs.fetch", "--settings", json.dumps(settings)]
     fetch = fetch or {"models": [], "task": None}
-    command += ["--fetch", json.dumps(fetch), "--fetched", str(tmp_path / "fetched.json")]
-    command += ["--out", str(tmp_path / "check.json")]
+    command += ["--fetch", json.dumps(fetch), "--out", str(tmp_path / "fetched.json")]
     start = time.monotonic()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     return result, time.monotonic() - start
@@ -56,20 +55,18 @@ LOCAL_TASKS = {
 
 
 def test_local_tasks_need_nothing_from_the_hub(tmp_path):
-    result, _ = run_check(tmp_path, LOCAL_TASKS)
+    result, _ = run_fetch(tmp_path, LOCAL_TASKS)
     assert result.returncode == 0, result.stderr[-3000:]
     fetched = json.loads((tmp_path / "fetched.json").read_text())
     assert fetched["hub_reachable"] is None, "nothing to fetch: the hub is not even probed"
     assert fetched["models"] == [] and fetched["task"] is None
     assert {entry["source"] for entry in fetched["evaluation_datasets"]} == {"local"}
-    assert json.loads((tmp_path / "check.json").read_text())["fetched"] == {
-        key: value for key, value in fetched.items() if key != "provenance"
-    }
+    assert fetched["provenance"]["stage"] == "fetch"
 
 
 def test_a_study_reads_the_hub_where_a_model_a_dataset_or_a_task_does(tmp_path):
     """What decides, when the DAG is built, whether the models' and the task's preparation
-    wait on the first job's fetch."""
+    wait on the fetch."""
     from cfs.fetch import local_task_datasets, reads_the_hub
 
     local = local_task_datasets(str(REPO / "tasks"))
@@ -86,7 +83,7 @@ def test_a_study_reads_the_hub_where_a_model_a_dataset_or_a_task_does(tmp_path):
         assert reads_the_hub(nothing, {**evaluation, "forgetting": forgetting}) is True
 
 
-def test_an_uncached_hub_evaluation_dataset_fails_the_first_job_by_name(tmp_path):
+def test_an_uncached_hub_evaluation_dataset_fails_the_fetch_by_name(tmp_path):
     folder = write_hub_task(tmp_path / "tasks")
     settings = {
         **LOCAL_TASKS,
@@ -96,7 +93,7 @@ def test_an_uncached_hub_evaluation_dataset_fails_the_first_job_by_name(tmp_path
             {"task": "cfs_test_hub", "metric": "exact_match,none"},
         ],
     }
-    result, elapsed = run_check(tmp_path, settings)
+    result, elapsed = run_fetch(tmp_path, settings)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert elapsed < 60, f"took {elapsed:.0f} s"
@@ -106,10 +103,10 @@ def test_an_uncached_hub_evaluation_dataset_fails_the_first_job_by_name(tmp_path
     assert not (tmp_path / "fetched.json").exists()
 
 
-def test_an_uncached_hub_model_fails_the_first_job_by_name(tmp_path):
+def test_an_uncached_hub_model_fails_the_fetch_by_name(tmp_path):
     model = {"model": "olmo", "hub_id": "allenai/OLMo-1B-hf", "revision": None}
     fetch = {"models": [model], "task": None}
-    result, _ = run_check(tmp_path, LOCAL_TASKS, fetch)
+    result, _ = run_fetch(tmp_path, LOCAL_TASKS, fetch)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert "allenai/OLMo-1B-hf" in output and "Traceback" not in output

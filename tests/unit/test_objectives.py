@@ -3,7 +3,8 @@ toward the original weights, the lambda-weighted synthetic NLL, the KL to the ba
 their values on their own and in fine-tunes on a tiny model (cfs.train.fine_tune), the
 token KL computed in chunks (the unchunked value and gradient, with or without gradient,
 and no float32 log-probabilities kept for the backward pass), and the synthetic samples
-each optimizer step draws, in one process or split over several."""
+each optimizer step draws, in one process or split over several; the registry of
+objectives the method table names, and a method with a loss term of its own."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import logging
 
 import pytest
 import torch
-from cfs import examples, objectives
+from cfs import budget, examples, objectives, study
 from cfs.errors import SettingsError
 from cfs.modeling import load_model
 from cfs.objectives import SyntheticBatches
 from cfs.tokens import IGNORE_INDEX
 from conftest import (
+    TOY_METHOD,
+    TOY_OBJECTIVE,
     assert_same_weights,
     assert_weights_differ,
     context_free_samples,
@@ -344,3 +347,53 @@ def test_synthetic_ratio_below_one_sample_per_micro_batch():
 def test_synthetic_batches_refuse_an_uneven_split():
     with pytest.raises(ValueError, match="evenly over 3 processes"):
         SyntheticBatches([{"id": 0}], 4, 1, 0, list, 0, 3)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_every_method_that_trains_names_a_registered_objective():
+    trained = {spec.trains for spec in study.METHODS.values() if spec.trains}
+    assert trained <= set(objectives.OBJECTIVES), trained - set(objectives.OBJECTIVES)
+
+
+def test_an_unknown_objective_is_a_settings_error():
+    with pytest.raises(SettingsError, match="not one of"):
+        objectives.objective_for("no_such_objective")
+
+
+@pytest.fixture
+def toy_method(monkeypatch):
+    """The toy method of the end-to-end test, a Method with a loss of its own: its line of
+    the method table and its objective, in a copy of the registry."""
+    monkeypatch.setattr(objectives, "OBJECTIVES", dict(objectives.OBJECTIVES))
+    monkeypatch.setattr(study, "METHODS", dict(study.METHODS))
+    exec(TOY_METHOD, vars(study))  # the line a user adds to cfs.study
+    exec(TOY_OBJECTIVE, dict(vars(objectives)))  # registers its objective
+    # cfs.train reads the table it imported
+    monkeypatch.setattr("cfs.train.METHODS", study.METHODS)
+    return study.METHODS["toy"]
+
+
+def test_a_method_with_a_loss_of_its_own_trains_and_logs_its_term(
+    tiny_model_dir, data_files, plain_model, toy_method
+):
+    method = {"name": "toy", "lambda": 1.0, "ratio": 1.0}
+    model, summary = run_fine_tune(tiny_model_dir, data_files, "toy", method, synthetic=True)
+    terms = logged(model, "toy_loss")
+    assert len(terms) == 2 and min(terms) > 0, f"logged terms {terms}, expected 2, positive"
+    assert summary["objective"] == "toy_loss"
+    assert summary["regularizer"]["name"] == "toy_loss"
+    assert summary["synthetic_term"]["steps"] == 2  # what the inherited term drew
+    assert_weights_differ(plain_model, model)
+
+
+def test_the_budget_prices_a_method_with_a_loss_of_its_own(toy_method):
+    config = budget.load_config(budget.REPO / "config" / "reasoning.yaml")
+    model = study.Study(config).study["models"][0]
+    spec = budget.ASSUMPTIONS[config["models"][model]["hub_id"]]
+    toy = budget.train_job(config, model, "toy/temp1/ratio0.5/lambda1", 0, spec, budget.Hardware())
+    weighted = budget.train_job(
+        config, model, "cf_weighted/temp1/ratio0.5/lambda1", 0, spec, budget.Hardware()
+    )
+    assert toy.tokens == weighted.tokens and toy.hours == weighted.hours

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 from cfs import evaluate
-from cfs.data import arithmetic_problems, render
+from cfs.arithmetic import arithmetic_problems, render
 from cfs.request_cache import RANK_SUFFIX, cache_key, cache_prefix, cached_requests
 from conftest import REPO, TEMPLATE, evaluation_settings, write_jsonl
 

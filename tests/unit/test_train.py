@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from cfs import examples, train, trainer
+from cfs import examples, objectives, train, trainer
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
 from conftest import (
@@ -327,7 +327,7 @@ LORA = {
 def test_lora_trains_only_adapters_and_saves_a_loadable_model(tiny_model_dir, tmp_path):
     model = load_model(tiny_model_dir, "float32")
     parameters = len(list(model.parameters()))
-    wrapped = train.add_lora(model, LORA, seed=0)
+    wrapped = objectives.add_lora(model, LORA, seed=0)
     trainable = sorted(n for n, p in wrapped.named_parameters() if p.requires_grad)
     assert len(trainable) > 0, "LoRA left nothing to train"
     assert [n for n in trainable if "lora_" not in n] == [], "trainable base weights"

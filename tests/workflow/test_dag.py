@@ -243,14 +243,18 @@ FETCH_GATED |= {"generate_contextual"}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
-def test_the_first_job_fetches_and_every_gpu_job_waits_on_it(dry_runs, name):
-    """The check (a local job, on the submitting host) fetches the study's hub models,
-    task data and evaluation datasets; the task's preparation and the generations wait on
-    the fetch, the evaluations on the check, the fine-tunes on their training sets (and a
-    hub model is prepared on the submitting host: workflow/rules/models.smk)."""
+def test_the_fetch_follows_the_check_and_every_gpu_job_waits_on_it(dry_runs, name):
+    """After the task check, the fetch (a local job, on the submitting host) fetches the
+    study's hub models, task data and evaluation datasets; the task's preparation and the
+    generations wait on the fetch, the evaluations on the check, the fine-tunes on their
+    training sets (and a hub model is prepared on the submitting host:
+    workflow/rules/models.smk)."""
     blocks = dry_runs[name]
     (check,) = [block for rule, block in blocks if rule == "check_evaluation_tasks"]
-    assert "results/checks/hub_fetch.json" in check
+    (fetch,) = [block for rule, block in blocks if rule == "fetch_from_hub"]
+    checked = re.search(r"^\s*output: (\S+)", check, re.M).group(1)
+    assert checked in re.search(r"^\s*input: (.*)$", fetch, re.M).group(1), fetch
+    assert "results/checks/hub_fetch.json" in fetch
     seen = set()
     for rule, block in blocks:
         inputs = re.search(r"^\s*input: (.*)$", block, re.M)
@@ -267,8 +271,8 @@ def test_the_first_job_fetches_and_every_gpu_job_waits_on_it(dry_runs, name):
     config = yaml.safe_load((REPO / PAPER_CONFIGS[name]).read_text())
     (model,) = config["study"]["models"]
     hub_id = config["models"][model]["hub_id"]
-    assert f'"hub_id": "{hub_id}"' in check, check
-    assert f'"dataset": "{config["task"]["dataset"]}"' in check, check
+    assert f'"hub_id": "{hub_id}"' in fetch, fetch
+    assert f'"dataset": "{config["task"]["dataset"]}"' in fetch, fetch
 
 
 def test_a_study_on_local_files_waits_on_no_fetch(repo):
@@ -279,10 +283,10 @@ def test_a_study_on_local_files_waits_on_no_fetch(repo):
     assert "hub_fetch.json" not in result.stdout
 
 
-def test_a_missing_evaluation_dataset_stops_the_study_in_its_first_job(tmp_path):
+def test_a_missing_evaluation_dataset_stops_the_study_in_its_fetch(tmp_path):
     """A run of the default study with a forgetting task whose hub dataset is not cached
-    (offline): the first job fails naming the task and the dataset, and no other job
-    starts, so no GPU job is ever queued."""
+    (offline): the task check passes, the fetch after it fails naming the task and the
+    dataset, and no other job starts, so no GPU job is ever queued."""
     repo = copy_repo(tmp_path / "repo")
     folder = repo / "tasks" / "cfs_test_hub"
     folder.mkdir()
@@ -305,14 +309,14 @@ def test_a_missing_evaluation_dataset_stops_the_study_in_its_first_job(tmp_path)
         repo, "--cores", "1", "all", "--configfile", "hub_task.yaml", env=env, timeout=300
     )
     assert result.returncode != 0, result.stdout[-3000:]
-    logs = list((repo / "results" / "logs" / "checks").rglob("*.log"))
-    assert len(logs) == 1, result.stdout[-3000:]
-    text = logs[0].read_text()
+    fetch_log = repo / "results" / "logs" / "checks" / "hub_fetch.log"
+    assert fetch_log.is_file(), result.stdout[-3000:]
+    text = fetch_log.read_text()
     for name in ("evaluation.forgetting[1]", "cfs_test_hub", "cfs-test-org/never-cached-dataset"):
-        assert name in text, f"{name!r} not in the check's log:\n{text[-3000:]}"
+        assert name in text, f"{name!r} not in the fetch's log:\n{text[-3000:]}"
     assert "Traceback" not in text
     started = re.findall(r"^(?:local)?rule (\w+):", result.stdout, re.M)
-    assert started == ["check_evaluation_tasks"], started
+    assert started == ["check_evaluation_tasks", "fetch_from_hub"], started
     assert not (repo / "results" / "models").exists()
     # the task's preparation and the generations wait on the fetch: a run with more
     # cores, or one that keeps going past the failure, starts no GPU job either

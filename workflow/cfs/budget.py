@@ -234,15 +234,17 @@ def train_tokens(config, knobs: dict, spec: Assumption) -> tuple[float, float, f
 
 
 def train_job(config, model, cell, seed, spec: Assumption, hardware: Hardware) -> Job:
+    from cfs.objectives import objective_for
     from cfs.study import METHODS, parse_cell
 
     knobs = parse_cell(cell)
     method = METHODS[knobs["method"]]
+    objective = objective_for(method.trains)  # what its loss costs beside the task's
     train = config["train"]
     gpus = resource(config, model, "train", "gpus", knobs["method"])
     runtime = resource(config, model, "train", "runtime", knobs["method"])
     examples, tokens, term_tokens = train_tokens(config, knobs, spec)
-    lora = method.trains == "lora"
+    lora = not objective.trains_base_weights  # LoRA: no weight gradients, adapters saved
     recompute = train["gradient_checkpointing"]
     passes = 3 + (1 if recompute else 0)  # forward, backward (twice a forward), recompute
     linear = (2 if lora else 3) * passes / 3 * 2 * spec.params  # LoRA: no weight gradients
@@ -250,8 +252,8 @@ def train_job(config, model, cell, seed, spec: Assumption, hardware: Hardware) -
     attention = passes * 2 * spec.layers * spec.hidden * sequence  # causal: half the square
     per_token = linear + attention
     flops = tokens * per_token + term_tokens * per_token  # term_tokens: 0 without a term
-    if method.trains == "kl_to_base":  # the frozen base model's forward
-        flops += term_tokens * 2 * spec.params
+    # a frozen base model's forward (KL to base) on the term's tokens
+    flops += objective.base_forwards * term_tokens * 2 * spec.params
     compute = [flops / (gpus * hardware.bf16_flops * share) for share in hardware.flops_used]
     sharded = train["fsdp"] and gpus > 1
     communication = [0.0, 0.0]
@@ -266,7 +268,7 @@ def train_job(config, model, cell, seed, spec: Assumption, hardware: Hardware) -
             term_batches = 0
         reduce = micro_batches if train["fsdp_reduce_each_micro_batch"] else steps
         gathers = 2 * micro_batches + reduce + 3 * term_batches
-        gathers += term_batches if method.trains == "kl_to_base" else 0
+        gathers += objective.base_forwards * term_batches
         moved = gathers * 2 * spec.params * (gpus - 1) / gpus
         communication = [moved / speed for speed in hardware.collective_bytes_per_s]
     seconds = (max(compute[0], communication[0]), compute[1] + communication[1])

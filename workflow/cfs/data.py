@@ -1,9 +1,7 @@
 """Prepare the fine-tuning task: records of {prompt, response, ...} for train and test.
 
 Two kinds of source:
-- `arithmetic` (the embedded default): word problems made by seeded code whose responses
-  reason step by step and end "The answer is: N" (the MetaMathQA answer format): GSM8K-style
-  two-step stories (`steps: 2`) or one-step sums and differences (`steps: 1`);
+- `arithmetic` (the embedded default): seeded word problems (cfs.arithmetic);
 - `hub` / `local`: any dataset, from the Hugging Face hub (`dataset`, optional
   `dataset_config`, `revision`) or from local JSONL / JSON / Parquet / CSV files
   (`data_files`). `fields` maps template names to the dataset's columns (e.g.
@@ -18,143 +16,17 @@ Two kinds of source:
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import random
 from pathlib import Path
 
+from cfs.arithmetic import prepare_arithmetic
 from cfs.artifacts import provenance, write_json, write_jsonl
 from cfs.cli import require, run_stage, stage_parser
 from cfs.errors import SettingsError
 
 log = logging.getLogger("cfs.data")
-
-NAMES = [
-    "Ava", "Ben", "Carla", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jack",
-    "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara",
-]  # fmt: skip
-ITEMS = [
-    "apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps", "shells",
-    "cards", "balloons", "coins", "eggs",
-]  # fmt: skip
-
-
-def _gain_then_loss(rng: random.Random) -> tuple[str, str, int]:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start, gain = rng.randint(5, 40), rng.randint(2, 30)
-    loss = rng.randint(1, start + gain - 1)
-    total, answer = start + gain, start + gain - loss
-    question = (
-        f"{name} has {start} {item}. {name} gets {gain} more {item} and then gives away "
-        f"{loss} {item}. How many {item} does {name} have now?"
-    )
-    response = (
-        f"{name} starts with {start} {item} and gets {gain} more, so {start} + {gain} = "
-        f"{total}. After giving away {loss}, {total} - {loss} = {answer}."
-    )
-    return question, response, answer
-
-
-def _groups_plus_extra(rng: random.Random) -> tuple[str, str, int]:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    groups, size, extra = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 20)
-    product = groups * size
-    answer = product + extra
-    question = (
-        f"{name} buys {groups} boxes with {size} {item} in each box and already had {extra} "
-        f"{item}. How many {item} does {name} have in total?"
-    )
-    response = (
-        f"The boxes hold {groups} * {size} = {product} {item}. Adding the {extra} {name} "
-        f"already had gives {product} + {extra} = {answer}."
-    )
-    return question, response, answer
-
-
-def _share_equally(rng: random.Random) -> tuple[str, str, int]:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    other = rng.choice([friend for friend in NAMES if friend != name])
-    people, each, kept = rng.randint(2, 8), rng.randint(2, 15), rng.randint(1, 10)
-    shared = people * each
-    total = shared + kept
-    question = (
-        f"{name} has {total} {item}, keeps {kept} and shares the rest equally among "
-        f"{people} friends, including {other}. How many {item} does {other} get?"
-    )
-    response = (
-        f"{name} shares {total} - {kept} = {shared} {item}. Split among {people} friends, "
-        f"each gets {shared} / {people} = {each}."
-    )
-    return question, response, each
-
-
-def _price_change(rng: random.Random) -> tuple[str, str, int]:
-    name = rng.choice(NAMES)
-    count, price, paid_extra = rng.randint(2, 9), rng.randint(2, 20), rng.randint(1, 30)
-    cost = count * price
-    answer = cost + paid_extra
-    question = (
-        f"{name} buys {count} tickets that cost {price} dollars each and pays a {paid_extra} "
-        f"dollar fee. How many dollars does {name} pay in total?"
-    )
-    response = (
-        f"The tickets cost {count} * {price} = {cost} dollars. With the fee, "
-        f"{cost} + {paid_extra} = {answer}."
-    )
-    return question, response, answer
-
-
-def _one_step(rng: random.Random, subtract: bool) -> tuple[str, str, int]:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    first, second = rng.randint(2, 20), rng.randint(2, 9)
-    if subtract:
-        start, answer = first + second, first
-        question = f"{name} has {start} {item} and gives away {second}. How many {item} now?"
-        return question, f"{start} - {second} = {answer}.", answer
-    answer = first + second
-    question = f"{name} has {first} {item} and gets {second} more. How many {item} now?"
-    return question, f"{first} + {second} = {answer}.", answer
-
-
-# Two-step stories (GSM8K-style), and one-step ones a 135M model can learn in minutes.
-PROBLEM_KINDS = {
-    2: (_gain_then_loss, _groups_plus_extra, _share_equally, _price_change),
-    1: (functools.partial(_one_step, subtract=False), functools.partial(_one_step, subtract=True)),
-}
-
-
-def arithmetic_problems(count: int, seed: int, steps: int = 2) -> list[dict]:
-    """`count` distinct word problems of `steps` steps, deterministic in `seed`."""
-    rng = random.Random(seed)
-    seen, problems = set(), []
-    while len(problems) < count:
-        question, reasoning, answer = rng.choice(PROBLEM_KINDS[steps])(rng)
-        if question in seen:
-            continue
-        seen.add(question)
-        response = f"{reasoning}\nThe answer is: {answer}"
-        problems.append({"query": question, "response": response, "answer": str(answer)})
-    return problems
-
-
-def render(records: list[dict], template: str) -> list[dict]:
-    try:
-        return [{**record, "prompt": template.format(query=record["query"])} for record in records]
-    except KeyError as error:
-        raise SettingsError(
-            f"task.prompt_template uses unknown field {error}; only {{query}} is available"
-        ) from None
-
-
-def prepare_arithmetic(settings: dict) -> tuple[list[dict], list[dict]]:
-    num_train, num_test = require(settings, "num_train"), require(settings, "num_test")
-    problems = arithmetic_problems(
-        num_train + num_test, require(settings, "seed"), require(settings, "steps")
-    )
-    template = require(settings, "prompt_template")
-    return render(problems[:num_train], template), render(problems[num_train:], template)
-
 
 # --------------------------------------------------------------------------- any dataset
 

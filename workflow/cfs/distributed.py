@@ -152,11 +152,12 @@ def gather(value) -> list:
     return values
 
 
-def weights_dtype(trains: str | None, args, device: torch.device) -> str:
-    """The dtype the model to train (`trains`: cfs.study.Method.trains) is loaded in:
-    float32 master weights, except for LoRA in bf16 on a GPU without FSDP, whose frozen
-    base stays in bfloat16 (8B: 16 GB instead of 32; nothing of it trains) while peft keeps
-    the adapters in float32."""
-    if trains == "lora" and device.type == "cuda" and args.bf16 and not args.fsdp:
+def weights_dtype(objective, args, device: torch.device) -> str:
+    """The dtype the model to train is loaded in (`objective`: its cfs.objectives class):
+    float32 master weights, except for an objective whose base weights stay frozen (LoRA)
+    in bf16 on a GPU without FSDP: its frozen base stays in bfloat16 (8B: 16 GB instead of
+    32; nothing of it trains) while peft keeps the adapters in float32."""
+    frozen = not objective.trains_base_weights
+    if frozen and device.type == "cuda" and args.bf16 and not args.fsdp:
         return "bfloat16"
     return "float32"

@@ -1,14 +1,18 @@
 """Everything the study reads from the Hugging Face hub, fetched into the cache (HF_HOME) by
-the first job, on the submitting host: the study's hub models, the fine-tuning task's hub
-dataset and the dataset of every evaluation task that reads one from the hub.
+the job after the evaluation-task check, on the submitting host: the study's hub models,
+the fine-tuning task's hub dataset and the dataset of every evaluation task that reads one
+from the hub.
 
 Compute nodes often have no network. The stages that run there (prepare_model,
 prepare_task_data, the evaluations) probe the hub, find it unreachable and read the cache
-(cfs.hub), so every download has to have happened before: this runs in the evaluation-task
-check (workflow/rules/checks.smk), a local job on the submitting host that the models' and
-the task's preparation wait on, and through them every GPU job. A model or dataset that
-cannot be had (gated without HF_TOKEN, or neither reachable nor cached) fails it there, by
-name, before any GPU job is queued.
+(cfs.hub), so every download has to have happened before: this runs as its own job right
+after the evaluation-task check (workflow/rules/checks.smk), a local job on the submitting
+host that the models' and the task's preparation wait on, and through them every GPU job.
+A model or dataset that cannot be had (gated without HF_TOKEN, or neither reachable nor
+cached) fails it there, by name, before any GPU job is queued.
+
+    python -m cfs.fetch --settings '<the task check's settings as JSON>' \
+        --fetch '{"models": [...], "task": ...}' --out results/checks/hub_fetch.json
 
 Evaluation datasets are fetched with the call lm-eval itself makes when it builds a task
 (`datasets.load_dataset(dataset_path, dataset_name, **dataset_kwargs)`), so lm-eval finds
@@ -18,11 +22,14 @@ them in the cache. Tasks whose data are local files (`dataset_path: json` with
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import yaml
 
+from cfs.artifacts import provenance, write_json
+from cfs.cli import run_stage, stage_parser
 from cfs.errors import SettingsError
 
 log = logging.getLogger("cfs.fetch")
@@ -186,3 +193,24 @@ def reads_the_hub(fetch: dict, evaluation: dict) -> bool:
     local = local_task_datasets(evaluation["include_path"])
     entries = [evaluation["target"], *evaluation["forgetting"]]
     return not all(local.get(entry["task"], False) for entry in entries)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cfs.task_check import entries_with_keys, task_index
+
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--fetch",
+        required=True,
+        type=json.loads,
+        help='these and the evaluation datasets: {"models": [...], "task": ...}',
+    )
+    parser.add_argument("--out", required=True, type=Path, help="JSON record of the fetch")
+    args = parser.parse_args(argv)
+    index = task_index(args.settings["include_path"])
+    fetched = fetch_everything(args.fetch, entries_with_keys(args.settings), index)
+    write_json(args.out, {**fetched, "provenance": provenance("fetch", args.fetch)})
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,6 +1,13 @@
 """What fine-tuning minimises besides the task loss: the regularisers of the study's
 methods, each a term added to the Trainer's loss with its weight lambda.
 
+Each method of cfs.study.METHODS names its objective (`Method.trains`); OBJECTIVES maps
+that name to an Objective class, which says everything cfs.train, cfs.trainer,
+cfs.distributed and cfs.budget need of it. A method with a loss term of its own is a
+Method in cfs.study and an Objective registered here (`@objective("name")`).
+
+- Full fine-tuning: the task loss alone. LoRA: the same, through adapters on a frozen base.
+
 - L2 toward the original weights: sum((theta - theta0)^2), divided by n_params with
   `methods.l2.reduction: mean`.
 - Weighted synthetic loss: the negative log-likelihood of a batch of synthetic samples,
@@ -14,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,7 +45,132 @@ log = logging.getLogger("cfs.objectives")
 L2_REDUCTIONS = ("mean", "sum")
 
 
-class L2ToInitial:
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What an objective may load for its term: the cell's method settings
+    (settings["method"]), the train settings, the base model's folder, the synthetic
+    examples of a method with a synthetic term (cfs.study.Method.synthetic_term), the
+    tokenizer, the Trainer's arguments and this process's device."""
+
+    method: dict
+    settings: dict
+    model_dir: Path
+    synthetic: list[dict] | None
+    tokenizer: object
+    args: object
+    device: torch.device
+
+
+class Objective:
+    """What a method trains: the task loss alone (full fine-tuning), or a subclass's term
+    beside it, weighted by the method's lambda.
+
+    Declared on the class (before any model is loaded):
+    - `trains_base_weights`: False where the base weights stay frozen (LoRA): they are
+      loaded in bfloat16 on a GPU (cfs.distributed.weights_dtype), and the budget counts
+      no weight gradients and adapter-sized checkpoints (cfs.budget);
+    - `base_forwards`: forwards of a frozen base model per token of the synthetic term (its
+      FLOPs and, under FSDP, its all-gathers in cfs.budget);
+    - `prepare_model(model, method, seed)`: the model that trains (LoRA: with adapters);
+    - `build(inputs)`: the term (an instance, with what it loaded), or None for none.
+    The term (an instance):
+    - `name`: its key in the training log; `separate_backward`: its own forward and
+      backward after the task's (a call returns (term, share of the step)) instead of a
+      term added to the task loss (a call returns the term);
+    - `attach(trainer)`: once the Trainer has wrapped (sharded) the model, before a
+      checkpoint is loaded;
+    - `__call__(model, step, micro_step)`: the term at this micro-step;
+    - `logged(value, weight, loss)`: its entries in the log, its share of the loss among
+      them (cfs.trainer.term_record); `summary()`: what the run's summary records of it."""
+
+    name: str | None = None
+    separate_backward = False
+    trains_base_weights = True
+    base_forwards = 0
+
+    @classmethod
+    def prepare_model(cls, model, method: dict, seed: int):
+        return model
+
+    @classmethod
+    def build(cls, inputs: TrainingInputs) -> Objective | None:
+        return None
+
+    def attach(self, trainer) -> None:
+        pass
+
+    def __call__(self, model, step: int, micro_step: int):
+        raise NotImplementedError
+
+    def logged(self, value: float, weight: float, loss: float) -> dict:
+        weighted = weight * value
+        return {
+            self.name: value,
+            f"{self.name}_weighted": weighted,
+            f"{self.name}_share": weighted / loss if loss else 0.0,
+        }
+
+    def summary(self) -> dict:
+        return {}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def objective(name: str):
+    """Registers an Objective class under `name`, the value of Method.trains that picks it."""
+
+    def register(cls: type[Objective]) -> type[Objective]:
+        OBJECTIVES[name] = cls
+        return cls
+
+    return register
+
+
+def objective_for(trains: str) -> type[Objective]:
+    """The Objective class a method names (cfs.study.Method.trains)."""
+    if trains not in OBJECTIVES:
+        raise SettingsError(
+            f"objective {trains!r} is not one of {', '.join(sorted(OBJECTIVES))} "
+            "(cfs.objectives.OBJECTIVES)"
+        )
+    return OBJECTIVES[trains]
+
+
+@objective("full")
+class TaskLoss(Objective):
+    """Full fine-tuning: the task loss alone, every weight trains."""
+
+
+def add_lora(model, method: dict, seed: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)  # the adapters' random init: the same in every process and every run
+    rank = require(method, "rank")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=method["alpha"] or rank,  # null: alpha = rank
+        lora_dropout=method["dropout"],
+        target_modules=require(method, "target_modules"),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@objective("lora")
+class LoRA(Objective):
+    """The task loss through low-rank adapters (methods.lora); the base weights stay frozen."""
+
+    trains_base_weights = False
+
+    @classmethod
+    def prepare_model(cls, model, method: dict, seed: int):
+        return add_lora(model, method, seed)
+
+
+@objective("l2")
+class L2ToInitial(Objective):
     """sum((theta - theta0)^2) over the parameters that train, divided by their number
     when `reduction` is 'mean' (methods.l2.reduction).
 
@@ -60,6 +194,16 @@ class L2ToInitial:
         self.pairs: list | None = None
         self.num_params = 0
         self.sharded = False
+
+    @classmethod
+    def build(cls, inputs: TrainingInputs) -> L2ToInitial:
+        # the reference is taken once the model is wrapped (attach)
+        return cls(require(inputs.method, "reduction"))
+
+    def attach(self, trainer) -> None:
+        """The reference: the base weights, on the parameters that train."""
+        if not self.ready:
+            self.setup(trainer.trainable_parameters())
 
     @property
     def ready(self) -> bool:
@@ -164,7 +308,8 @@ class SyntheticBatches:
         return {key: value.to(device) for key, value in batch.items()}
 
 
-class WeightedSyntheticLoss:
+@objective("weighted_synthetic")
+class WeightedSyntheticLoss(Objective):
     """NLL of the step's synthetic samples: each micro-step's mean token NLL weighted by
     its share of the step's samples, so the gradient over a step (averaged over the
     processes by DDP/FSDP) is that of the mean over all `per_step` samples. Run as its own
@@ -176,6 +321,13 @@ class WeightedSyntheticLoss:
     def __init__(self, batches: SyntheticBatches):
         self.batches = batches
         self.drawn: dict[int, list[int]] = {}
+
+    @classmethod
+    def build(cls, inputs: TrainingInputs) -> WeightedSyntheticLoss:
+        return cls(synthetic_batches(inputs))
+
+    def summary(self) -> dict:
+        return {"synthetic_term": synthetic_draws(self)}
 
     def draw(self, step: int, micro_step: int) -> list[int]:
         indices = self.batches.indices(step, micro_step)
@@ -240,6 +392,7 @@ def token_kl(
     return total if reduction == "sum" else total / weights.sum().clamp(min=1)
 
 
+@objective("kl_to_base")
 class KLToBase(WeightedSyntheticLoss):
     """Token-level KL(base || model) on the step's synthetic samples against a frozen base
     model; drawn, weighted and back-propagated like WeightedSyntheticLoss. Under FSDP the
@@ -247,6 +400,7 @@ class KLToBase(WeightedSyntheticLoss):
     whole second copy of the weights."""
 
     name = "kl_to_base"
+    base_forwards = 1
 
     def __init__(self, batches: SyntheticBatches, base_model, precision: str = "float32"):
         super().__init__(batches)
@@ -255,6 +409,28 @@ class KLToBase(WeightedSyntheticLoss):
         # the model that trains computes under accelerate's autocast; the frozen base,
         # which accelerate never wraps, computes in the same precision
         self.precision = precision
+
+    @classmethod
+    def build(cls, inputs: TrainingInputs) -> KLToBase:
+        batches = synthetic_batches(inputs)
+        args, device = inputs.args, inputs.device
+        # Under FSDP the base model is loaded on the CPU and sharded with the model that
+        # trains (attach), never whole on one GPU.
+        if not reads_weights(args):
+            log.info(
+                "process %d: the model without its weights (rank 0 reads them)", process_rank()
+            )
+        base = load_model(
+            inputs.model_dir,
+            "float32" if device.type == "cpu" else "bfloat16",
+            fsdp_load_device(args, device),
+            weights=reads_weights(args),
+        )
+        return cls(batches, base, "bfloat16" if args.bf16 else "float32")
+
+    def attach(self, trainer) -> None:
+        if trainer.is_fsdp_enabled:
+            self.shard_base(trainer.accelerator)
 
     def shard_base(self, accelerator) -> None:
         """Shard the frozen base model over the processes as accelerate shards the model
@@ -298,14 +474,9 @@ def synthetic_draws(term: WeightedSyntheticLoss) -> dict:
     }
 
 
-def regularizer_for(objective, method, model_dir, synthetic, tokenizer, settings, args, device):
-    """The term `objective` (cfs.study.Method.trains) adds to the task loss, if any."""
-    if objective == "l2":
-        return L2ToInitial(
-            require(method, "reduction")
-        )  # the reference is taken once the model is wrapped
-    if objective not in ("weighted_synthetic", "kl_to_base"):
-        return None
+def synthetic_batches(inputs: TrainingInputs) -> SyntheticBatches:
+    """The synthetic samples each optimizer step draws: round(ratio x train.batch_size)."""
+    method, settings = inputs.method, inputs.settings
     ratio, batch_size = require(method, "ratio"), require(settings, "batch_size")
     per_step = round(ratio * batch_size)
     if per_step < 1 or per_step % world_size():
@@ -314,25 +485,12 @@ def regularizer_for(objective, method, model_dir, synthetic, tokenizer, settings
             f"{per_step} synthetic samples per optimizer step; it must be at least 1 and "
             f"a multiple of the {world_size()} processes (each draws its own share)"
         )
-    batches = SyntheticBatches(
-        synthetic,
+    return SyntheticBatches(
+        inputs.synthetic,
         per_step=per_step,
-        accumulation=args.gradient_accumulation_steps,
+        accumulation=inputs.args.gradient_accumulation_steps,
         seed=require(settings, "seed"),
-        collator=padding_collator(tokenizer),
+        collator=padding_collator(inputs.tokenizer),
         rank=process_rank(),
         world=world_size(),
     )
-    if objective == "weighted_synthetic":
-        return WeightedSyntheticLoss(batches)
-    # Under FSDP the base model is loaded on the CPU and sharded with the model that
-    # trains (KLToBase.shard_base), never whole on one GPU.
-    if not reads_weights(args):
-        log.info("process %d: the model without its weights (rank 0 reads them)", process_rank())
-    base = load_model(
-        model_dir,
-        "float32" if device.type == "cpu" else "bfloat16",
-        fsdp_load_device(args, device),
-        weights=reads_weights(args),
-    )
-    return KLToBase(batches, base, "bfloat16" if args.bf16 else "float32")

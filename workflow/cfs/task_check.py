@@ -13,16 +13,12 @@ checks, for the target and each forgetting task:
     python -m cfs.task_check --settings '<config["evaluation"] as JSON>' \\
         --out results/checks/evaluation_tasks.json
 
-With `--fetch` it then fetches, on the host it runs on, everything the study reads from the
-hub into the Hugging Face cache: the models and task dataset it names and the dataset of
-every evaluation task (cfs.fetch); what it fetched goes into the record, and into the file
-`--fetched` names.
+What the study reads from the hub is fetched afterwards, by a job of its own (cfs.fetch).
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from pathlib import Path
 
@@ -140,25 +136,10 @@ def check_tasks(settings: dict, index: dict | None = None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="JSON record of the check")
-    parser.add_argument(
-        "--fetch",
-        type=json.loads,
-        help='then fetch these and the evaluation datasets: {"models": [...], "task": ...}',
-    )
-    parser.add_argument("--fetched", type=Path, help="also write what was fetched here")
     args = parser.parse_args(argv)
-    index = task_index(args.settings["include_path"])
-    record = check_tasks(args.settings, index)
+    record = check_tasks(args.settings)
     for checked in record["tasks"]:
         log.info("%s: %s (%s)", checked["key"], checked["task"], checked.get("checked"))
-    if args.fetch is not None:
-        from cfs.fetch import fetch_everything
-
-        record["fetched"] = fetch_everything(args.fetch, entries_with_keys(args.settings), index)
-        if args.fetched:
-            write_json(
-                args.fetched, {**record["fetched"], "provenance": provenance("fetch", args.fetch)}
-            )
     record["provenance"] = provenance("check_evaluation_tasks", args.settings)
     write_json(args.out, record)
 

@@ -51,11 +51,7 @@ from cfs.examples import (
 )
 from cfs.hub import go_offline_unless_reachable
 from cfs.modeling import compute_precision, load_model, load_tokenizer
-from cfs.objectives import (
-    WeightedSyntheticLoss,
-    regularizer_for,
-    synthetic_draws,
-)
+from cfs.objectives import TrainingInputs, objective_for
 from cfs.saving import save_fine_tuned
 from cfs.snapshots import parse_snapshots
 from cfs.study import METHODS, Method
@@ -129,22 +125,6 @@ def study_method(settings: dict) -> Method:
     return METHODS[name]
 
 
-def add_lora(model, method: dict, seed: int):
-    from peft import LoraConfig, get_peft_model
-    from transformers import set_seed
-
-    set_seed(seed)  # the adapters' random init: the same in every process and every run
-    rank = require(method, "rank")
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=method["alpha"] or rank,  # null: alpha = rank
-        lora_dropout=method["dropout"],
-        target_modules=require(method, "target_modules"),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
 def fine_tune(
     model_dir: Path,
     data: Path,
@@ -171,6 +151,7 @@ def fine_tune(
 
     device = process_device()
     spec, method = study_method(settings), settings["method"]
+    objective = objective_for(spec.trains)
     tokenizer = load_tokenizer(model_dir)
     max_length = require(settings, "max_length")
     records = read_jsonl(data)
@@ -211,17 +192,16 @@ def fine_tune(
         log.info("process %d: the model without its weights (rank 0 reads them)", process_rank())
     model = load_model(
         model_dir,
-        weights_dtype(spec.trains, args, device),
+        weights_dtype(objective, args, device),
         fsdp_load_device(args, device),
         weights=reads_weights(args),
     )
     # No KV cache in training: with one, a packed row's attention would not be split
     # per sample (transformers builds the block-diagonal mask only without a cache).
     model.config.use_cache = False
-    if spec.trains == "lora":
-        model = add_lora(model, method, require(settings, "seed"))
-    regularizer = regularizer_for(
-        spec.trains, method, model_dir, synthetic_examples, tokenizer, settings, args, device
+    model = objective.prepare_model(model, method, require(settings, "seed"))
+    regularizer = objective.build(
+        TrainingInputs(method, settings, model_dir, synthetic_examples, tokenizer, args, device)
     )
     trainer = RegularizedTrainer(
         model=model,
@@ -271,8 +251,8 @@ def fine_tune(
         "regularizer": term_record(trainer),
         **training_record(trainer),
     }
-    if isinstance(regularizer, WeightedSyntheticLoss):
-        summary["synthetic_term"] = synthetic_draws(regularizer)
+    if regularizer is not None:
+        summary.update(regularizer.summary())
     save_fine_tuned(trainer, tokenizer, settings, data, summary, out)
     if saved_along and is_main_process():
         saved_along.finish()

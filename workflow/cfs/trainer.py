@@ -1,4 +1,5 @@
-"""The transformers Trainer with one regularising term (cfs.objectives) beside the task loss.
+"""The transformers Trainer with one regularising term (cfs.objectives.Objective) beside
+the task loss.
 
 L2 is added to the task loss (one backward). The synthetic terms (weighted synthetic NLL,
 KL to base) run their own forward and backward after the task's, so the two graphs never
@@ -17,7 +18,6 @@ from transformers import Trainer, TrainerCallback
 
 from cfs.distributed import gather
 from cfs.examples import trained_positions_only
-from cfs.objectives import KLToBase, L2ToInitial
 
 log = logging.getLogger("cfs.trainer")
 NEGLIGIBLE_SHARE = 1e-3  # of the logged loss, below which a term changes nothing
@@ -43,7 +43,7 @@ class RegularizedTrainer(Trainer):
         self._position = (current, micro)
         return current, micro
 
-    def _trainable_parameters(self) -> list:
+    def trainable_parameters(self) -> list:
         """The parameters the optimizer updates: under FSDP2, the sharded ones."""
         if self.optimizer is not None:
             return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -52,11 +52,9 @@ class RegularizedTrainer(Trainer):
     def _setup_regularizer(self) -> None:
         """After the model is wrapped (sharded) and before a checkpoint is loaded: the
         L2 reference must be the base weights, on the parameters that train; the frozen
-        base of KL to base is sharded like the model."""
-        if isinstance(self.regularizer, L2ToInitial) and not self.regularizer.ready:
-            self.regularizer.setup(self._trainable_parameters())
-        if isinstance(self.regularizer, KLToBase) and self.is_fsdp_enabled:
-            self.regularizer.shard_base(self.accelerator)
+        base of KL to base is sharded like the model (Objective.attach)."""
+        if self.regularizer is not None:
+            self.regularizer.attach(self)
 
     def create_scheduler(self, *args, **kwargs):
         # called once the optimizer holds the wrapped (sharded) parameters, before an
@@ -122,12 +120,9 @@ class RegularizedTrainer(Trainer):
             mean = self._term_sum / self._term_share
             if self.accelerator.num_processes > 1:
                 mean = self.accelerator.reduce(mean, reduction="mean")
-            name = self.regularizer.name
-            logs[name] = mean.item()
             # the logged loss holds the weighted term: its share of it shows a term too
             # small to change the fine-tune (term_record)
-            logs[f"{name}_weighted"] = self.weight * logs[name]
-            logs[f"{name}_share"] = logs[f"{name}_weighted"] / logs["loss"] if logs["loss"] else 0.0
+            logs.update(self.regularizer.logged(mean.item(), self.weight, logs["loss"]))
             self._term_sum, self._term_share = None, 0.0
         super().log(logs, start_time)
 

@@ -353,7 +353,7 @@ def digest(settings):
 
 
 def fetch_settings():
-    """What the first job fetches into the Hugging Face cache besides the evaluation
+    """What the fetch job puts into the Hugging Face cache besides the evaluation
     datasets (cfs.fetch): the study's hub models and the task's hub dataset."""
     models = [
         {"model": model, "hub_id": settings["hub_id"], "revision": settings["revision"]}
@@ -381,20 +381,18 @@ def replay_from_hub():
 
 # One check file per set of evaluation tasks: studies with other tasks have their own.
 TASK_CHECK = f"results/checks/evaluation_tasks/{digest(task_check_settings())}.json"
-# What the first job fetched, for a study that reads from the hub: the task's preparation
-# and the generations, and through them every GPU job, wait on it (ancient: a later
-# fetch, e.g. for another study, does not make them run again); the evaluations wait on
-# the check itself. A study on local files only fetches nothing and waits on nothing.
+# What the fetch after the check fetched, for a study that reads from the hub: the task's
+# preparation and the generations, and through them every GPU job, wait on it (ancient:
+# a later fetch, e.g. for another study, does not make them run again); the evaluations
+# wait on the check itself. A study on local files only fetches nothing and waits on
+# nothing.
 HUB_FETCH = "results/checks/hub_fetch.json"
 FETCH = fetch_settings()
 READS_THE_HUB = reads_the_hub(FETCH, config["evaluation"])
-CHECK_OUTPUTS = {"checks": TASK_CHECK} | (
-    {"fetched": HUB_FETCH} if READS_THE_HUB else {}
-)
 
 
 def fetched_first(wildcards):
-    """The first job's fetch, where the study reads from the hub."""
+    """The fetch after the task check, where the study reads from the hub."""
     return {"fetched": ancient(HUB_FETCH)} if READS_THE_HUB else {}
 
 

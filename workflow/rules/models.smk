@@ -1,4 +1,4 @@
-# A hub model is downloaded where the network is, as the first job fetches it too.
+# A hub model is downloaded where the network is, as the fetch after the task check does.
 if FETCH["models"]:
 
     localrules:

@@ -1,5 +1,6 @@
 localrules:
     check_evaluation_tasks,
+    fetch_from_hub,
     mix_at_ratio,
     summarise_seeds,
     summary_table,
