@@ -28,6 +28,7 @@ from conftest import (
     SAMPLE_RULES,
     copy_repo,
     default_config,
+    evaluation_path,
     failure_report,
     read_jsonl,
     run_snakemake,
@@ -140,14 +141,15 @@ def grid_jobs(config, grammar) -> dict[str, set[str]]:
     for cell in study.cells():
         knobs = parse_cell(cell)
         spec = METHODS[knobs["method"]]
-        jobs.setdefault("summarise_seeds", set()).add(f"results/{MODEL}/{cell}/eval.json")
+        jobs.setdefault("summarise_seeds", set()).add(evaluation_path(config, MODEL, cell))
         for seed in study.seeds:
             folder = f"results/{MODEL}/{cell}/seed{seed}"
             if spec.mixes or spec.name == "plain":
                 jobs.setdefault("mix_at_ratio", set()).add(f"{folder}/train.jsonl")
             rule = "fine_tune" if spec.trains else "interpolate_wiseft"
             jobs.setdefault(rule, set()).add(f"{folder}/model")
-            jobs.setdefault("evaluate_finetuned", set()).add(f"{folder}/eval.json")
+            evaluated = evaluation_path(config, MODEL, f"{cell}/seed{seed}")
+            jobs.setdefault("evaluate_finetuned", set()).add(evaluated)
             if spec.samples:
                 fields = {k: fmt(v) for k, v in knobs.items() if k != "method"}
                 path = SAMPLE_KINDS[spec.samples].path.format(seed=seed, **fields)
@@ -191,10 +193,8 @@ def new_jobs(before, after, grammar) -> dict[str, set[str]]:
     )
 
 
-def seed_eval(cell, seed=0):
-    if cell == "base":
-        return f"results/{MODEL}/base/eval.json"
-    return f"results/{MODEL}/{cell}/seed{seed}/eval.json"
+def seed_eval(config, cell, seed=0):
+    return evaluation_path(config, MODEL, cell if cell == "base" else f"{cell}/seed{seed}")
 
 
 def cells(study) -> dict[str, str]:
@@ -231,9 +231,10 @@ def test_a_finished_study_ends_by_printing_its_verdicts_and_results_page(study):
 def test_summary_has_one_finite_row_per_cell(study):
     table = pd.read_csv(study["results"] / "studies" / "default" / "summary.csv")
     expected = cells(study)
-    assert sorted(table["eval_paths"]) == sorted(seed_eval(c) for c in expected)
+    config = study["config"]
+    assert sorted(table["eval_paths"]) == sorted(seed_eval(config, c) for c in expected)
     by_path = dict(zip(table["eval_paths"], table["method"], strict=True))
-    assert {cell: by_path[seed_eval(cell)] for cell in expected} == expected
+    assert {cell: by_path[seed_eval(config, cell)] for cell in expected} == expected
     for column in ("target", "forgetting_avg", "kl_to_base"):
         values = table[column].tolist()
         assert all(math.isfinite(v) for v in values), f"{column}: {values}"
@@ -297,10 +298,10 @@ def test_every_fine_tune_logged_its_forgetting_curve(study):
 
 
 def test_eval_files_have_metrics_base_and_provenance(study):
-    results, bos = study["results"], study["bos"]
-    base_metrics = json.loads((results / MODEL / "base" / "eval.json").read_text())["metrics"]
+    repo, config, bos = study["repo"], study["config"], study["bos"]
+    base_metrics = json.loads((repo / seed_eval(config, "base")).read_text())["metrics"]
     for cell in cells(study):
-        record = json.loads((results.parent / seed_eval(cell)).read_text())
+        record = json.loads((repo / seed_eval(config, cell)).read_text())
         for key in ("target", "forgetting_avg", "kl_to_base"):
             value = record["metrics"][key]
             assert math.isfinite(value), f"{cell}: {key} {value}"
@@ -316,8 +317,8 @@ def test_eval_files_have_metrics_base_and_provenance(study):
         tokens = record["metrics"]["heldout_tokens"]
         assert tokens > 0, f"{cell}: {tokens} held-out tokens"
         assert prov["heldout_provenance"]["prompt_token_id"] == bos
-        card = json.loads((results / MODEL / cell / "eval.json").read_text())
-        assert (card["seeds"], card["per_seed"][0]["eval"]) == ([0], seed_eval(cell))
+        card = json.loads((repo / evaluation_path(config, MODEL, cell)).read_text())
+        assert (card["seeds"], card["per_seed"][0]["eval"]) == ([0], seed_eval(config, cell))
         assert card["metrics"]["target"] == record["metrics"]["target"]
 
 
@@ -349,7 +350,7 @@ def test_each_method_trained_what_it_should(study):
     )
     assert prov["settings"]["method"]["name"] == "lora"
     assert prov["settings"]["learning_rate"] == 1e-2
-    wise = json.loads((results / "wiseft" / "alpha0.5" / "seed0" / "eval.json").read_text())
+    wise = json.loads((study["repo"] / seed_eval(study["config"], "wiseft/alpha0.5")).read_text())
     assert wise["provenance"]["model_provenance"]["stage"] == "wiseft"
     leftovers = [p for p in study["results"].rglob(".*") if p.name != ".snakemake_timestamp"]
     assert leftovers == [], leftovers
@@ -451,8 +452,8 @@ def test_an_added_seed_executes_only_its_jobs(study):
     assert result.returncode == 0, failure_report(study["repo"], result)
     expected = new_jobs(before, config, study["grammar"])
     assert set(expected["summarise_seeds"]) == {
-        f"results/{MODEL}/ratio0/eval.json",
-        f"results/{MODEL}/temp1/ratio0.5/eval.json",
+        evaluation_path(config, MODEL, "ratio0"),
+        evaluation_path(config, MODEL, "temp1/ratio0.5"),
     }
     assert_executed(result, expected, "small")
     study["small"] = config  # the next test goes on from here
@@ -470,13 +471,13 @@ def test_an_added_forgetting_task_computes_only_its_requests(study):
     checks = jobs.pop("check_evaluation_tasks", set())
     assert len(checks) == 1, f"the evaluation's tasks checked {len(checks)} times"
     assert jobs == {
-        "evaluate_base": {seed_eval("base")},
+        "evaluate_base": {seed_eval(config, "base")},
         "evaluate_finetuned": grid["evaluate_finetuned"],
         "summarise_seeds": grid["summarise_seeds"],
         **reporting("small"),
     }
     assert outputs(result.stdout, "figures") == figure_paths("small")
-    evals = [seed_eval("base")] + sorted(grid["evaluate_finetuned"])
+    evals = [seed_eval(config, "base")] + sorted(grid["evaluate_finetuned"])
     for path in evals:
         record = json.loads((study["repo"] / path).read_text())
         counts = record["requests"]["per_task"]
