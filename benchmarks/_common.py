@@ -50,13 +50,18 @@ def load_config(path: Path | str | None = None) -> dict:
 
 def rule_settings(target: str, module: str, config: str | None = None) -> dict | None:
     """The --settings JSON the Snakemake rule hands `python -m cfs.<module>` for `target`,
-    read from a forced dry run (`snakemake -n -p -f target`, with `config` merged over the
+    read from a forced dry run (`snakemake -n -p -F target`, with `config` merged over the
     default): the benchmark then runs the stage with exactly the settings the pipeline
-    would. None if that dry run fails."""
+    would. An evaluation's target, e.g. results/smollm2/base/eval.json, is the job writing
+    the study's evaluation of it under results/smollm2/evals/<key>/. None if that dry run
+    fails."""
+    import re
     import shlex
     import subprocess
 
-    command = [sys.executable, "-m", "snakemake", "-n", "-p", "-f", target]
+    model, _, rest = target.removeprefix("results/").partition("/")
+    evaluation = re.compile(rf"results/{re.escape(model)}/evals/\w+/{re.escape(rest)}")
+    command = [sys.executable, "-m", "snakemake", "-n", "-p", "-F", target]
     command += ["--configfile", str(Path(config).resolve())] if config else []
     timeout = 300
     try:
@@ -66,9 +71,12 @@ def rule_settings(target: str, module: str, config: str | None = None) -> dict |
     except (subprocess.TimeoutExpired, OSError):
         return None
     for line in output.splitlines():
-        if f"-m cfs.{module} " not in line or target not in line:
+        if f"-m cfs.{module} " not in line:
             continue
         words = shlex.split(line.split(":", 1)[1] if line.startswith("Shell command") else line)
+        out = words[words.index("--out") + 1] if "--out" in words else None
+        if out != target and not (out and evaluation.fullmatch(out)):
+            continue
         if "--settings" in words:
             return json.loads(words[words.index("--settings") + 1])
     return None

@@ -9,6 +9,7 @@ Everything is offline and built in seconds; nothing is downloaded.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -351,6 +352,15 @@ def validated_config(config: dict | None = None) -> dict:
     config = default_config() if config is None else config
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     return config
+
+
+def evaluation_path(config: dict, model: str, evaluated: str) -> str:
+    """Where a config's evaluation of `evaluated` (base, a cell, a cell's seed<S>) goes:
+    under results/{model}/evals/, in the folder named by the hash of config.evaluation with
+    the schema's defaults (common.smk: evaluation_path)."""
+    evaluation = validated_config(copy.deepcopy(config))["evaluation"]
+    key = hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:12]
+    return f"results/{model}/evals/{key}/{evaluated}/eval.json"
 
 
 STAGE_KEYS = ("seed", "dtype", "cell", "kl")  # what the rules add to config.evaluation

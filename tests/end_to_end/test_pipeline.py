@@ -2,10 +2,11 @@
 with a loss term of its own, added to cfs.study and cfs.objectives by the test as a user
 would add one) runs to completion on a tiny random model; then one value is added to
 each sweep in turn and Snakemake runs again, executing exactly the jobs that value
-needs; a second study shares the results/ folder without touching the first's jobs; an
-added forgetting task computes only its own requests. Bad input stops the study: a
-misspelt evaluation task before any model job, an uncached hub model offline at once,
-with the message in the job's log."""
+needs; a second study shares the results/ folder without touching the first's jobs, and
+one with other evaluation settings evaluates the first's fine-tunes beside its
+evaluations; an added forgetting task computes only its own requests. Bad input stops
+the study: a misspelt evaluation task before any model job, an uncached hub model
+offline at once, with the message in the job's log."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from conftest import (
     TOY_OBJECTIVE,
     copy_repo,
     default_config,
+    evaluation_path,
     failure_report,
     read_jsonl,
     run_snakemake,
@@ -143,7 +145,7 @@ def grid_jobs(config, grammar) -> dict[str, set[str]]:
     for cell in study.cells():
         knobs = parse_cell(cell)
         spec = METHODS[knobs["method"]]
-        jobs.setdefault("summarise_seeds", set()).add(f"results/{MODEL}/{cell}/eval.json")
+        jobs.setdefault("summarise_seeds", set()).add(evaluation_path(config, MODEL, cell))
         for seed in study.seeds:
             folder = f"results/{MODEL}/{cell}/seed{seed}"
             if spec.mixes or spec.name == "plain":
@@ -152,9 +154,10 @@ def grid_jobs(config, grammar) -> dict[str, set[str]]:
                 jobs.setdefault("mix_at_ratio", set()).add(f"{mixed}/train.jsonl")
             rule = "fine_tune" if spec.trains else "interpolate_wiseft"
             jobs.setdefault(rule, set()).add(f"{folder}/model")
-            jobs.setdefault("evaluate_finetuned", set()).add(f"{folder}/eval.json")
+            evaluated = evaluation_path(config, MODEL, f"{cell}/seed{seed}")
+            jobs.setdefault("evaluate_finetuned", set()).add(evaluated)
             for fraction in study.evaluate_at if spec.trains else []:
-                point = f"results/{MODEL}/{cell}/at{fmt(fraction)}/seed{seed}/eval.json"
+                point = evaluation_path(config, MODEL, f"{cell}/at{fmt(fraction)}/seed{seed}")
                 jobs["evaluate_finetuned"].add(point)
             if spec.samples:
                 fields = {k: fmt(v) for k, v in knobs.items() if k != "method"}
@@ -201,10 +204,8 @@ def new_jobs(before, after, grammar) -> dict[str, set[str]]:
     )
 
 
-def seed_eval(cell, seed=0):
-    if cell == "base":
-        return f"results/{MODEL}/base/eval.json"
-    return f"results/{MODEL}/{cell}/seed{seed}/eval.json"
+def seed_eval(config, cell, seed=0):
+    return evaluation_path(config, MODEL, cell if cell == "base" else f"{cell}/seed{seed}")
 
 
 def cells(study) -> dict[str, str]:
@@ -241,9 +242,10 @@ def test_a_finished_study_ends_by_printing_its_verdicts_and_results_page(study):
 def test_summary_has_one_finite_row_per_cell(study):
     table = pd.read_csv(study["results"] / "studies" / "default" / "summary.csv")
     expected = cells(study)
-    assert sorted(table["eval_paths"]) == sorted(seed_eval(c) for c in expected)
+    config = study["config"]
+    assert sorted(table["eval_paths"]) == sorted(seed_eval(config, c) for c in expected)
     by_path = dict(zip(table["eval_paths"], table["method"], strict=True))
-    assert {cell: by_path[seed_eval(cell)] for cell in expected} == expected
+    assert {cell: by_path[seed_eval(config, cell)] for cell in expected} == expected
     for column in ("target", "forgetting_avg", "kl_to_base"):
         values = table[column].tolist()
         assert all(math.isfinite(v) for v in values), f"{column}: {values}"
@@ -345,10 +347,10 @@ def test_every_fine_tune_logged_its_forgetting_curve(study):
 
 
 def test_eval_files_have_metrics_base_and_provenance(study):
-    results, bos = study["results"], study["bos"]
-    base_metrics = json.loads((results / MODEL / "base" / "eval.json").read_text())["metrics"]
+    repo, config, bos = study["repo"], study["config"], study["bos"]
+    base_metrics = json.loads((repo / seed_eval(config, "base")).read_text())["metrics"]
     for cell in cells(study):
-        record = json.loads((results.parent / seed_eval(cell)).read_text())
+        record = json.loads((repo / seed_eval(config, cell)).read_text())
         for key in ("target", "forgetting_avg", "kl_to_base"):
             value = record["metrics"][key]
             assert math.isfinite(value), f"{cell}: {key} {value}"
@@ -364,8 +366,8 @@ def test_eval_files_have_metrics_base_and_provenance(study):
         tokens = record["metrics"]["heldout_tokens"]
         assert tokens > 0, f"{cell}: {tokens} held-out tokens"
         assert prov["heldout_provenance"]["prompt_token_id"] == bos
-        card = json.loads((results / MODEL / cell / "eval.json").read_text())
-        assert (card["seeds"], card["per_seed"][0]["eval"]) == ([0], seed_eval(cell))
+        card = json.loads((repo / evaluation_path(config, MODEL, cell)).read_text())
+        assert (card["seeds"], card["per_seed"][0]["eval"]) == ([0], seed_eval(config, cell))
         assert card["metrics"]["target"] == record["metrics"]["target"]
 
 
@@ -397,7 +399,7 @@ def test_each_method_trained_what_it_should(study):
     )
     assert prov["settings"]["method"]["name"] == "lora"
     assert prov["settings"]["learning_rate"] == 1e-2
-    wise = json.loads((results / "wiseft" / "alpha0.5" / "seed0" / "eval.json").read_text())
+    wise = json.loads((study["repo"] / seed_eval(study["config"], "wiseft/alpha0.5")).read_text())
     assert wise["provenance"]["model_provenance"]["stage"] == "wiseft"
     leftovers = [p for p in study["results"].rglob(".*") if p.name != ".snakemake_timestamp"]
     assert leftovers == [], leftovers
@@ -479,6 +481,58 @@ def test_a_second_study_in_the_same_results_leaves_the_first_as_it_is(study, tin
     assert {path.name: path.read_bytes() for path in tables.glob("*.csv")} == before
 
 
+UPSTREAM_OF_EVALUATION = {
+    "prepare_model",
+    "prepare_task_data",
+    "generate_context_free",
+    "generate_heldout",
+    "mix_at_ratio",
+    "fine_tune",
+}
+
+
+def test_two_studies_with_other_evaluation_settings_share_the_fine_tunes(
+    tiny_model_dir, tmp_path_factory
+):
+    """A second study of the same model key with another batch size and fewer forgetting
+    tasks evaluates the first's fine-tunes (nothing upstream of the evaluations runs
+    again) beside the first's evaluations; then neither study has anything to do, and the
+    eval.json a user types is the evaluation of the study asked."""
+    repo = copy_repo(tmp_path_factory.mktemp("evaluations") / "repo")
+    first = tiny_config(tiny_model_dir)
+    first["study"]["temperatures"] = [1.0]
+    first["train"]["curve_every"] = 0
+    second = copy.deepcopy(first)
+    second["study"]["name"] = "other"
+    second["evaluation"].update(batch_size=4, forgetting=first["evaluation"]["forgetting"][:2])
+    result = run(repo, first, "first.yaml")
+    assert result.returncode == 0, failure_report(repo, result)
+    fine_tunes = executed(result.stdout)["fine_tune"]
+    assert len(fine_tunes) == 2, fine_tunes  # plain fine-tuning and context-free data
+    result = run(repo, second, "second.yaml")
+    assert result.returncode == 0, failure_report(repo, result)
+    ran = set(executed(result.stdout))
+    assert ran & UPSTREAM_OF_EVALUATION == set(), result.stdout[-5000:]
+    assert {"evaluate_base", "evaluate_finetuned"} <= ran, result.stdout[-5000:]
+    for config, name in ((first, "first.yaml"), (second, "second.yaml")):
+        again = run(repo, config, name)
+        assert again.returncode == 0, again.stdout[-3000:]
+        assert "Nothing to be done" in again.stdout, again.stdout[-3000:]
+    for config in (first, second):
+        tasks = {"cfs_add_sub", *(entry["task"] for entry in config["evaluation"]["forgetting"])}
+        for evaluated in ("base", "ratio0/seed0", "temp1/ratio0.5/seed0"):
+            record = json.loads((repo / evaluation_path(config, MODEL, evaluated)).read_text())
+            settings = record["provenance"]["settings"]
+            assert set(record["requests"]["per_task"]) == tasks, evaluated
+            assert settings["batch_size"] == config["evaluation"]["batch_size"], evaluated
+    typed = f"results/{MODEL}/temp1/ratio0.5/eval.json"
+    for name, config in (("second.yaml", second), ("first.yaml", first)):
+        result = run_snakemake(repo, typed, "--cores", "1", "--configfile", name)
+        assert result.returncode == 0, failure_report(repo, result)
+        card = evaluation_path(config, MODEL, "temp1/ratio0.5")
+        assert (repo / typed).read_bytes() == (repo / card).read_bytes()
+
+
 def small_study(study) -> dict:
     """Two cells of the study (plain fine-tuning and context-free data), under another
     name: its jobs are the study's own; run once, only its tables and figures execute."""
@@ -503,8 +557,8 @@ def test_an_added_seed_executes_only_its_jobs(study):
     assert result.returncode == 0, failure_report(study["repo"], result)
     expected = new_jobs(before, config, study["grammar"])
     assert set(expected["summarise_seeds"]) == {
-        f"results/{MODEL}/ratio0/eval.json",
-        f"results/{MODEL}/temp1/ratio0.5/eval.json",
+        evaluation_path(config, MODEL, "ratio0"),
+        evaluation_path(config, MODEL, "temp1/ratio0.5"),
     }
     assert_executed(result, expected, "small")
     study["small"] = config  # the next test goes on from here
@@ -522,13 +576,13 @@ def test_an_added_forgetting_task_computes_only_its_requests(study):
     checks = jobs.pop("check_evaluation_tasks", set())
     assert len(checks) == 1, f"the evaluation's tasks checked {len(checks)} times"
     assert jobs == {
-        "evaluate_base": {seed_eval("base")},
+        "evaluate_base": {seed_eval(config, "base")},
         "evaluate_finetuned": grid["evaluate_finetuned"],
         "summarise_seeds": grid["summarise_seeds"],
         **reporting("small"),
     }
     assert outputs(result.stdout, "figures") == figure_paths("small")
-    evals = [seed_eval("base")] + sorted(grid["evaluate_finetuned"])
+    evals = [seed_eval(config, "base")] + sorted(grid["evaluate_finetuned"])
     for path in evals:
         record = json.loads((study["repo"] / path).read_text())
         counts = record["requests"]["per_task"]

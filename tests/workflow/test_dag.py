@@ -21,6 +21,7 @@ from conftest import (
     SAMPLE_RULES,
     copy_repo,
     default_config,
+    evaluation_path,
     expected_jobs,
     job_stats,
     jobs,
@@ -66,11 +67,9 @@ def test_default_config_dry_run_schedules_the_whole_grid(repo):
     # paths read like the study
     model, temp = config["study"]["models"][0], config["study"]["temperatures"][0]
     ratio = next(r for r in config["study"]["ratios"] if r > 0)
-    for path in (
-        f"results/{model}/temp{temp:g}/ratio{ratio:g}/eval.json",
-        f"results/{model}/temp{temp:g}/ratio{ratio:g}/seed0/eval.json",
-        f"results/{model}/ratio0/eval.json",
-    ):
+    cell = f"temp{temp:g}/ratio{ratio:g}"
+    for evaluated in (cell, f"{cell}/seed0", "ratio0", "base"):
+        path = evaluation_path(config, model, evaluated)
         assert path in output, f"{path} not in the dry run"
 
 
@@ -86,7 +85,7 @@ def test_the_quick_overlay_runs_seed_zero_of_two_default_cells(repo):
     # the default's own seed-0 paths, so a later full run reuses these jobs
     model = config["study"]["models"][0]
     for cell in ("ratio0", "temp1/ratio1"):
-        path = f"results/{model}/{cell}/seed0/eval.json"
+        path = evaluation_path(config, model, f"{cell}/seed0")
         assert path in output, f"{path} not in the dry run"
     for other in ("seed1", "temp0.7"):
         assert other not in output, f"the quick overlay schedules {other}"
@@ -143,7 +142,7 @@ def test_a_single_seed_number_is_a_list_of_one(repo):
     config = default_config()
     config["study"]["seeds"] = 7
     output = dry_run_with(repo, "one_seed.yaml", config)
-    path = f"results/{config['study']['models'][0]}/ratio0/seed7/eval.json"
+    path = evaluation_path(config, config["study"]["models"][0], "ratio0/seed7")
     assert path in output, f"{path} not in the dry run"
     assert job_stats(output)["fine_tune"] == expected_jobs(config)["fine_tune"]
 
@@ -231,7 +230,7 @@ def test_grid_with_every_method_schedules_each_job_once(repo):
         "cf_weighted/temp1/ratio1/lambda0.5",
         "kl_to_base/temp1.3/ratio0.5/lambda1",
     ):
-        path = f"results/{model}/{cell}/eval.json"
+        path = evaluation_path(config, model, cell)
         assert path in output, f"{path} not in the dry run"
 
 

@@ -21,6 +21,7 @@ from conftest import (
     REPO,
     copy_repo,
     default_config,
+    evaluation_path,
     expected_jobs,
     job_stats,
     run_snakemake,
@@ -63,7 +64,7 @@ def test_full_grid_dry_run_builds_offline_with_grid_counts(repo, name):
         for t in config["study"]["temperatures"]
     ]
     paths += [
-        f"results/{model}/ratio0/eval.json",
+        evaluation_path(config, model, "ratio0"),
         f"results/data/{config['task']['name']}/train.jsonl",
     ]
     for path in paths:
@@ -104,6 +105,7 @@ def test_an_olmo_cell_builds_with_the_default_config(repo):
         "fine_tune": seeds,
         "evaluate_finetuned": seeds,
         "summarise_seeds": 1,
+        "current_eval": 1,  # the typed path: a copy of the study's evaluation
     }
 
 

@@ -386,6 +386,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout", type=Path, help="held-out context-free samples JSONL")
     parser.add_argument("--base-eval", type=Path, help="the base model's eval.json")
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="the request cache's folder (default: beside --out, <stem>_cache)",
+    )
     args = parser.parse_args(argv)
     if (args.base_model is None) != (args.heldout is None):
         raise SettingsError("--base-model and --heldout go together")
@@ -393,8 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     # a compute node without network reads the task datasets the first job fetched
     go_offline_unless_reachable()
-    # finished requests are kept beside the output: a rerun computes only the rest
-    cache_folder = args.out.with_name(args.out.stem + "_cache")
+    # finished requests are kept (by default beside the output): a rerun computes only the
+    # rest
+    cache_folder = args.cache or args.out.with_name(args.out.stem + "_cache")
     record = evaluate(
         args.model, args.settings, args.base_model, args.heldout, args.base_eval, cache_folder
     )

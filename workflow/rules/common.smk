@@ -90,8 +90,15 @@ def study_answer(started):
     return "\n".join(lines)
 
 
+def evaluation_path(model, evaluated):
+    """The evaluation of `evaluated` (base, a cell, or a cell's seed<S>) under this
+    study's evaluation settings, e.g. results/smollm2/evals/<key>/ratio0/seed0/eval.json.
+    """
+    return f"results/{model}/evals/{EVAL_KEY}/{evaluated}/eval.json"
+
+
 def seed_evals(model, cell):
-    return STUDY.seeded(f"results/{model}/{cell}/seed{{seed}}/eval.json")
+    return STUDY.seeded(evaluation_path(model, f"{cell}/seed{{seed}}"))
 
 
 def all_evals():
@@ -99,7 +106,7 @@ def all_evals():
     eval."""
     paths = []
     for model in STUDY.study["models"]:
-        paths.append(f"results/{model}/base/eval.json")
+        paths.append(evaluation_path(model, "base"))
         cells = STUDY.cells() + STUDY.point_cells()
         paths.extend(path for cell in cells for path in seed_evals(model, cell))
     return paths
@@ -127,9 +134,9 @@ def evaluated_model(wildcards):
 
 
 def cell_cards():
-    """results/{model}/{cell}/eval.json: each cell over its seeds."""
+    """Each cell over its seeds, under the study's evaluation settings."""
     return [
-        f"results/{model}/{cell}/eval.json"
+        evaluation_path(model, cell)
         for model in STUDY.study["models"]
         for cell in STUDY.cells()
     ]
@@ -138,10 +145,10 @@ def cell_cards():
 def trained_models(model):
     """The fine-tuned model folders of a model's trained cells (their forgetting curves)."""
     return [
-        path.removesuffix("eval.json") + "model"
+        path
         for cell in STUDY.cells()
         if METHODS[parse_cell(cell)["method"]].trains
-        for path in seed_evals(model, cell)
+        for path in STUDY.seeded(f"results/{model}/{cell}/seed{{seed}}/model")
     ]
 
 
@@ -334,6 +341,13 @@ def eval_settings(model, cell, seed):
     return settings
 
 
+def evaluation_key():
+    """What names a study's evaluations: config.evaluation (tasks, metrics, harness, KL),
+    hashed. Studies with the same evaluation settings share their evaluations; studies
+    with others keep their own beside them, over the same fine-tunes."""
+    return digest(config["evaluation"])
+
+
 def task_check_settings():
     """What the task check reads: the task folder and each task's name and metric."""
     evaluation = config["evaluation"]
@@ -379,6 +393,8 @@ def replay_from_hub():
     return "replay" in STUDY.methods and "hub_dataset" in replay_sources(config)
 
 
+# Every evaluation of the study is under results/{model}/evals/EVAL_KEY/ (evaluation_path).
+EVAL_KEY = evaluation_key()
 # One check file per set of evaluation tasks: studies with other tasks have their own.
 TASK_CHECK = f"results/checks/evaluation_tasks/{digest(task_check_settings())}.json"
 # What the fetch after the check fetched, for a study that reads from the hub: the task's

@@ -1,14 +1,18 @@
+# Every evaluation is under results/{model}/evals/EVAL_KEY/ (common.smk): a study with
+# other evaluation settings evaluates the same models beside these, and a post eval is
+# compared with the base eval of its own settings. The request cache stays beside the
+# model's folder, shared by every evaluation of the model (cfs.request_cache).
 rule evaluate_base:
     input:
         checks=ancient(TASK_CHECK),
         model="results/models/{model}/base",
         target_data=task_data("test"),
     output:
-        "results/{model}/base/eval.json",
+        evaluation_path("{model}", "base"),
     log:
-        "results/logs/evaluate_base/{model}.log",
+        f"results/logs/evaluate_base/{{model}}/{EVAL_KEY}.log",
     benchmark:
-        "results/benchmarks/evaluate_base/{model}.tsv"
+        f"results/benchmarks/evaluate_base/{{model}}/{EVAL_KEY}.tsv"
     conda:
         backend_env("evaluation")
     threads: stage_threads("evaluate")
@@ -19,9 +23,11 @@ rule evaluate_base:
         settings=lambda wildcards: as_arg(
             eval_settings(wildcards.model, "base", config["task"]["seed"])
         ),
+        cache="results/{model}/base/eval_cache",
     shell:
         "python -m cfs.evaluate --model {input.model} --settings {params.settings}"
-        " --threads {threads} --gpus {resources.gpu} --out {output} > {log} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --cache {params.cache}"
+        " --out {output} > {log} 2>&1"
 
 
 rule evaluate_finetuned:
@@ -29,15 +35,15 @@ rule evaluate_finetuned:
         checks=ancient(TASK_CHECK),
         model=evaluated_model,
         base_model="results/models/{model}/base",
-        base_eval="results/{model}/base/eval.json",
+        base_eval=evaluation_path("{model}", "base"),
         heldout="results/{model}/heldout/context_free.jsonl",
         target_data=task_data("test"),
     output:
-        "results/{model}/{cell}/seed{seed}/eval.json",
+        evaluation_path("{model}", "{cell}/seed{seed}"),
     log:
-        "results/logs/evaluate_finetuned/{model}/{cell}/seed{seed}.log",
+        f"results/logs/evaluate_finetuned/{{model}}/{EVAL_KEY}/{{cell}}/seed{{seed}}.log",
     benchmark:
-        "results/benchmarks/evaluate_finetuned/{model}/{cell}/seed{seed}.tsv"
+        f"results/benchmarks/evaluate_finetuned/{{model}}/{EVAL_KEY}/{{cell}}/seed{{seed}}.tsv"
     conda:
         backend_env("evaluation")
     threads: stage_threads("evaluate")
@@ -47,8 +53,9 @@ rule evaluate_finetuned:
         settings=lambda wildcards: as_arg(
             eval_settings(wildcards.model, wildcards.cell, wildcards.seed)
         ),
+        cache="results/{model}/{cell}/seed{seed}/eval_cache",
     shell:
         "python -m cfs.evaluate --model {input.model} --base-model {input.base_model}"
         " --heldout {input.heldout} --base-eval {input.base_eval}"
         " --settings {params.settings} --threads {threads} --gpus {resources.gpu}"
-        " --out {output} > {log} 2>&1"
+        " --cache {params.cache} --out {output} > {log} 2>&1"

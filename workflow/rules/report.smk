@@ -3,6 +3,7 @@ localrules:
     fetch_from_hub,
     mix_at_ratio,
     summarise_seeds,
+    current_eval,
     summary_table,
     figures,
 
@@ -12,15 +13,34 @@ rule summarise_seeds:
     input:
         lambda wildcards: seed_evals(wildcards.model, wildcards.cell),
     output:
-        "results/{model}/{cell}/eval.json",
+        evaluation_path("{model}", "{cell}"),
     log:
-        "results/logs/summarise_seeds/{model}/{cell}.log",
+        f"results/logs/summarise_seeds/{{model}}/{EVAL_KEY}/{{cell}}.log",
     conda:
         "../../envs/cfs.yaml"
     resources:
         **stage_resources("report"),
     shell:
         "python -m cfs.report cell --evals {input} --out {output} > {log} 2>&1"
+
+
+# The path a user types, results/{model}/{base, cell or cell/seed<S>}/eval.json: a copy of
+# this study's evaluation. No study asks for it, so another study's run leaves it be.
+rule current_eval:
+    input:
+        lambda wildcards: evaluation_path(wildcards.model, wildcards.evaluated),
+    output:
+        "results/{model}/{evaluated}/eval.json",
+    log:
+        "results/logs/current_eval/{model}/{evaluated}.log",
+    wildcard_constraints:
+        evaluated=rf"base|(?:{EVAL_CELL})(?:/seed\d+)?",
+    conda:
+        "../../envs/cfs.yaml"
+    resources:
+        **stage_resources("report"),
+    shell:
+        "cp {input} {output} > {log} 2>&1"
 
 
 # The study's tables: each cell's means and intervals over seeds and items, each method's
