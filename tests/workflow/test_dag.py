@@ -81,7 +81,9 @@ def test_the_quick_overlay_runs_seed_zero_of_two_default_cells(repo):
     stats = job_stats(output)
     assert stats.pop("figures") == 1
     assert stats == expected_jobs(config)
-    assert (stats["fine_tune"], stats["evaluate_finetuned"]) == (2, 2)
+    # plain at its two learning rates and context-free data, each evaluated at its end and
+    # at the default's two points along training
+    assert (stats["fine_tune"], stats["evaluate_finetuned"]) == (3, 9)
     # the default's own seed-0 paths, so a later full run reuses these jobs
     model = config["study"]["models"][0]
     for cell in ("ratio0", "temp1/ratio1"):
@@ -134,7 +136,8 @@ def test_learning_rates_and_points_along_training_are_cells_of_their_own(repo):
     assert f"--snapshots {cell}/at0.5/seed0/snapshot" in own
     others = [block for block in fine_tunes if block is not own]
     assert all('"learning_rate": 0.0002' not in block for block in others)
-    for path in (f"{cell}/at0.5/seed0/eval.json", f"results/{model}/ratio0/at0.5/seed0/eval.json"):
+    for point in ("ratio0/lr0.0002/at0.5/seed0", "ratio0/at0.5/seed0"):
+        path = evaluation_path(config, model, point)
         assert path in output, f"{path} not in the dry run"
 
 
@@ -206,6 +209,9 @@ def every_method_config():
         "lambdas": [0.5, 2.0],
     }
     config["methods"]["kl_to_base"] = {"temperatures": [1.3], "ratios": [0.5], "lambdas": [1.0]}
+    # one learning rate and no points along training: a job per cell
+    config["methods"]["plain"] = {"learning_rates": []}
+    config["train"]["evaluate_at"] = []
     return config
 
 
