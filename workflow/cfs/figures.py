@@ -282,7 +282,7 @@ def _frontier_figure(frontier: pd.DataFrame, title: str):
                 markersize=4,
                 capsize=2,
                 color=colour,
-                linestyle="-" if family == path.split(" lr")[0] else "--",
+                linestyle="--" if " lr" in path else "-",  # another learning rate
                 label=path,
             )
         axis.set_xlabel("target gain over base (points)")
