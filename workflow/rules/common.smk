@@ -308,7 +308,12 @@ def train_settings(cell, seed):
     knobs = parse_cell(cell)
     name = knobs.pop("method")
     options = STUDY.method_options(name)
-    settings = {**config["train"], "seed": int(seed)}
+    # without train.evaluate_at: the points along training are outputs of the job (a new
+    # one is a missing output), not settings of the fine-tune
+    train = {
+        key: value for key, value in config["train"].items() if key != "evaluate_at"
+    }
+    settings = {**train, "seed": int(seed)}
     # the cell's own rate (a sweep's /lr suffix), else the method's, else train's
     learning_rate = knobs.pop("learning_rate", None) or options.pop(
         "learning_rate", None
