@@ -662,12 +662,18 @@ def tiny_config(model_dir) -> dict:
         "seeds": [0],
         "methods": ["context_free"],
     }
-    config["methods"] = {}
-    config["claims"] = {"primary": {"cell": "temp1/ratio0.5", "versus": "ratio0"}}
+    config["methods"] = {"plain": {"learning_rates": []}}  # the default's second rate: off
+    config["claims"] = {
+        "primary": {"cell": "temp1/ratio0.5", "versus": "ratio0"},
+        "matched_target_gain": None,
+    }
     config["models"] = {MODEL: {"local_path": str(model_dir)}}
     config["task"].update(num_train=16, num_test=8)
     config["generation"].update(num_samples=8, max_new_tokens=12, batch_size=8)
-    config["train"].update(epochs=1, batch_size=4, micro_batch_size=4, max_length=64)
+    # one evaluation per fine-tune, at its end; no matched-gain claims (a test sets them)
+    config["train"].update(
+        epochs=1, batch_size=4, micro_batch_size=4, max_length=64, evaluate_at=[]
+    )
     evaluation = config["evaluation"]
     evaluation.update(limit=4, batch_size=8)
     evaluation["forgetting"] = [{"task": t, "metric": "p_correct,none"} for t in FORGETTING]

@@ -197,7 +197,7 @@ def new_jobs(before, after, grammar) -> dict[str, set[str]]:
     added["summarise_seeds"] = {
         path.rsplit("/seed", 1)[0] + "/eval.json"
         for path in added["evaluate_finetuned"]
-        if "/at" not in path.rsplit("/seed", 1)[0].rsplit("/", 1)[-1]
+        if not path.rsplit("/seed", 1)[0].rsplit("/", 1)[-1].startswith("at")  # a point
     }
     return {rule: paths for rule, paths in added.items() if paths} | reporting(
         after["study"].get("name", "default")
@@ -311,7 +311,8 @@ def test_every_fine_tune_has_a_path_through_its_point_halfway(study):
     halfway is gone once it was evaluated."""
     frontier = pd.read_csv(study["results"] / "studies" / "default" / "frontier.csv")
     summary = pd.read_csv(study["results"] / "studies" / "default" / "summary.csv")
-    trained = summary[[bool(study["grammar"].METHODS[m].trains) for m in summary["method"]]]
+    methods = study["grammar"].METHODS
+    trained = summary[[m in methods and bool(methods[m].trains) for m in summary["method"]]]
     ends = summary.set_index("label")
     base = ends.loc["base"]
     for label in trained["label"]:
