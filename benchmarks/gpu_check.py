@@ -59,7 +59,9 @@ def miniature(quick: bool) -> dict:
     return {
         "study": {"name": "gpu_check", "models": ["mini"], "temperatures": [1.0]}
         | {"ratios": [0.0, 1.0], "methods": ["context_free"], "seeds": [0]},
-        "claims": {"primary": None},
+        # none of the default's frontier: one learning rate, no points along training
+        "claims": {"primary": None, "matched_target_gain": None},
+        "methods": {"plain": {"learning_rates": []}},
         "models": {
             "mini": model,
             "mini_fsdp": model | {"resources": {"gpus": gpus, "train_gpus": 2}},
@@ -72,7 +74,7 @@ def miniature(quick: bool) -> dict:
             "batch_size": 16 if quick else 32,
             "micro_batch_size": 8 if quick else 16,
         }
-        | {"max_length": 256, "fsdp": True, "save_steps": None},
+        | {"max_length": 256, "fsdp": True, "save_steps": None, "evaluate_at": []},
         "evaluation": {"limit": 4 if quick else 50, "batch_size": 32}
         | {"kl": {"num_samples": 8 if quick else 32, "max_new_tokens": length}},
     }
