@@ -70,6 +70,25 @@ def test_train_and_test_are_disjoint_and_sized():
     assert {r["query"] for r in train} & {r["query"] for r in test} == set()
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_no_test_problem_repeats_a_fact_of_another_problem_or_of_training(steps):
+    """A problem's arithmetic (its equations) is its fact: a test problem that repeats a
+    training problem's sum with another name and item measures recall, not learning."""
+    train, test = prepare_arithmetic(
+        {**SETTINGS, "steps": steps, "num_train": 256, "num_test": 150}
+    )
+    facts = [tuple(EQUATION.findall(record["response"])) for record in test]
+    assert len(set(facts)) == len(facts), "two test problems share a fact"
+    shared = {tuple(EQUATION.findall(record["response"])) for record in train} & set(facts)
+    assert shared == set(), f"training problems repeat test facts: {sorted(shared)[:3]}"
+
+
+def test_more_test_problems_than_facts_is_a_settings_error():
+    # one-step problems hold 19 x 8 sums and as many differences
+    with pytest.raises(SettingsError, match="task.num_test"):
+        prepare_arithmetic({**SETTINGS, "steps": 1, "num_test": 305})
+
+
 def test_prompts_use_the_template():
     train, test = prepare_arithmetic(SETTINGS)
     for record in train + test:

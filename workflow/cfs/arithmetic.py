@@ -1,7 +1,11 @@
 """The embedded default task: word problems made by seeded code whose responses reason
 step by step and end "The answer is: N" (the MetaMathQA answer format): GSM8K-style two-step
 stories (`steps: 2`) or one-step sums and differences (`steps: 1`). cfs.data writes them
-as the task's train and test records (`task.source: arithmetic`)."""
+as the task's train and test records (`task.source: arithmetic`).
+
+A problem's fact is its arithmetic: the operations of its reasoning, whatever the story,
+the name and the item. Test problems have distinct facts, and no training problem has a
+test problem's fact, so the target measures arithmetic learnt, not a sum recalled."""
 
 from __future__ import annotations
 
@@ -21,7 +25,10 @@ ITEMS = [
 ]  # fmt: skip
 
 
-def _gain_then_loss(rng: random.Random) -> tuple[str, str, int]:
+Fact = tuple  # ((operator, left, right), ...): the equations of the reasoning
+
+
+def _gain_then_loss(rng: random.Random) -> tuple[str, str, int, Fact]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     start, gain = rng.randint(5, 40), rng.randint(2, 30)
     loss = rng.randint(1, start + gain - 1)
@@ -34,10 +41,10 @@ def _gain_then_loss(rng: random.Random) -> tuple[str, str, int]:
         f"{name} starts with {start} {item} and gets {gain} more, so {start} + {gain} = "
         f"{total}. After giving away {loss}, {total} - {loss} = {answer}."
     )
-    return question, response, answer
+    return question, response, answer, (("+", start, gain), ("-", total, loss))
 
 
-def _groups_plus_extra(rng: random.Random) -> tuple[str, str, int]:
+def _groups_plus_extra(rng: random.Random) -> tuple[str, str, int, Fact]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     groups, size, extra = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 20)
     product = groups * size
@@ -50,10 +57,10 @@ def _groups_plus_extra(rng: random.Random) -> tuple[str, str, int]:
         f"The boxes hold {groups} * {size} = {product} {item}. Adding the {extra} {name} "
         f"already had gives {product} + {extra} = {answer}."
     )
-    return question, response, answer
+    return question, response, answer, (("*", groups, size), ("+", product, extra))
 
 
-def _share_equally(rng: random.Random) -> tuple[str, str, int]:
+def _share_equally(rng: random.Random) -> tuple[str, str, int, Fact]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     other = rng.choice([friend for friend in NAMES if friend != name])
     people, each, kept = rng.randint(2, 8), rng.randint(2, 15), rng.randint(1, 10)
@@ -67,10 +74,10 @@ def _share_equally(rng: random.Random) -> tuple[str, str, int]:
         f"{name} shares {total} - {kept} = {shared} {item}. Split among {people} friends, "
         f"each gets {shared} / {people} = {each}."
     )
-    return question, response, each
+    return question, response, each, (("-", total, kept), ("/", shared, people))
 
 
-def _price_change(rng: random.Random) -> tuple[str, str, int]:
+def _price_change(rng: random.Random) -> tuple[str, str, int, Fact]:
     name = rng.choice(NAMES)
     count, price, paid_extra = rng.randint(2, 9), rng.randint(2, 20), rng.randint(1, 30)
     cost = count * price
@@ -83,19 +90,19 @@ def _price_change(rng: random.Random) -> tuple[str, str, int]:
         f"The tickets cost {count} * {price} = {cost} dollars. With the fee, "
         f"{cost} + {paid_extra} = {answer}."
     )
-    return question, response, answer
+    return question, response, answer, (("*", count, price), ("+", cost, paid_extra))
 
 
-def _one_step(rng: random.Random, subtract: bool) -> tuple[str, str, int]:
+def _one_step(rng: random.Random, subtract: bool) -> tuple[str, str, int, Fact]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     first, second = rng.randint(2, 20), rng.randint(2, 9)
     if subtract:
         start, answer = first + second, first
         question = f"{name} has {start} {item} and gives away {second}. How many {item} now?"
-        return question, f"{start} - {second} = {answer}.", answer
+        return question, f"{start} - {second} = {answer}.", answer, (("-", start, second),)
     answer = first + second
     question = f"{name} has {first} {item} and gets {second} more. How many {item} now?"
-    return question, f"{first} + {second} = {answer}.", answer
+    return question, f"{first} + {second} = {answer}.", answer, (("+", first, second),)
 
 
 # Two-step stories (GSM8K-style), and one-step ones a 135M model can learn in minutes.
@@ -105,18 +112,41 @@ PROBLEM_KINDS = {
 }
 
 
-def arithmetic_problems(count: int, seed: int, steps: int = 2) -> list[dict]:
-    """`count` distinct word problems of `steps` steps, deterministic in `seed`."""
-    rng = random.Random(seed)
-    seen, problems = set(), []
+# Consecutive draws that add nothing before the problem space counts as used up.
+MAX_FRUITLESS_DRAWS = 10_000
+
+
+def _draw(
+    rng: random.Random,
+    count: int,
+    steps: int,
+    excluded_facts: frozenset = frozenset(),
+    distinct_facts: bool = False,
+) -> tuple[list[dict], set]:
+    seen, facts, problems, fruitless = set(), set(), [], 0
     while len(problems) < count:
-        question, reasoning, answer = rng.choice(PROBLEM_KINDS[steps])(rng)
-        if question in seen:
+        question, reasoning, answer, fact = rng.choice(PROBLEM_KINDS[steps])(rng)
+        repeated = question in seen or (distinct_facts and fact in facts)
+        if repeated or fact in excluded_facts:
+            fruitless += 1
+            if fruitless == MAX_FRUITLESS_DRAWS:
+                what = "distinct facts" if distinct_facts else "problems outside the test facts"
+                raise SettingsError(
+                    f"{steps}-step arithmetic has no more {what} than {len(problems)}; "
+                    f"{count} were asked for (task.num_train, task.num_test)"
+                )
             continue
         seen.add(question)
+        facts.add(fact)
+        fruitless = 0
         response = f"{reasoning}\nThe answer is: {answer}"
         problems.append({"query": question, "response": response, "answer": str(answer)})
-    return problems
+    return problems, facts
+
+
+def arithmetic_problems(count: int, seed: int, steps: int = 2) -> list[dict]:
+    """`count` distinct word problems of `steps` steps, deterministic in `seed`."""
+    return _draw(random.Random(seed), count, steps)[0]
 
 
 def render(records: list[dict], template: str) -> list[dict]:
@@ -129,9 +159,11 @@ def render(records: list[dict], template: str) -> list[dict]:
 
 
 def prepare_arithmetic(settings: dict) -> tuple[list[dict], list[dict]]:
+    """The training and test problems: the test ones first, each of its own fact, then the
+    training ones, none of them with a test problem's fact."""
     num_train, num_test = require(settings, "num_train"), require(settings, "num_test")
-    problems = arithmetic_problems(
-        num_train + num_test, require(settings, "seed"), require(settings, "steps")
-    )
-    template = require(settings, "prompt_template")
-    return render(problems[:num_train], template), render(problems[num_train:], template)
+    steps, template = require(settings, "steps"), require(settings, "prompt_template")
+    rng = random.Random(require(settings, "seed"))
+    test, test_facts = _draw(rng, num_test, steps, distinct_facts=True)
+    train, _ = _draw(rng, num_train, steps, excluded_facts=frozenset(test_facts))
+    return render(train, template), render(test, template)
