@@ -3,8 +3,10 @@ samples (here from the Python standard library), seeded, and mixed in as its own
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sysconfig
+from pathlib import Path
 
 import pytest
 from cfs import mix, replay
@@ -55,3 +57,27 @@ def test_replay_from_the_python_standard_library(tiny_model_dir, tmp_path):
 def test_replay_without_a_corpus_source_names_the_key():
     with pytest.raises(SettingsError, match="methods.replay.corpus"):
         list(replay.documents(replay_settings({})["corpus"], 0))
+
+
+def test_replay_from_files_split_into_documents_records_each_files_digest(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Fortune files hold many documents, each ended by a line holding only "%"."""
+    monkeypatch.chdir(tmp_path)
+    quotes = [f"Quotation number {n} about the weather." for n in range(5)]
+    Path("quotes").write_text("\n%\n".join(quotes) + "\n%\n")
+    settings = replay_settings(
+        {"files": ["quotes"], "separator": "%"}, num_chunks=5, chunk_tokens=200
+    )
+    out = tmp_path / "chunks.jsonl"
+    replay.main(
+        ["--model", str(tiny_model_dir), "--settings", json.dumps(settings), "--out", str(out)]
+    )
+    chunks = read_jsonl(out)
+    assert all(c["finish_reason"] == "eos" for c in chunks), "a quotation was cut"
+    found = sorted(quote for c in chunks for quote in quotes if c["text"].startswith(quote))
+    assert found == sorted(quotes), [c["text"] for c in chunks]
+    assert all("%" not in c["text"] for c in chunks)
+    digest = hashlib.sha256(Path("quotes").read_bytes()).hexdigest()
+    recorded = json.loads(out.with_suffix(".provenance.json").read_text())["corpus_files"]
+    assert list(recorded.values()) == [digest]

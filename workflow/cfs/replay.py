@@ -7,7 +7,9 @@ the limit gets the end-of-sequence token and finish reason "eos", one cut off ge
 
 Corpus sources (config methods.replay.corpus):
   {python_stdlib: "*.py"}    the CPython standard library's source files (offline)
-  {files: ["docs/*.txt"]}    local text files, globs relative to the working directory
+  {files: ["docs/*.txt"]}    local text files, globs relative to the working directory;
+                             with `separator: "%"`, a line holding only "%" splits a file
+                             into documents (fortune files: config/sweep.yaml)
   {hub_dataset: id, config: name, split: train, field: text}   streamed from the hub
 
     python -m cfs.replay --model results/models/smollm2/base \
@@ -18,8 +20,10 @@ Corpus sources (config methods.replay.corpus):
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import random
+import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,14 +38,28 @@ from cfs.tokens import context_free_prompt_id
 log = logging.getLogger("cfs.replay")
 
 
-def local_documents(patterns: list[str], root: Path) -> Iterator[tuple[str, str]]:
+def corpus_paths(patterns: list[str], root: Path) -> list[str]:
     paths = sorted({path for pattern in patterns for path in glob.glob(str(root / pattern))})
     if not paths:
-        raise DataError(f"no corpus files match {patterns} under {root}")
-    for path in paths:
+        raise DataError(
+            f"config key methods.replay.corpus.files: no file matches {patterns} under {root}"
+        )
+    return paths
+
+
+def local_documents(
+    patterns: list[str], root: Path, separator: str | None = None
+) -> Iterator[tuple[str, str]]:
+    """(source, text) per file, or per document of a file split at `separator` lines."""
+    for path in corpus_paths(patterns, root):
         text = Path(path).read_text(encoding="utf-8", errors="replace")
-        if text.strip():
-            yield path, text
+        if separator is None:
+            parts = [text]
+        else:
+            parts = re.split(rf"^{re.escape(separator)}[ \t]*$", text, flags=re.MULTILINE)
+        for index, part in enumerate(parts):
+            if part.strip():
+                yield (path if separator is None else f"{path}#{index}"), part.strip("\n")
 
 
 def hub_documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
@@ -72,13 +90,23 @@ def documents(corpus: dict, seed: int) -> Iterator[tuple[str, str]]:
     if "python_stdlib" in sources:
         found = list(local_documents([corpus["python_stdlib"]], Path(sysconfig.get_path("stdlib"))))
     elif "files" in sources:
-        found = list(local_documents(corpus["files"], Path.cwd()))
+        found = list(local_documents(corpus["files"], Path.cwd(), corpus["separator"]))
     else:
         raise SettingsError(
             f"config key methods.replay.corpus: needs one of {', '.join(REPLAY_SOURCES)}"
         )
     random.Random(seed).shuffle(found)
     yield from found
+
+
+def corpus_digests(corpus: dict) -> dict[str, str] | None:
+    """sha256 of each local corpus file: which text was replayed, wherever it came from."""
+    if corpus["files"] is None:
+        return None
+    return {
+        path: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        for path in corpus_paths(corpus["files"], Path.cwd())
+    }
 
 
 def document_chunk(text: str, tokenizer, chunk_tokens: int, eos_id: int) -> tuple[list[int], str]:
@@ -135,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             num_chunks=len(chunks),
             num_tokens=sum(len(chunk["token_ids"]) for chunk in chunks),
             stdlib=sysconfig.get_path("stdlib"),
+            corpus_files=corpus_digests(settings["corpus"]),
         ),
     )
     write_jsonl(args.out, chunks)
