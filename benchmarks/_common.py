@@ -41,45 +41,19 @@ DEFAULT_MODEL = REPO / "results" / "models" / "smollm2" / "base"
 
 def load_config(path: Path | str | None = None) -> dict:
     """config/config.yaml with `path` merged over it (as `--configfile` does) and the
-    schema's defaults filled in: the config as the Snakefile sees it (cfs.budget)."""
-    from cfs.budget import DEFAULT_CONFIG
-    from cfs.budget import load_config as load
+    schema's defaults filled in: the config as the Snakefile sees it."""
+    from cfs.stage_settings import load_config as load
 
-    return load(Path(path) if path else DEFAULT_CONFIG)
+    return load(*([path] if path else []))
 
 
-def rule_settings(target: str, module: str, config: str | None = None) -> dict | None:
-    """The --settings JSON the Snakemake rule hands `python -m cfs.<module>` for `target`,
-    read from a forced dry run (`snakemake -n -p -F target`, with `config` merged over the
-    default): the benchmark then runs the stage with exactly the settings the pipeline
-    would. An evaluation's target, e.g. results/smollm2/base/eval.json, is the job writing
-    the study's evaluation of it under results/smollm2/evals/<key>/. None if that dry run
-    fails."""
-    import re
-    import shlex
-    import subprocess
+def stage_settings(path: Path | str | None = None):
+    """The stages' settings as the rules hand them (cfs.stage_settings), for the default
+    config with `path` merged over it: a benchmark runs a stage with exactly the settings
+    the pipeline would."""
+    from cfs.stage_settings import StageSettings
 
-    model, _, rest = target.removeprefix("results/").partition("/")
-    evaluation = re.compile(rf"results/{re.escape(model)}/evals/\w+/{re.escape(rest)}")
-    command = [sys.executable, "-m", "snakemake", "-n", "-p", "-F", target]
-    command += ["--configfile", str(Path(config).resolve())] if config else []
-    timeout = 300
-    try:
-        output = subprocess.run(
-            command, cwd=REPO, capture_output=True, text=True, timeout=timeout
-        ).stdout
-    except (subprocess.TimeoutExpired, OSError):
-        return None
-    for line in output.splitlines():
-        if f"-m cfs.{module} " not in line:
-            continue
-        words = shlex.split(line.split(":", 1)[1] if line.startswith("Shell command") else line)
-        out = words[words.index("--out") + 1] if "--out" in words else None
-        if out != target and not (out and evaluation.fullmatch(out)):
-            continue
-        if "--settings" in words:
-            return json.loads(words[words.index("--settings") + 1])
-    return None
+    return StageSettings(load_config(path))
 
 
 # --------------------------------------------------------------------------- models

@@ -36,8 +36,8 @@ from _common import (
     quiet,
     report,
     require_model,
-    rule_settings,
     set_threads,
+    stage_settings,
     table,
     tiny_model,
 )
@@ -49,9 +49,8 @@ LOGLIKELIHOOD_RTOL = 1e-5
 
 
 def eval_settings(quick: bool) -> dict:
-    settings = rule_settings("results/smollm2/base/eval.json", "evaluate")
-    if settings is None:
-        sys.exit("the evaluate_base rule's settings could not be read (snakemake -n failed)")
+    stages = stage_settings()
+    settings = stages.evaluation("smollm2", "base", stages.config["task"]["seed"])
     if quick:
         settings["limit"] = 8
     # float32: the two backends' numbers are compared to float32's tolerance

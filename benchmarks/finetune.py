@@ -38,15 +38,14 @@ from _common import (
     alternate,
     best,
     goal,
-    load_config,
     profile_call,
     quick_mode,
     quiet,
     report,
     require_model,
     round_ratios,
-    rule_settings,
     set_threads,
+    stage_settings,
     table,
     tiny_model,
 )
@@ -268,7 +267,8 @@ def main() -> None:
     threads = set_threads(args.threads)
     from cfs.artifacts import write_jsonl
 
-    config = load_config(args.config)
+    stages = stage_settings(args.config)
+    config = stages.config
     workdir = Path(tempfile.mkdtemp(prefix="cfs-bench-train-"))
     if args.quick:
         quick_mode()
@@ -277,13 +277,10 @@ def main() -> None:
         model_dir = require_model(Path(args.model or DEFAULT_MODEL))
     from cfs.study import Study, parse_cell
 
-    # the fine_tune rule's settings for the first context-free cell, from a dry run
+    # the fine_tune rule's settings for the first context-free cell
     cell = Study(config).method_cells("context_free")[0]
     knobs = parse_cell(cell)
-    target = f"results/{config['study']['models'][0]}/{cell}/seed0/model"
-    settings = rule_settings(target, "train", args.config)
-    if settings is None:
-        raise SystemExit(f"`snakemake -n -p -f {target}` gave no settings for cfs.train")
+    settings = stages.train(cell, 0)
     batch = settings["batch_size"]
     num_task = args.num_task or (3 * batch if args.quick else 4 * batch)
     records = mixed_set(config, model_dir, num_task, knobs["ratio"])

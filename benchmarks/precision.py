@@ -37,8 +37,8 @@ from _common import (
     report,
     require_model,
     round_ratios,
-    rule_settings,
     set_threads,
+    stage_settings,
     table,
     tiny_model,
 )
@@ -213,8 +213,9 @@ def main() -> None:
     from cfs.modeling import compute_precision
 
     work = Path(tempfile.mkdtemp(prefix="cfs-bench-precision-"))
-    train_settings = rule_settings("results/smollm2/ratio0/seed0/model", "train")
-    eval_settings = rule_settings("results/smollm2/ratio0/seed0/eval.json", "evaluate")
+    stages = stage_settings()
+    train_settings = stages.train("ratio0", 0)
+    eval_settings = stages.evaluation("smollm2", "ratio0", 0)
     if args.quick:
         quick_mode()
         args.rounds = 1

@@ -9,7 +9,6 @@ Everything is offline and built in seconds; nothing is downloaded.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import re
@@ -354,31 +353,31 @@ def validated_config(config: dict | None = None) -> dict:
     return config
 
 
+def stage_settings(config: dict | None = None):
+    """The stages' settings as the rules hand them (cfs.stage_settings) for a config (the
+    default one unless given), with the schema's defaults filled in."""
+    from cfs.stage_settings import StageSettings
+
+    return StageSettings(validated_config(copy.deepcopy(config) if config else None))
+
+
 def evaluation_path(config: dict, model: str, evaluated: str) -> str:
-    """Where a config's evaluation of `evaluated` (base, a cell, a cell's seed<S>) goes:
-    under results/{model}/evals/, in the folder named by the hash of config.evaluation with
-    the schema's defaults (common.smk: evaluation_path)."""
-    evaluation = validated_config(copy.deepcopy(config))["evaluation"]
-    key = hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:12]
-    return f"results/{model}/evals/{key}/{evaluated}/eval.json"
+    """Where a config's evaluation of `evaluated` (base, a cell, a cell's seed<S>) goes."""
+    return stage_settings(config).evaluation_path(model, evaluated)
 
 
 STAGE_KEYS = ("seed", "dtype", "cell", "kl")  # what the rules add to config.evaluation
 
 
 def evaluation_settings(**overrides) -> dict:
-    """cfs.evaluate's settings as the rules hand them (common.smk: eval_settings):
-    config.evaluation with `overrides` merged in and the schema's defaults filled in, minus
-    the held-out samples' settings, plus the seed, the model's dtype and the cell (and,
-    when given, the KL batch size of a fine-tuned model's eval)."""
+    """cfs.evaluate's settings for the tiny model's base evaluation: the default
+    config.evaluation with `overrides` merged in, and any of STAGE_KEYS given replacing
+    what the rules add."""
     stage = {key: overrides.pop(key) for key in STAGE_KEYS if key in overrides}
     config = default_config()
     config["evaluation"].update(overrides)
-    evaluation = validated_config(config)["evaluation"]
-    evaluation.pop("kl")
-    settings = {**evaluation, "seed": 0, "dtype": "auto"}
-    settings["cell"] = {"model": "tiny", "method": "base"}
-    return {**settings, **stage}
+    config["models"]["tiny"] = {"local_path": "tiny"}
+    return {**stage_settings(config).evaluation("tiny", "base", 0), **stage}
 
 
 def task_entry(**entry) -> dict:
@@ -387,32 +386,32 @@ def task_entry(**entry) -> dict:
 
 
 def task_settings(**task) -> dict:
-    """cfs.data's settings as the rules hand them: `task` with the schema's defaults."""
+    """cfs.data's settings: `task` with the schema's defaults (the rule hands config.task)."""
     config = default_config()
     config["task"] = task
     return validated_config(config)["task"]
 
 
 def model_settings(**model) -> dict:
-    """cfs.prepare_model's settings as the rules hand them (common.smk: prepare_settings)."""
+    """cfs.prepare_model's settings for a model entry `model`."""
     config = default_config()
     config["models"] = {"tiny": model}
-    return {k: v for k, v in validated_config(config)["models"]["tiny"].items() if k != "dtype"}
+    return stage_settings(config).prepare("tiny")
 
 
 def generation_settings(**overrides) -> dict:
-    """cfs.generate's settings as the rules hand them: config.generation whole (schema
-    defaults filled in), the seed and the model's dtype."""
-    settings = {**validated_config()["generation"], "seed": 0, "dtype": "auto"}
-    return {**settings, **overrides}
+    """cfs.generate's settings for the default model's seed 0, `overrides` on top."""
+    return {**stage_settings().generation("smollm2", 0), **overrides}
 
 
 def train_settings(**overrides) -> dict:
-    """cfs.train's settings as the rules hand them: config.train whole (schema defaults
-    filled in), the seed and the method (plain full fine-tuning unless overridden)."""
-    settings = {**validated_config()["train"], "seed": 0, "method": {"name": "plain", "ratio": 0.0}}
-    settings["curve_every"] = 0  # no curves unless a test asks (they need held-out data)
-    return {**settings, **overrides}
+    """cfs.train's settings for plain fine-tuning's seed 0 at train.learning_rate,
+    `overrides` on top, and no forgetting curves unless a test asks (they need held-out
+    data)."""
+    config = default_config()
+    config["methods"]["plain"] = {"learning_rates": []}
+    settings = stage_settings(config).train("ratio0", 0)
+    return {**settings, "curve_every": 0, **overrides}
 
 
 def quick_train_settings(**overrides) -> dict:
@@ -470,17 +469,18 @@ def train_log(model_dir: Path) -> dict:
 def method_options(name: str, section: dict) -> dict:
     """methods.<name> as the schema fills it in from `section`, without its sweeps: what
     every cell of the method shares (cfs.study.Study.method_options)."""
-    from cfs.study import Study
-
     config = default_config()
     config.setdefault("methods", {})[name] = section
-    return Study(validated_config(config)).method_options(name)
+    return stage_settings(config).study.method_options(name)
 
 
 def replay_settings(corpus: dict, **overrides) -> dict:
-    """cfs.replay's settings as the rules hand them (common.smk: replay_settings)."""
-    settings = {**method_options("replay", {"corpus": corpus}), "prompt_token_id": None}
-    return {**settings, "num_chunks": 8, "chunk_tokens": 16, "seed": 0, **overrides}
+    """cfs.replay's settings for seed 0 with `corpus`, 8 chunks of 16 tokens unless
+    overridden."""
+    config = default_config()
+    config["methods"]["replay"] = {"corpus": corpus}
+    settings = stage_settings(config).replay(0)
+    return {**settings, "num_chunks": 8, "chunk_tokens": 16, **overrides}
 
 
 def snakemake_env(extra: dict | None = None) -> dict:

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from cfs import budget, examples, objectives, study
+from cfs import budget, examples, objectives, stage_settings, study
 from cfs.errors import SettingsError
 from cfs.modeling import load_model
 from cfs.objectives import SyntheticBatches
@@ -389,7 +389,7 @@ def test_a_method_with_a_loss_of_its_own_trains_and_logs_its_term(
 
 
 def test_the_budget_prices_a_method_with_a_loss_of_its_own(toy_method):
-    config = budget.load_config(budget.REPO / "config" / "reasoning.yaml")
+    config = stage_settings.load_config(stage_settings.REPO / "config" / "reasoning.yaml")
     model = study.Study(config).study["models"][0]
     spec = budget.ASSUMPTIONS[config["models"][model]["hub_id"]]
     toy = budget.train_job(config, model, "toy/temp1/ratio0.5/lambda1", 0, spec, budget.Hardware())

@@ -10,7 +10,10 @@ that first job, by name, before any other job starts."""
 from __future__ import annotations
 
 import copy
+import json
 import re
+import shlex
+from collections import Counter
 
 import pytest
 import yaml
@@ -27,6 +30,7 @@ from conftest import (
     jobs,
     run_snakemake,
     snakemake_env,
+    stage_settings,
 )
 
 
@@ -240,6 +244,66 @@ def test_grid_with_every_method_schedules_each_job_once(repo):
         assert path in output, f"{path} not in the dry run"
 
 
+def stage_commands(output: str) -> list[tuple[str, dict[str, str], dict]]:
+    """(module, flags, settings) of each `python -m cfs.<module>` command a dry run -p
+    printed."""
+    commands = []
+    for line in output.splitlines():
+        match = re.search(r"-m cfs\.(\w+) ", line)
+        if not match or "--settings" not in line:
+            continue
+        words = shlex.split(line[match.start() :])
+        flags = {
+            word: value
+            for word, value in zip(words, [*words[1:], ""], strict=True)
+            if word.startswith("--")
+        }
+        commands.append((match.group(1), flags, json.loads(flags["--settings"])))
+    return commands
+
+
+def test_every_stage_runs_with_the_settings_cfs_stage_settings_builds(repo):
+    """The rules hand each stage exactly what cfs.stage_settings builds for its wildcards:
+    the tests and the benchmarks, which build settings there too, run the stages as the
+    pipeline does."""
+    config = every_method_config()
+    config["study"]["seeds"] = [0, 1]
+    config["methods"]["plain"] = {"learning_rates": [1e-4]}
+    config["train"]["evaluate_at"] = [0.5]
+    output = dry_run_with(repo, "every_method.yaml", config, "-p")
+    stages = stage_settings(config)
+    built = {
+        "train": lambda model, cell, seed, out: stages.train(cell, seed),
+        "evaluate": lambda model, cell, seed, out: stages.evaluation(model, cell, seed),
+        "replay": lambda model, cell, seed, out: stages.replay(seed),
+        "generate": lambda model, cell, seed, out: (
+            stages.heldout(model)
+            if "/heldout/" in out
+            else stages.contextual(model, seed)
+            if "contextual" in out
+            else stages.generation(model, seed)
+        ),
+    }
+    checked = Counter()
+    for module, flags, settings in stage_commands(output):
+        if module not in built:
+            continue
+        out = flags["--out"]
+        model = out.split("/")[1]
+        place = re.sub(r"^results/\w+/(evals/\w+/)?", "", out)
+        cell = "base" if place.startswith("base/") else place.rsplit("/seed", 1)[0]
+        seed = re.search(r"seed(\d+)", out)
+        seed = int(seed.group(1)) if seed else stages.config["task"]["seed"]
+        assert settings == built[module](model, cell, seed, out), f"{module} --out {out}"
+        checked[module] += 1
+    stats = job_stats(output)
+    assert checked["train"] == stats["fine_tune"]
+    assert checked["evaluate"] == stats["evaluate_base"] + stats["evaluate_finetuned"]
+    generations = ("generate_context_free", "generate_contextual", "generate_heldout")
+    assert checked["generate"] == sum(stats[rule] for rule in generations)
+    assert checked["replay"] == stats["replay_chunks"] == 2  # one per seed
+
+
 # --------------------------------------------------------------------------- fetching
 
 
@@ -339,7 +403,7 @@ def test_a_finished_paper_grid_reruns_nothing_and_a_new_temperature_only_its_job
     nothing is scheduled; adding one temperature schedules exactly the jobs that value
     needs (the grid arithmetic of the wider grid less the finished one's) and the tables,
     figures and `all` that read every cell."""
-    from cfs.budget import merged
+    from cfs.stage_settings import merged
 
     repo = copy_repo(tmp_path / "repo")
     files = ["--configfile", PAPER_CONFIGS["olmo"]]

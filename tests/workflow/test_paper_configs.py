@@ -14,7 +14,7 @@ import json
 
 import pytest
 import yaml
-from cfs.budget import merged
+from cfs.stage_settings import merged
 from conftest import (
     LLAMA_BOS_ID,
     PAPER_CONFIGS,

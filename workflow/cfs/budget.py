@@ -22,16 +22,11 @@ parameter: the weights twice and the moments, while the other GPUs wait) for com
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[2]
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
-DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+from cfs.stage_settings import REPO, load_config
 
 
 @dataclass(frozen=True)
@@ -105,28 +100,6 @@ ASSUMPTIONS = {
 
 
 # --------------------------------------------------------------------------- config
-
-
-def merged(base: dict, over: dict) -> dict:
-    """What Snakemake does with --configfile: merged key by key, lists replaced."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def load_config(path: Path) -> dict:
-    """config/config.yaml with `path` merged over it and the schema's defaults filled in."""
-    from snakemake.utils import validate
-
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    if Path(path).resolve() != DEFAULT_CONFIG.resolve():
-        config = merged(config, yaml.safe_load(Path(path).read_text()))
-    validate(config, str(SCHEMA))
-    return config
 
 
 def resource(config: dict, model: str, stage: str, key: str, method: str | None = None):

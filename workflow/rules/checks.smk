@@ -21,7 +21,7 @@ rule check_evaluation_tasks:
     conda:
         "../../envs/cfs.yaml"
     params:
-        settings=as_arg(task_check_settings()),
+        settings=as_arg(SETTINGS.task_check()),
     shell:
         "python -m cfs.task_check --settings {params.settings} --out {output.checks}"
         " > {log} 2>&1"
@@ -45,7 +45,7 @@ rule fetch_from_hub:
     conda:
         "../../envs/cfs.yaml"
     params:
-        settings=as_arg(task_check_settings()),
+        settings=as_arg(SETTINGS.task_check()),
         fetch=as_arg(FETCH),
     shell:
         "python -m cfs.fetch --settings {params.settings} --fetch {params.fetch}"

@@ -1,6 +1,5 @@
 # The grid (config -> targets), input functions, settings and wildcard constraints, all
 # derived from the study's grammar in cfs.study. Every function the rules use lives here.
-import hashlib
 import json
 import shlex
 import sys
@@ -11,6 +10,7 @@ from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from cfs.fetch import reads_the_hub
+from cfs.stage_settings import StageSettings, digest
 from cfs.study import (
     FIGURES,
     INTEGER,
@@ -40,6 +40,8 @@ try:
     STUDY.check()
 except ValueError as error:
     raise WorkflowError(str(error)) from None
+# each stage's --settings (cfs.stage_settings)
+SETTINGS = StageSettings(config, STUDY)
 
 MIXED_CELL = alternatives(
     ["plain"] + [m.name for m in METHODS.values() if m.mixes], suffixes=()
@@ -88,13 +90,6 @@ def study_answer(started):
         )
     lines.append(f"Every table and figure: {RESULTS_PAGE}")
     return "\n".join(lines)
-
-
-def evaluation_path(model, evaluated):
-    """The evaluation of `evaluated` (base, a cell, or a cell's seed<S>) under this
-    study's evaluation settings, e.g. results/smollm2/evals/<key>/ratio0/seed0/eval.json.
-    """
-    return f"results/{model}/evals/{EVAL_KEY}/{evaluated}/eval.json"
 
 
 def seed_evals(model, cell):
@@ -249,166 +244,23 @@ def as_arg(settings):
     return shlex.quote(json.dumps(settings, sort_keys=True))
 
 
-def model_settings(model):
-    if model not in config["models"]:
-        raise WorkflowError(f"config key models: no model '{model}'")
-    return config["models"][model]
-
-
-def prepare_settings(model):
-    """Where the model's weights come from: models.<name> without its cluster sizes and
-    the dtype the stages load it in."""
-    ignored = ("resources", "dtype")
-    return {k: v for k, v in model_settings(model).items() if k not in ignored}
-
-
-def model_dtype(model):
-    return model_settings(model)["dtype"]
-
-
-def generation_settings(model, seed):
-    return {**config["generation"], "seed": int(seed), "dtype": model_dtype(model)}
-
-
-def heldout_settings(model):
-    kl = config["evaluation"]["kl"]
-    return {
-        **config["generation"],
-        "num_samples": kl["num_samples"],
-        "max_new_tokens": kl["max_new_tokens"],
-        "top_p": 1.0,
-        "seed": kl["seed"],
-        "dtype": model_dtype(model),
-    }
-
-
-def contextual_settings(model, seed):
-    settings = generation_settings(model, seed)
-    settings.pop("prompt_token_id")
-    return settings
-
-
-def replay_settings(seed):
-    """methods.replay without its ratios; the chunk count and length default to the
-    context-free samples'."""
-    replay = STUDY.method_options("replay")
-    return {
-        **replay,
-        "num_chunks": replay["num_chunks"] or config["generation"]["num_samples"],
-        "chunk_tokens": replay["chunk_tokens"]
-        or config["generation"]["max_new_tokens"],
-        "prompt_token_id": config["generation"]["prompt_token_id"],
-        "seed": int(seed),
-    }
-
-
-def train_settings(cell, seed):
-    """config.train, the seed and the cell's method: its name, its knobs and the options
-    every cell of the method shares (methods.<name> without its sweeps)."""
-    knobs = parse_cell(cell)
-    name = knobs.pop("method")
-    options = STUDY.method_options(name)
-    # without train.evaluate_at: the points along training are outputs of the job (a new
-    # one is a missing output), not settings of the fine-tune
-    train = {
-        key: value for key, value in config["train"].items() if key != "evaluate_at"
-    }
-    settings = {**train, "seed": int(seed)}
-    # the cell's own rate (a sweep's /lr suffix), else the method's, else train's
-    learning_rate = knobs.pop("learning_rate", None) or options.pop(
-        "learning_rate", None
-    )
-    options.pop("learning_rate", None)
-    if learning_rate:
-        settings["learning_rate"] = learning_rate
-    settings["method"] = {**options, **knobs, "name": name}
-    return settings
-
-
-def eval_settings(model, cell, seed):
-    """config.evaluation without the held-out samples' settings (their file is an
-    input), plus the cell, the seed, the model's dtype and, for a fine-tuned model, the
-    KL-to-base batch size."""
-    evaluation = {
-        key: value for key, value in config["evaluation"].items() if key != "kl"
-    }
-    settings = {
-        **evaluation,
-        "cell": {
-            "model": model,
-            **(parse_cell(cell) if cell != "base" else {"method": "base"}),
-        },
-        "seed": int(seed),
-        "dtype": model_dtype(model),
-    }
-    if cell != "base":
-        settings["kl"] = {"batch_size": config["evaluation"]["kl"]["batch_size"]}
-    return settings
-
-
-def evaluation_key():
-    """What names a study's evaluations: config.evaluation (tasks, metrics, harness, KL),
-    hashed. Studies with the same evaluation settings share their evaluations; studies
-    with others keep their own beside them, over the same fine-tunes."""
-    return digest(config["evaluation"])
-
-
-def task_check_settings():
-    """What the task check reads: the task folder and each task's name and metric."""
-    evaluation = config["evaluation"]
-    entries = [evaluation["target"], *evaluation["forgetting"]]
-    named = [{"task": entry["task"], "metric": entry["metric"]} for entry in entries]
-    return {
-        "include_path": evaluation["include_path"],
-        "target": named[0],
-        "forgetting": named[1:],
-    }
-
-
-def digest(settings):
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[
-        :12
-    ]
-
-
-def fetch_settings():
-    """What the fetch job puts into the Hugging Face cache besides the evaluation
-    datasets (cfs.fetch): the study's hub models and the task's hub dataset."""
-    models = [
-        {"model": model, "hub_id": settings["hub_id"], "revision": settings["revision"]}
-        for model, settings in config["models"].items()
-        if model in STUDY.study["models"] and "hub_id" in settings
-    ]
-    task = None
-    if config["task"]["source"] == "hub":
-        keys = (
-            "source",
-            "dataset",
-            "dataset_config",
-            "revision",
-            "split",
-            "test_split",
-        )
-        task = {key: config["task"][key] for key in keys}
-    return {"models": models, "task": task}
-
-
 def replay_from_hub():
     """The study's replay corpus is a hub dataset, streamed (no cache to fetch into)."""
     return "replay" in STUDY.methods and "hub_dataset" in replay_sources(config)
 
 
 # Every evaluation of the study is under results/{model}/evals/EVAL_KEY/ (evaluation_path).
-EVAL_KEY = evaluation_key()
+EVAL_KEY = SETTINGS.evaluation_key()
+evaluation_path = SETTINGS.evaluation_path
 # One check file per set of evaluation tasks: studies with other tasks have their own.
-TASK_CHECK = f"results/checks/evaluation_tasks/{digest(task_check_settings())}.json"
+TASK_CHECK = f"results/checks/evaluation_tasks/{digest(SETTINGS.task_check())}.json"
 # What the fetch after the check fetched, for a study that reads from the hub: the task's
 # preparation and the generations, and through them every GPU job, wait on it (ancient:
 # a later fetch, e.g. for another study, does not make them run again); the evaluations
 # wait on the check itself. A study on local files only fetches nothing and waits on
 # nothing.
 HUB_FETCH = "results/checks/hub_fetch.json"
-FETCH = fetch_settings()
+FETCH = SETTINGS.fetch()
 READS_THE_HUB = reads_the_hub(FETCH, config["evaluation"])
 
 

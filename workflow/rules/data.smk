@@ -43,7 +43,7 @@ rule replay_chunks:
     resources:
         **stage_resources("data"),
     params:
-        settings=lambda wildcards: as_arg(replay_settings(wildcards.seed)),
+        settings=lambda wildcards: as_arg(SETTINGS.replay(wildcards.seed)),
     shell:
         "python -m cfs.replay --model {input.model} --settings {params.settings}"
         " --out {output.chunks} > {log} 2>&1"

@@ -21,7 +21,7 @@ rule evaluate_base:
     params:
         # the base eval samples nothing per replicate: once per model, at the task's seed
         settings=lambda wildcards: as_arg(
-            eval_settings(wildcards.model, "base", config["task"]["seed"])
+            SETTINGS.evaluation(wildcards.model, "base", config["task"]["seed"])
         ),
         cache="results/{model}/base/eval_cache",
     shell:
@@ -51,7 +51,7 @@ rule evaluate_finetuned:
         **stage_resources("evaluate"),
     params:
         settings=lambda wildcards: as_arg(
-            eval_settings(wildcards.model, wildcards.cell, wildcards.seed)
+            SETTINGS.evaluation(wildcards.model, wildcards.cell, wildcards.seed)
         ),
         cache="results/{model}/{cell}/seed{seed}/eval_cache",
     shell:

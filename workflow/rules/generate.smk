@@ -18,7 +18,7 @@ rule generate_context_free:
         **stage_resources("generate"),
     params:
         settings=lambda wildcards: as_arg(
-            generation_settings(wildcards.model, wildcards.seed)
+            SETTINGS.generation(wildcards.model, wildcards.seed)
         ),
         temperature=lambda wildcards: wildcards.temperature,
         prompts="",
@@ -40,7 +40,7 @@ use rule generate_context_free as generate_heldout with:
     benchmark:
         "results/benchmarks/generate_heldout/{model}.tsv"
     params:
-        settings=lambda wildcards: as_arg(heldout_settings(wildcards.model)),
+        settings=lambda wildcards: as_arg(SETTINGS.heldout(wildcards.model)),
         temperature=config["evaluation"]["kl"]["temperature"],
         prompts="",
 
@@ -61,7 +61,7 @@ use rule generate_context_free as generate_contextual with:
         "results/benchmarks/generate_contextual/{model}_temp{temperature}_seed{seed}.tsv"
     params:
         settings=lambda wildcards: as_arg(
-            contextual_settings(wildcards.model, wildcards.seed)
+            SETTINGS.contextual(wildcards.model, wildcards.seed)
         ),
         temperature=lambda wildcards: wildcards.temperature,
         prompts=lambda wildcards, input: f"--prompts {input.prompts}",

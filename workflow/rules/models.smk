@@ -17,7 +17,7 @@ rule prepare_model:
     resources:
         **stage_resources("prepare"),
     params:
-        settings=lambda wildcards: as_arg(prepare_settings(wildcards.model)),
+        settings=lambda wildcards: as_arg(SETTINGS.prepare(wildcards.model)),
     shell:
         "python -m cfs.prepare_model --model {wildcards.model} --settings {params.settings}"
         " --out {output} > {log} 2>&1"

@@ -18,7 +18,7 @@ rule fine_tune:
         **stage_resources("train"),
     params:
         settings=lambda wildcards: as_arg(
-            train_settings(wildcards.cell, wildcards.seed)
+            SETTINGS.train(wildcards.cell, wildcards.seed)
         ),
         flags=train_flags,
         checkpoints="results/{model}/{cell}/seed{seed}/checkpoints",
