@@ -401,7 +401,7 @@ def model_settings(**model) -> dict:
 
 def generation_settings(**overrides) -> dict:
     """cfs.generate's settings for the default model's seed 0, `overrides` on top."""
-    return {**stage_settings().generation("smollm2", 0), **overrides}
+    return {**stage_settings().generation("smollm2", 0, 1.0), **overrides}
 
 
 def train_settings(**overrides) -> dict:

@@ -217,8 +217,6 @@ def test_killed_generation_resumes_to_the_same_samples(tiny_model_dir, tmp_path)
             "cfs.generate",
             "--model",
             tiny_model_dir,
-            "--temperature",
-            "1.0",
             "--settings",
             json.dumps(GENERATION_SETTINGS),
             "--out",

@@ -76,7 +76,7 @@ class Offline(Exception):
     "stage, argv",
     [
         ("train", ["--model", "m", "--data", "d", "--checkpoints", "c", "--out", "o"]),
-        ("generate", ["--model", "m", "--temperature", "1", "--out", "o"]),
+        ("generate", ["--model", "m", "--settings", '{"temperature": 1}', "--out", "o"]),
     ],
 )
 def test_gpu_stages_go_offline_when_the_hub_is_unreachable_before_any_work(
@@ -98,7 +98,7 @@ def test_gpu_stages_go_offline_when_the_hub_is_unreachable_before_any_work(
     "stage, argv",
     [
         ("train", ["--model", "m", "--data", "d", "--checkpoints", "c", "--out", "o"]),
-        ("generate", ["--model", "m", "--temperature", "1", "--out", "o"]),
+        ("generate", ["--model", "m", "--settings", '{"temperature": 1}', "--out", "o"]),
         ("evaluate", ["--model", "m", "--out", "o"]),
     ],
 )
@@ -140,7 +140,7 @@ def test_a_gpu_stage_without_cuda_exits_with_the_message():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     result = subprocess.run(
-        [sys.executable, "-m", "cfs.generate", "--model", "absent", "--temperature", "1"]
+        [sys.executable, "-m", "cfs.generate", "--model", "absent"]
         + ["--out", "absent.jsonl", "--gpus", "1"],
         capture_output=True,
         text=True,

@@ -210,8 +210,6 @@ def stage_runs(tiny_model_dir, perturbed_model_dir, tmp_path_factory):
         [
             "--model",
             str(tiny_model_dir),
-            "--temperature",
-            "1.0",
             "--settings",
             json.dumps(generation_settings(num_samples=3, max_new_tokens=6, seed=9, batch_size=3)),
             "--out",

@@ -125,15 +125,13 @@ def test_temperature_changes_the_samples(loaded):
 # --------------------------------------------------------------------------- CLI
 
 
-def run_cli(model_dir, out, temperature="1.0", **settings):
+def run_cli(model_dir, out, temperature=1.0, **settings):
     base = generation_settings(num_samples=5, max_new_tokens=8, seed=2, batch_size=2)
-    base.update(settings)
+    base.update(settings, temperature=temperature)
     generate.main(
         [
             "--model",
             str(model_dir),
-            "--temperature",
-            temperature,
             "--settings",
             json.dumps(base),
             "--out",
@@ -184,7 +182,7 @@ def test_cli_same_seed_same_file(tiny_model_dir, tmp_path):
 def test_cli_rejects_non_positive_temperature(tiny_model_dir, tmp_path):
     out = tmp_path / "x.jsonl"
     with pytest.raises(SettingsError, match="temperature"):
-        run_cli(tiny_model_dir, out, temperature="0")
+        run_cli(tiny_model_dir, out, temperature=0)
     assert not out.exists(), f"{out} written for a refused temperature"
 
 
@@ -195,8 +193,6 @@ def test_cli_missing_setting_names_it(tiny_model_dir, tmp_path):
             [
                 "--model",
                 str(tiny_model_dir),
-                "--temperature",
-                "1",
                 "--settings",
                 json.dumps({k: v for k, v in generation_settings().items() if k != "num_samples"}),
                 "--out",
@@ -214,7 +210,7 @@ def test_contextual_samples_are_conditioned_on_the_task_prompts(tiny_model_dir, 
     out = tmp_path / "contextual" / "samples.jsonl"
     settings = generation_settings(num_samples=5, max_new_tokens=6, batch_size=2)
     generate.main(
-        ["--model", str(tiny_model_dir), "--temperature", "1.0", "--prompts", str(task)]
+        ["--model", str(tiny_model_dir), "--prompts", str(task)]
         + ["--settings", json.dumps(settings), "--out", str(out)]
     )
     samples, prompts = read_jsonl(out), read_jsonl(task)
@@ -235,8 +231,7 @@ def test_context_free_samples_see_only_the_prompt_token(tiny_model_dir, tmp_path
     out = tmp_path / "cf.jsonl"
     settings = generation_settings(num_samples=3, max_new_tokens=4, batch_size=3)
     generate.main(
-        ["--model", str(tiny_model_dir), "--temperature", "1.0"]
-        + ["--settings", json.dumps(settings), "--out", str(out)]
+        ["--model", str(tiny_model_dir)] + ["--settings", json.dumps(settings), "--out", str(out)]
     )
     samples = read_jsonl(out)
     assert len(samples) == 3

@@ -13,7 +13,7 @@ import pytest
 from cfs import mix
 from cfs.errors import DataError, SettingsError
 from cfs.study import SAMPLE_KINDS
-from conftest import PACKAGE_DIR, read_jsonl, write_jsonl
+from conftest import PACKAGE_DIR, read_jsonl, stage_settings, write_jsonl
 
 N_TASK, N_GENERATED = 12, 20
 
@@ -106,16 +106,20 @@ def test_negative_ratio_is_rejected():
 # --------------------------------------------------------------------------- CLI
 
 
+def mix_settings(ratio: float, seed: int) -> dict:
+    """cfs.mix's settings for a context-free cell at `ratio` (plain fine-tuning at 0)."""
+    cell = f"temp1/ratio{ratio:g}" if ratio else "ratio0"
+    return stage_settings().mix(cell, seed)
+
+
 def run_cli(tmp_path, ratio, generations=None, out_name="mixed.jsonl", seed=0):
     task = write_jsonl(tmp_path / "train.jsonl", task_records())
     out = tmp_path / "out" / out_name
     argv = [
         "--task",
         str(task),
-        "--ratio",
-        str(ratio),
         "--settings",
-        json.dumps({"seed": seed}),
+        json.dumps(mix_settings(ratio, seed)),
         "--out",
         str(out),
     ]
@@ -192,10 +196,8 @@ def test_module_cli_exits_1_with_one_clear_line_on_empty_generations(tmp_path):
             str(task),
             "--generations",
             str(empty),
-            "--ratio",
-            "0.5",
             "--settings",
-            '{"seed": 0}',
+            json.dumps(mix_settings(0.5, 0)),
             "--out",
             str(out),
         ],
@@ -258,8 +260,8 @@ def test_streamed_mix_writes_the_bytes_of_the_in_memory_mix(tmp_path, ratio, see
     )
     for source in ("context_free.jsonl", "blank.jsonl"):  # blank lines are skipped alike
         out = tmp_path / f"out_{source}"
-        argv = ["--task", str(task), "--ratio", str(ratio), "--out", str(out)]
-        argv += ["--settings", json.dumps({"seed": seed})]
+        argv = ["--task", str(task), "--out", str(out)]
+        argv += ["--settings", json.dumps(mix_settings(ratio, seed))]
         if ratio:
             argv += ["--generations", str(tmp_path / source)]
         mix.main(argv)
@@ -272,8 +274,8 @@ def test_streamed_mix_holds_line_offsets_not_records(tmp_path):
     task = write_jsonl(tmp_path / "train.jsonl", streamed_task_records(1000))
     generations = write_jsonl(tmp_path / "cf.jsonl", sample_records(1000, length=2000))
     size = generations.stat().st_size
-    argv = ["--task", str(task), "--generations", str(generations), "--ratio", "1"]
-    argv += ["--settings", '{"seed": 0}', "--out", str(tmp_path / "mixed.jsonl")]
+    argv = ["--task", str(task), "--generations", str(generations)]
+    argv += ["--settings", json.dumps(mix_settings(1, 0)), "--out", str(tmp_path / "mixed.jsonl")]
     tracemalloc.start()
     try:
         mix.main(argv)

@@ -324,7 +324,7 @@ def test_vllm_generation_runs_in_chunks_and_resumes(
         num_samples=10, max_new_tokens=6, batch_size=32, vllm_chunk_size=4, backend="vllm", seed=3
     )
     out = tmp_path / "context_free.jsonl"
-    argv = ["--model", str(tiny_model_dir), "--temperature", "1.0", "--out", str(out)]
+    argv = ["--model", str(tiny_model_dir), "--out", str(out)]
     argv += ["--settings", json.dumps(settings)]
     real_generate = FakeLLM.generate
 

@@ -15,7 +15,7 @@ from conftest import assert_same_weights, model_weights
 def interpolate(base, finetuned, alpha, out):
     wiseft.main(
         ["--base", str(base), "--finetuned", str(finetuned)]
-        + ["--alpha", str(alpha), "--out", str(out)]
+        + ["--settings", json.dumps({"alpha": alpha}), "--out", str(out)]
     )
     return out
 

@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 import yaml
-from cfs.study import METHODS, SAMPLE_KINDS
+from cfs.study import METHODS, SAMPLE_KINDS, parse_cell
 from conftest import (
     PAPER_CONFIGS,
     REPO,
@@ -262,9 +262,14 @@ def stage_commands(output: str) -> list[tuple[str, dict[str, str], dict]]:
     return commands
 
 
+def temperature_in(path: str) -> float:
+    return float(re.search(r"/temp([\d.]+)/", path).group(1))
+
+
 def test_every_stage_runs_with_the_settings_cfs_stage_settings_builds(repo):
-    """The rules hand each stage exactly what cfs.stage_settings builds for its wildcards:
-    the tests and the benchmarks, which build settings there too, run the stages as the
+    """The rules hand each stage exactly what cfs.stage_settings builds for its wildcards,
+    every knob of the cell inside --settings (no --temperature, --ratio, --alpha flags): the
+    tests and the benchmarks, which build settings there too, run the stages as the
     pipeline does."""
     config = every_method_config()
     config["study"]["seeds"] = [0, 1]
@@ -276,12 +281,14 @@ def test_every_stage_runs_with_the_settings_cfs_stage_settings_builds(repo):
         "train": lambda model, cell, seed, out: stages.train(cell, seed),
         "evaluate": lambda model, cell, seed, out: stages.evaluation(model, cell, seed),
         "replay": lambda model, cell, seed, out: stages.replay(seed),
+        "mix": lambda model, cell, seed, out: stages.mix(cell, seed),
+        "wiseft": lambda model, cell, seed, out: stages.wiseft(parse_cell(cell)["alpha"]),
         "generate": lambda model, cell, seed, out: (
             stages.heldout(model)
             if "/heldout/" in out
-            else stages.contextual(model, seed)
+            else stages.contextual(model, seed, temperature_in(out))
             if "contextual" in out
-            else stages.generation(model, seed)
+            else stages.generation(model, seed, temperature_in(out))
         ),
     }
     checked = Counter()
@@ -295,6 +302,8 @@ def test_every_stage_runs_with_the_settings_cfs_stage_settings_builds(repo):
         seed = re.search(r"seed(\d+)", out)
         seed = int(seed.group(1)) if seed else stages.config["task"]["seed"]
         assert settings == built[module](model, cell, seed, out), f"{module} --out {out}"
+        knob_flags = {"--temperature", "--ratio", "--alpha", "--kind"} & set(flags)
+        assert not knob_flags, f"{module} --out {out}: a knob beside --settings: {knob_flags}"
         checked[module] += 1
     stats = job_stats(output)
     assert checked["train"] == stats["fine_tune"]
@@ -302,6 +311,8 @@ def test_every_stage_runs_with_the_settings_cfs_stage_settings_builds(repo):
     generations = ("generate_context_free", "generate_contextual", "generate_heldout")
     assert checked["generate"] == sum(stats[rule] for rule in generations)
     assert checked["replay"] == stats["replay_chunks"] == 2  # one per seed
+    assert checked["mix"] == stats["mix_at_ratio"]
+    assert checked["wiseft"] == stats["interpolate_wiseft"]
 
 
 # --------------------------------------------------------------------------- fetching

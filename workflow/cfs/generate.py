@@ -1,8 +1,8 @@
 """Sampling from the base model: context-free (only its beginning-of-sequence token, or
 its end-of-document token where it has no BOS) or contextual (the fine-tuning prompts).
 
-    python -m cfs.generate --model results/models/smollm2/base --temperature 0.7 \
-        --settings '{"num_samples": 256, "max_new_tokens": 96, "top_p": 1.0, "seed": 1}' \
+    python -m cfs.generate --model results/models/smollm2/base \
+        --settings '{"temperature": 0.7, "num_samples": 256, "max_new_tokens": 96, ...}' \
         --out results/smollm2/temp0.7/context_free.jsonl
     python -m cfs.generate ... --prompts results/data/arith/train.jsonl \
         --out results/smollm2/contextual/temp0.7/samples.jsonl
@@ -288,7 +288,6 @@ def make_sampler(
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="base model folder")
-    parser.add_argument("--temperature", required=True, type=float)
     parser.add_argument("--prompts", type=Path, help="fine-tuning set: sample contextually")
     parser.add_argument("--out", required=True, type=Path, help="JSONL of samples")
     args = parser.parse_args(argv)
@@ -297,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     # a compute node without network reads what the first job fetched into the cache
     go_offline_unless_reachable()
     settings = args.settings
-    if args.temperature <= 0:
-        raise SettingsError(f"temperature must be > 0, got {args.temperature}")
+    temperature = require(settings, "temperature")
+    if temperature <= 0:
+        raise SettingsError(f"temperature must be > 0, got {temperature}")
     from cfs.vllm_backend import select_backend
 
     backend = select_backend(settings["backend"])
@@ -328,12 +328,12 @@ def main(argv: list[str] | None = None) -> None:
         args.model,
         tokenizer,
         settings,
-        args.temperature,
+        temperature,
         max_prompt_tokens=max(len(prompt) for prompt in prompt_ids),
     )
     partial = PartialFile(
         args.out.with_name(args.out.name + ".partial.jsonl"),
-        run_fingerprint(args.model, args.temperature, {**settings, "backend": backend}, prompt_ids),
+        run_fingerprint(args.model, temperature, {**settings, "backend": backend}, prompt_ids),
     )
     outputs = sample_batches(
         sample_batch,
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=batch_size,
         seed=require(settings, "seed"),
         partial=partial,
-        desc=f"{kind.name} T={args.temperature}",
+        desc=f"{kind.name} T={temperature}",
     )
     if args.prompts:
         samples = contextual_records(outputs, prompt_texts, prompt_ids, tokenizer)
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
             f"generate_{kind.name}",
             settings,
             seed=settings["seed"],
-            temperature=args.temperature,
+            temperature=temperature,
             backend=backend,
             model=str(args.model),
             num_samples=len(samples),

@@ -1,8 +1,8 @@
 """Mix synthetic or replayed samples into the fine-tuning set at a ratio.
 
 Samples are context-free generations, contextual generations (the base model's responses
-to the task prompts) or pretraining-text chunks; --kind says which, and each keeps the
-fields its training example needs.
+to the task prompts) or pretraining-text chunks; the `kind` setting says which, and each keeps the
+fields its training example needs (settings: ratio, kind, seed).
 
 The ratio counts synthetic examples per fine-tuning example (0.5 = half as many); ratio 0
 is plain fine-tuning. Samples are taken in generation order, so a smaller ratio's set is a
@@ -11,8 +11,9 @@ it keeps where each line starts, not the records (a reasoning model's sample fil
 gigabytes, and mixing runs on the submitting host).
 
     python -m cfs.mix --task results/data/arith/train.jsonl \
-        --generations results/smollm2/temp0.7/context_free.jsonl --ratio 0.5 \
-        --settings '{"seed": 0}' --out results/smollm2/temp0.7/ratio0.5/train.jsonl
+        --generations results/smollm2/temp0.7/context_free.jsonl \
+        --settings '{"ratio": 0.5, "kind": "context_free", "seed": 0}' \
+        --out results/smollm2/temp0.7/ratio0.5/train.jsonl
 """
 
 from __future__ import annotations
@@ -65,13 +66,13 @@ def mix_at_ratio(
     return list(mixed_records(task.__getitem__, len(task), samples.__getitem__, wanted, seed, kind))
 
 
-def mixed_records(read_task, num_task: int, read_sample, wanted: int, seed: int, kind: str):
+def mixed_records(read_task, num_task: int, read_sample, wanted: int, seed: int, kind: str | None):
     """The mixed set in its shuffled order: the task examples (read_task(i), i < num_task)
     and the first `wanted` samples (read_sample(j)), each with the fields its training
     example needs. The permutation depends only on the seed and the set's size."""
     order = list(range(num_task + wanted))
     random.Random(seed).shuffle(order)
-    fields = SAMPLE_KINDS[kind].fields
+    fields = SAMPLE_KINDS[kind].fields if wanted else ()
     for index in order:
         if index < num_task:
             example = read_task(index)
@@ -134,37 +135,39 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, type=Path, help="fine-tuning set JSONL")
     parser.add_argument("--generations", type=Path, help="samples JSONL to mix in")
-    parser.add_argument("--kind", choices=sorted(SAMPLE_KINDS), default="context_free")
-    parser.add_argument("--ratio", required=True, type=float)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
+    ratio, kind = require(args.settings, "ratio"), require(args.settings, "kind")
     task = LineIndex(args.task, TASK_FIELDS)
     if not len(task):
         raise DataError(f"{args.task}: the fine-tuning set is empty")
-    if args.ratio > 0 and args.generations is None:
-        raise SettingsError(f"ratio {args.ratio} > 0 needs --generations")
+    if ratio > 0 and (args.generations is None or kind not in SAMPLE_KINDS):
+        raise SettingsError(
+            f"ratio {ratio} > 0 needs --generations and a kind of samples "
+            f"({', '.join(sorted(SAMPLE_KINDS))}), got {kind!r}"
+        )
     samples = None
-    if args.ratio > 0:
-        samples = LineIndex(args.generations, SAMPLE_KINDS[args.kind].fields)
+    if ratio > 0:
+        samples = LineIndex(args.generations, SAMPLE_KINDS[kind].fields)
         if not len(samples):
             raise DataError(empty_generations(args.generations))
     seed = require(args.settings, "seed")
-    wanted = samples_wanted(len(task), len(samples) if samples else 0, args.ratio)
-    log.info("%d task examples + %d %s samples", len(task), wanted, args.kind)
+    wanted = samples_wanted(len(task), len(samples) if samples else 0, ratio)
+    log.info("%d task examples + %d %s samples", len(task), wanted, kind)
     write_json(
         args.out.with_suffix(".provenance.json"),
         provenance(
             "mix_at_ratio",
             args.settings,
             seed=seed,
-            ratio=args.ratio,
-            kind=args.kind,
+            ratio=ratio,
+            kind=kind,
             num_task=len(task),
             num_synthetic=wanted,
             generations=str(args.generations) if args.generations else None,
         ),
     )
-    write_mixed(task, samples, wanted, seed, args.kind, args.out)
+    write_mixed(task, samples, wanted, seed, kind, args.out)
 
 
 if __name__ == "__main__":

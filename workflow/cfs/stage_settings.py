@@ -2,9 +2,9 @@
 default config, any `--configfile` merged over it, the schema's defaults filled in).
 
 The rules (workflow/rules/common.smk), the budget, the tests and the benchmarks all build a
-stage's settings here, so none of them keeps a copy that could drift. A cell's knobs reach
-a stage in its settings (`train`'s method, `evaluation`'s cell); the wildcards that also
-name a file (the model, the seed) are arguments.
+stage's settings here, so none of them keeps a copy that could drift. Every knob of a cell
+(temperature, ratio, alpha, ...) reaches a stage in its settings, never as a flag of its
+own; the flags name files.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from cfs.errors import SettingsError
-from cfs.study import Study, parse_cell
+from cfs.study import METHODS, Study, parse_cell
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -75,15 +75,21 @@ class StageSettings:
         ignored = ("resources", "dtype")
         return {k: v for k, v in self.model(model).items() if k not in ignored}
 
-    def generation(self, model: str, seed) -> dict:
-        return {**self.config["generation"], "seed": int(seed), "dtype": self.dtype(model)}
+    def generation(self, model: str, seed, temperature) -> dict:
+        return {
+            **self.config["generation"],
+            "temperature": float(temperature),
+            "seed": int(seed),
+            "dtype": self.dtype(model),
+        }
 
     def heldout(self, model: str) -> dict:
-        """The held-out context-free samples of KL to base: evaluation.kl's count, length
-        and seed, full-support sampling, generation's backend and batch sizes."""
+        """The held-out context-free samples of KL to base: evaluation.kl's count, length,
+        temperature and seed, full-support sampling, generation's backend and batch sizes."""
         kl = self.config["evaluation"]["kl"]
         return {
             **self.config["generation"],
+            "temperature": kl["temperature"],
             "num_samples": kl["num_samples"],
             "max_new_tokens": kl["max_new_tokens"],
             "top_p": 1.0,
@@ -91,8 +97,8 @@ class StageSettings:
             "dtype": self.dtype(model),
         }
 
-    def contextual(self, model: str, seed) -> dict:
-        settings = self.generation(model, seed)
+    def contextual(self, model: str, seed, temperature) -> dict:
+        settings = self.generation(model, seed, temperature)
         settings.pop("prompt_token_id")
         return settings
 
@@ -107,6 +113,17 @@ class StageSettings:
             "prompt_token_id": generation["prompt_token_id"],
             "seed": int(seed),
         }
+
+    def mix(self, cell: str, seed) -> dict:
+        """A cell's training set: its ratio, the kind of samples its method mixes in (None
+        for plain fine-tuning) and the seed that draws and shuffles them."""
+        knobs = parse_cell(cell)
+        kind = METHODS[knobs["method"]].samples
+        return {"ratio": knobs["ratio"], "kind": kind, "seed": int(seed)}
+
+    def wiseft(self, alpha) -> dict:
+        """WiSE-FT's interpolation: alpha, the fine-tune's share of the weights."""
+        return {"alpha": float(alpha)}
 
     def train(self, cell: str, seed) -> dict:
         """config.train, the seed and the cell's method: its name, its knobs and the

@@ -3,7 +3,7 @@
     theta = (1 - alpha) * theta_base + alpha * theta_finetuned
 
     python -m cfs.wiseft --base results/models/smollm2/base \
-        --finetuned results/smollm2/ratio0/model --alpha 0.5 \
+        --finetuned results/smollm2/ratio0/model --settings '{"alpha": 0.5}' \
         --out results/smollm2/wiseft/alpha0.5/model
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cfs.artifacts import atomic_path, provenance, write_json
-from cfs.cli import run_stage, set_threads, stage_parser
+from cfs.cli import require, run_stage, set_threads, stage_parser
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
 
@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, type=Path, help="base model folder")
     parser.add_argument("--finetuned", required=True, type=Path, help="fine-tuned model folder")
-    parser.add_argument("--alpha", required=True, type=float)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    interpolate_models(args.base, args.finetuned, args.alpha, args.out)
-    log.info("wrote %s (alpha %s)", args.out, args.alpha)
+    alpha = require(args.settings, "alpha")
+    interpolate_models(args.base, args.finetuned, alpha, args.out)
+    log.info("wrote %s (alpha %s)", args.out, alpha)
 
 
 if __name__ == "__main__":

@@ -197,12 +197,10 @@ def mix_inputs(wildcards):
 
 
 def mix_params(wildcards, input):
-    knobs = parse_cell(wildcards.cell)
-    method = METHODS[knobs["method"]]
-    flags = f"--ratio {knobs['ratio']:g}"
-    if method.samples:
-        flags += f" --generations {input.generations} --kind {method.samples}"
-    return flags
+    """The samples a mixing cell draws from (its ratio and kind are settings)."""
+    if METHODS[parse_cell(wildcards.cell)["method"]].samples:
+        return f"--generations {input.generations}"
+    return ""
 
 
 def train_inputs(wildcards):

@@ -18,12 +18,11 @@ rule generate_context_free:
         **stage_resources("generate"),
     params:
         settings=lambda wildcards: as_arg(
-            SETTINGS.generation(wildcards.model, wildcards.seed)
+            SETTINGS.generation(wildcards.model, wildcards.seed, wildcards.temperature)
         ),
-        temperature=lambda wildcards: wildcards.temperature,
         prompts="",
     shell:
-        "python -m cfs.generate --model {input.model} --temperature {params.temperature}"
+        "python -m cfs.generate --model {input.model}"
         " {params.prompts} --settings {params.settings}"
         " --threads {threads} --gpus {resources.gpu}"
         " --out {output.samples} > {log} 2>&1"
@@ -41,7 +40,6 @@ use rule generate_context_free as generate_heldout with:
         "results/benchmarks/generate_heldout/{model}.tsv"
     params:
         settings=lambda wildcards: as_arg(SETTINGS.heldout(wildcards.model)),
-        temperature=config["evaluation"]["kl"]["temperature"],
         prompts="",
 
 
@@ -61,7 +59,6 @@ use rule generate_context_free as generate_contextual with:
         "results/benchmarks/generate_contextual/{model}_temp{temperature}_seed{seed}.tsv"
     params:
         settings=lambda wildcards: as_arg(
-            SETTINGS.contextual(wildcards.model, wildcards.seed)
+            SETTINGS.contextual(wildcards.model, wildcards.seed, wildcards.temperature)
         ),
-        temperature=lambda wildcards: wildcards.temperature,
         prompts=lambda wildcards, input: f"--prompts {input.prompts}",

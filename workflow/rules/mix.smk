@@ -18,7 +18,7 @@ rule mix_at_ratio:
     resources:
         **stage_resources("mix"),
     params:
-        settings=lambda wildcards: as_arg({"seed": int(wildcards.seed)}),
+        settings=lambda wildcards: as_arg(SETTINGS.mix(wildcards.cell, wildcards.seed)),
         flags=mix_params,
     shell:
         "python -m cfs.mix --task {input.task} {params.flags} --settings {params.settings}"

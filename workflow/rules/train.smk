@@ -49,6 +49,8 @@ rule interpolate_wiseft:
         "../../envs/cfs.yaml"
     resources:
         **stage_resources("merge"),
+    params:
+        settings=lambda wildcards: as_arg(SETTINGS.wiseft(wildcards.alpha)),
     shell:
         "python -m cfs.wiseft --base {input.base} --finetuned {input.finetuned}"
-        " --alpha {wildcards.alpha} --out {output.model} > {log} 2>&1"
+        " --settings {params.settings} --out {output.model} > {log} 2>&1"
