@@ -159,6 +159,12 @@ class StageSettings:
             settings["kl"] = {"batch_size": self.config["evaluation"]["kl"]["batch_size"]}
         return settings
 
+    def environment(self, section: str) -> str:
+        """The conda environment (envs/<name>.yaml) of the stage that config.<section>'s
+        backend runs: vLLM pins its own torch, so it has its own. A generation backend of
+        `auto` gets vLLM's, where cfs.generate picks vLLM if it can run and HF otherwise."""
+        return "vllm" if self.config[section]["backend"] in ("vllm", "auto") else "cfs"
+
     def evaluation_key(self) -> str:
         """What names a study's evaluations: config.evaluation (tasks, metrics, harness,
         KL), hashed. Studies with the same evaluation settings share their evaluations;

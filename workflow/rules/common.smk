@@ -232,9 +232,8 @@ def train_flags(wildcards, input):
 
 
 def backend_env(section):
-    """vLLM pins its own torch, so it has its own conda env (used with --sdm conda)."""
-    vllm = config[section]["backend"] == "vllm"
-    return "../../envs/vllm.yaml" if vllm else "../../envs/cfs.yaml"
+    """The stage's conda env (used with --sdm conda)."""
+    return f"../../envs/{SETTINGS.environment(section)}.yaml"
 
 
 def as_arg(settings):
