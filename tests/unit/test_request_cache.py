@@ -68,7 +68,8 @@ def evaluation_root(tmp_path, monkeypatch):
 
 def test_another_model_starts_a_fresh_request_cache(tiny_model_dir, evaluation_root):
     """A cache is keyed to the model folder: a fine-tune run again (its files rewritten)
-    gets no answer of the model before it."""
+    gets no answer of the model before it. The cache works in scratch, as the rules run it,
+    and is kept beside the evaluation."""
     model = evaluation_root / "model"
     shutil.copytree(tiny_model_dir, model)
     out = evaluation_root / "fresh" / "eval.json"
@@ -82,10 +83,7 @@ def test_another_model_starts_a_fresh_request_cache(tiny_model_dir, evaluation_r
     def requests() -> dict:
         evaluate.main(
             ["--model", str(model), "--settings", json.dumps(settings)]
-            + [
-                "--out",
-                str(out),
-            ]
+            + ["--scratch", str(evaluation_root / "scratch"), "--out", str(out)]
         )
         return json.loads(out.read_text())["requests"]
 
@@ -95,6 +93,7 @@ def test_another_model_starts_a_fresh_request_cache(tiny_model_dir, evaluation_r
         os.utime(weights)  # rewritten, as a new fine-tune writes it
     assert requests()["computed"] == total
     assert len(list(out.with_name("eval_cache").iterdir())) == 1  # the stale cache is gone
+    assert list((evaluation_root / "scratch").iterdir()) == [], "a working copy was left"
 
 
 SAMPLED = {"until": ["\n\n"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 6}
@@ -173,3 +172,38 @@ def test_a_lost_chunk_is_sampled_again_as_the_uninterrupted_run_sampled_it(
 
 def test_another_seed_keys_another_cache(tiny_model_dir):
     assert cache_key(tiny_model_dir, HARNESS, 0) != cache_key(tiny_model_dir, HARNESS, 1)
+
+
+def test_in_scratch_the_cache_is_copied_back_after_each_chunk(
+    sampling_model, tiny_model_dir, tmp_path
+):
+    """On a cluster the SQLite file works in node-local scratch (shared filesystems lock it)
+    and the evaluation's own copy is brought up to date after every chunk: a job killed
+    mid-evaluation loses at most one chunk there too."""
+    from cfs.request_cache import cache_file, cached_requests, caching_lm_class, working_cache
+
+    folder, scratch = tmp_path / "eval_cache", tmp_path / "scratch"
+    kept_counts, work_files = [], []
+    with working_cache(folder, scratch, tiny_model_dir, HARNESS, 0) as (
+        prefix,
+        copy_back,
+    ):
+        assert prefix.is_relative_to(scratch), f"the cache works at {prefix}"
+
+        def after_chunk():
+            copy_back()
+            kept_counts.append(cached_requests(folder / prefix.name))
+            work_files.append(cache_file(prefix).is_file())
+
+        cache = caching_lm_class(4, 0, after_chunk)(sampling_model, str(cache_file(prefix)))
+        answers = cache.generate_until(sampled_requests())
+    assert kept_counts == [4, 8, 12], "requests in the evaluation's copy after each chunk"
+    assert all(work_files)
+    assert list(scratch.iterdir()) == [], "the working copy was left in scratch"
+    with working_cache(folder, scratch, tiny_model_dir, HARNESS, 0) as (
+        prefix,
+        _,
+    ):
+        assert cached_requests(prefix) == 12, "a restart did not start from the copy back"
+        again = caching_lm_class(4, 0)(sampling_model, str(cache_file(prefix)))
+        assert again.generate_until(sampled_requests()) == answers

@@ -15,6 +15,7 @@ and `num_fewshot` override the task's own, `apply_chat_template` wraps its promp
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -48,7 +49,7 @@ from cfs.hub import go_offline_unless_reachable
 from cfs.lm_eval_model import PositionCounter
 from cfs.lm_eval_tasks import build_tasks, local_task_manager
 from cfs.modeling import autocast, compute_precision, dtype_name, load_model, pick_device
-from cfs.request_cache import cache_prefix, cached_requests, resumable_generation
+from cfs.request_cache import cached_requests, resumable_generation, working_cache
 from cfs.task_check import metric_parts
 
 log = logging.getLogger("cfs.evaluate")
@@ -162,7 +163,7 @@ def check_same_harness(base_record: dict, harness: dict, base_eval: Path) -> Non
         )
 
 
-def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None):
+def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None, scratch=None):
     """Run lm-eval on every task; return ({task: {metric: value}}, {task: {item: score}},
     the harness settings, {"total", "computed"} request counts).
 
@@ -171,8 +172,9 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
     benchmarks want the chat template, log-likelihood multiple choice usually not). With a
     `cache_folder`, finished requests are kept there (cfs.request_cache), keyed to this model
     folder, harness and seed: a rerun computes only what is not cached, generations in
-    chunks of `generation_chunk_size`. `seconds`, if given, gets
-    the model's load time."""
+    chunks of `generation_chunk_size`; with a `scratch` folder (node-local), the cache works
+    there and is copied back after each chunk. `seconds`, if given, gets the model's load
+    time."""
     import lm_eval
     from lm_eval.api.registry import get_model
 
@@ -194,32 +196,38 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
     counter = PositionCounter(lm.model) if backend in HF_BACKENDS else None
     harness = lm_eval_harness_settings(settings, backend, model_args)
     seed = require(settings, "seed")
-    prefix = cache_prefix(cache_folder, model_dir, harness, seed) if cache_folder else None
-    cached_before = cached_requests(prefix) if prefix else 0
     results: dict = {}
     samples: dict = {}
-    for chat in (False, True):
-        group = [entry for entry in entries if bool(entry["apply_chat_template"]) == chat]
-        if not group:
-            continue
-        chunked = resumable_generation(require(settings, "generation_chunk_size"), seed)
-        with cut_answers_marked(model_args.get("think_end_token")), chunked:
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=build_tasks(task_manager, group, seed),
-                task_manager=task_manager,
-                apply_chat_template=chat,
-                use_cache=str(prefix) if prefix else None,
-                log_samples=True,  # per-item scores, for paired intervals (cfs.statistics)
-                bootstrap_iters=0,
-                limit=settings["limit"],
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
-        results.update(output["results"])
-        samples.update(output["samples"])
+    with contextlib.ExitStack() as stack:
+        prefix, copy_back = None, lambda: None
+        if cache_folder:
+            cache = working_cache(Path(cache_folder), scratch, model_dir, harness, seed)
+            prefix, copy_back = stack.enter_context(cache)
+        cached_before = cached_requests(prefix) if prefix else 0
+        for chat in (False, True):
+            group = [entry for entry in entries if bool(entry["apply_chat_template"]) == chat]
+            if not group:
+                continue
+            chunk_size = require(settings, "generation_chunk_size")
+            chunked = resumable_generation(chunk_size, seed, copy_back)
+            with cut_answers_marked(model_args.get("think_end_token")), chunked:
+                output = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=build_tasks(task_manager, group, seed),
+                    task_manager=task_manager,
+                    apply_chat_template=chat,
+                    use_cache=str(prefix) if prefix else None,
+                    log_samples=True,  # per-item scores, for paired intervals
+                    bootstrap_iters=0,
+                    limit=settings["limit"],
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                )
+            results.update(output["results"])
+            samples.update(output["samples"])
+        computed = cached_requests(prefix) - cached_before if prefix else None
     missing = [task for task in tasks if task not in results]
     if missing:
         raise DataError(f"lm-eval returned no results for task(s): {', '.join(missing)}")
@@ -237,8 +245,8 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
         requests["cut_answers"] = count_cut_answers(samples, filters)
     if counter is not None:  # what the model computed, padding included
         requests.update(counter.remove())
-    if prefix:
-        requests["computed"] = cached_requests(prefix) - cached_before
+    if computed is not None:
+        requests["computed"] = computed
     return scores, item_scores(samples, entries), harness, requests
 
 
@@ -308,6 +316,7 @@ def evaluate(
     heldout: Path | None,
     base_eval: Path | None,
     cache_folder: Path | None = None,
+    scratch: Path | None = None,
 ) -> dict:
     base_record = read_json(base_eval) if base_eval is not None else None
     if base_record is not None:  # refuse a mismatched harness before any work is done
@@ -334,7 +343,9 @@ def evaluate(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     seconds["kl_to_base"] = time.perf_counter() - started
-    task_scores, items, harness, requests = run_lm_eval(model_dir, settings, cache_folder, seconds)
+    task_scores, items, harness, requests = run_lm_eval(
+        model_dir, settings, cache_folder, seconds, scratch
+    )
     seconds["lm_eval"] = time.perf_counter() - started - seconds["kl_to_base"]
     metrics = summarise(task_scores, settings)
     metrics.update(kl_metrics)
@@ -391,6 +402,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="the request cache's folder (default: beside --out, <stem>_cache)",
     )
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        help="a node-local folder the request cache works in, copied back to --cache after "
+        "each generation chunk and at the end (the rule passes resources.tmpdir)",
+    )
     args = parser.parse_args(argv)
     if (args.base_model is None) != (args.heldout is None):
         raise SettingsError("--base-model and --heldout go together")
@@ -402,7 +419,13 @@ def main(argv: list[str] | None = None) -> None:
     # rest
     cache_folder = args.cache or args.out.with_name(args.out.stem + "_cache")
     record = evaluate(
-        args.model, args.settings, args.base_model, args.heldout, args.base_eval, cache_folder
+        args.model,
+        args.settings,
+        args.base_model,
+        args.heldout,
+        args.base_eval,
+        cache_folder,
+        args.scratch,
     )
     log.info("metrics: %s", record["metrics"])
     write_json(args.out, record)

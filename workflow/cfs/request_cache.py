@@ -17,6 +17,11 @@ their number among identical requests, so each keeps its own sample. Before each
 torch generator is seeded from (the evaluation's seed, the chunk's number), so the HF
 backends sample a restarted evaluation's chunks as an uninterrupted one does; vLLM samples
 with its engine's seed, so there a restarted job's remaining answers are new draws.
+
+With a scratch folder (the rule passes Snakemake's `resources.tmpdir`, node-local on a
+cluster), the SQLite file works there, not on the shared filesystem (Lustre and NFS locks
+make SQLite slow or fail), and is copied back beside the evaluation after each generation
+chunk and when the evaluation ends (`working_cache`).
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cfs.artifacts import add_folder_fingerprint
@@ -60,10 +68,45 @@ def cache_prefix(folder: Path, model_dir: Path, harness: dict, seed: int) -> Pat
     return folder / key
 
 
+def cache_file(prefix: Path) -> Path:
+    return Path(str(prefix) + RANK_SUFFIX)
+
+
+@contextlib.contextmanager
+def working_cache(
+    folder: Path, scratch: Path | None, model_dir: Path, harness: dict, seed: int
+) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """(the prefix the cache works at, a function copying it back into `folder`). Without
+    `scratch`, the cache works in `folder` itself; with it, in a fresh folder under
+    `scratch` seeded from `folder`'s copy and removed at the end."""
+    kept = cache_prefix(folder, model_dir, harness, seed)
+    if scratch is None:
+        yield kept, lambda: None
+        return
+    scratch.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="cfs-request-cache-", dir=scratch))
+    local = work / kept.name
+    if cache_file(kept).is_file():
+        shutil.copyfile(cache_file(kept), cache_file(local))
+
+    def copy_back() -> None:
+        if cache_file(local).is_file():
+            partial = cache_file(kept).with_name(cache_file(kept).name + ".partial")
+            shutil.copyfile(cache_file(local), partial)
+            os.replace(partial, cache_file(kept))
+
+    log.info("request cache working in %s, copied back to %s", work, folder)
+    try:
+        yield local, copy_back
+    finally:
+        copy_back()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def cached_requests(prefix: Path) -> int:
     """How many requests the cache at `prefix` holds. A file without the cache's table (a job
     killed, or read, between creating the file and its table) holds none."""
-    path = Path(str(prefix) + RANK_SUFFIX)
+    path = cache_file(prefix)
     if not path.is_file():
         return 0
     from sqlitedict import SqliteDict
@@ -88,8 +131,9 @@ def generation_keys(requests) -> list[str]:
     return keys
 
 
-def caching_lm_class(chunk_size: int, seed: int):
-    """lm-eval's CachingLM, its generations sent and cached chunk by chunk (module doc)."""
+def caching_lm_class(chunk_size: int, seed: int, after_chunk: Callable[[], None] = lambda: None):
+    """lm-eval's CachingLM, its generations sent and cached chunk by chunk (module doc),
+    `after_chunk` called once each chunk is committed."""
     import torch
     from lm_eval.api.model import CacheHook, CachingLM
 
@@ -126,6 +170,7 @@ def caching_lm_class(chunk_size: int, seed: int):
                         answers[index] = answer
                         self.dbdict[keys[index]] = answer
                     self.dbdict.commit()
+                    after_chunk()
             finally:
                 self.lm.set_cache_hook(CacheHook(self))
             return answers
@@ -134,12 +179,12 @@ def caching_lm_class(chunk_size: int, seed: int):
 
 
 @contextlib.contextmanager
-def resumable_generation(chunk_size: int, seed: int):
+def resumable_generation(chunk_size: int, seed: int, after_chunk: Callable[[], None]):
     """While active, lm-eval's `use_cache` wraps the model in caching_lm_class's cache."""
     import lm_eval.api.model
 
     original = lm_eval.api.model.CachingLM
-    lm_eval.api.model.CachingLM = caching_lm_class(chunk_size, seed)
+    lm_eval.api.model.CachingLM = caching_lm_class(chunk_size, seed, after_chunk)
     try:
         yield
     finally:

@@ -1,7 +1,8 @@
 # Every evaluation is under results/{model}/evals/EVAL_KEY/ (common.smk): a study with
 # other evaluation settings evaluates the same models beside these, and a post eval is
 # compared with the base eval of its own settings. The request cache stays beside the
-# model's folder, shared by every evaluation of the model (cfs.request_cache).
+# model's folder, shared by every evaluation of the model, and works in the job's
+# resources.tmpdir (node-local on a cluster), copied back as it goes (cfs.request_cache).
 rule evaluate_base:
     input:
         checks=ancient(TASK_CHECK),
@@ -27,7 +28,7 @@ rule evaluate_base:
     shell:
         "python -m cfs.evaluate --model {input.model} --settings {params.settings}"
         " --threads {threads} --gpus {resources.gpu} --cache {params.cache}"
-        " --out {output} > {log} 2>&1"
+        " --scratch {resources.tmpdir} --out {output} > {log} 2>&1"
 
 
 rule evaluate_finetuned:
@@ -58,4 +59,4 @@ rule evaluate_finetuned:
         "python -m cfs.evaluate --model {input.model} --base-model {input.base_model}"
         " --heldout {input.heldout} --base-eval {input.base_eval}"
         " --settings {params.settings} --threads {threads} --gpus {resources.gpu}"
-        " --cache {params.cache} --out {output} > {log} 2>&1"
+        " --cache {params.cache} --scratch {resources.tmpdir} --out {output} > {log} 2>&1"
