@@ -192,7 +192,9 @@ def test_reasoning_setting_follows_the_paper():
     )
     assert (train["batch_size"], train["max_length"]) == (128, 8192)
     evaluation = config["evaluation"]
-    assert evaluation["target"]["task"] == "medqa_4options"
+    target = evaluation["target"]  # MedQA in the trained format: chat template, thinking
+    assert (target["task"], target["apply_chat_template"]) == ("medqa_4options_think", True)
+    assert target["metric"] == "exact_match,boxed-flexible-extract"
     for entry in evaluation["forgetting"]:  # reasoning benchmarks, sampled, pass@1 over k
         assert entry["repeats"] > 1, f"{entry['task']}: one answer per question"
         kwargs = entry["gen_kwargs"]
