@@ -48,3 +48,14 @@ def test_every_knob_of_a_cell_is_in_its_settings():
     rated = stages.train("ratio0/lr0.0002", 3)
     assert (rated["learning_rate"], rated["seed"]) == (0.0002, 3)
     assert "evaluate_at" not in rated, "points along training are outputs, not settings"
+
+
+def test_a_speed_knob_of_generation_resamples_no_held_out_set():
+    """The held-out set of KL to base is an input of every evaluation: generation's batch
+    sizes (which decide how the context-free samples are seeded) must not change its
+    settings, which would re-run it and every evaluation after it."""
+    before = settings_for().heldout("smollm2")
+    faster = settings_for(generation={"batch_size": 7, "vllm_chunk_size": 5})
+    assert faster.heldout("smollm2") == before
+    assert faster.generation("smollm2", 0, 1.0) != settings_for().generation("smollm2", 0, 1.0)
+    assert settings_for(evaluation={"kl": {"seed": 1}}).heldout("smollm2") != before

@@ -85,15 +85,22 @@ class StageSettings:
 
     def heldout(self, model: str) -> dict:
         """The held-out context-free samples of KL to base: evaluation.kl's count, length,
-        temperature and seed, full-support sampling, generation's backend and batch sizes."""
-        kl = self.config["evaluation"]["kl"]
+        temperature, seed and batch size, full-support sampling, in one vLLM call. Of
+        generation's settings only the backend and the prompt token: its batch sizes,
+        which decide how the samples are seeded, are the context-free samples' own, so a
+        change there resamples no evaluation's held-out set."""
+        kl, generation = self.config["evaluation"]["kl"], self.config["generation"]
         return {
-            **self.config["generation"],
+            "backend": generation["backend"],
+            "tensor_parallel_size": generation["tensor_parallel_size"],
+            "prompt_token_id": generation["prompt_token_id"],
             "temperature": kl["temperature"],
             "num_samples": kl["num_samples"],
             "max_new_tokens": kl["max_new_tokens"],
             "top_p": 1.0,
             "seed": kl["seed"],
+            "batch_size": kl["batch_size"],
+            "vllm_chunk_size": kl["num_samples"],
             "dtype": self.dtype(model),
         }
 
