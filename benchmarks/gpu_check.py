@@ -64,7 +64,7 @@ def miniature(quick: bool) -> dict:
         "methods": {"plain": {"learning_rates": []}},
         "models": {
             "mini": model,
-            "mini_fsdp": model | {"resources": {"gpus": gpus, "train_gpus": 2}},
+            "mini_fsdp": model | {"resources": {"gpus": gpus, "train": {"gpus": 2}}},
         },
         "task": {"num_train": num_train, "num_test": 16 if quick else 64},
         "generation": {"num_samples": num_train, "max_new_tokens": length}

@@ -165,7 +165,11 @@ def slurm_run(local_slurm, tiny_model_dir, tmp_path_factory):
     config["train"].update(epochs=12, save_steps=4, logging_steps=4)
     # the global batch must split over the fine-tune's FAKE_GPUS processes
     config["train"].update(batch_size=4, micro_batch_size=4 // FAKE_GPUS)
-    config["models"][MODEL]["resources"] = {"mem_mb": 2000, "runtime": 20, "train_gpus": FAKE_GPUS}
+    config["models"][MODEL]["resources"] = {
+        "mem_mb": 2000,
+        "runtime": 20,
+        "train": {"gpus": FAKE_GPUS},
+    }
     (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # no conda on this machine: every job runs in the test's environment
     env = snakemake_env({**local_slurm["env"], "OMP_NUM_THREADS": "1", "CFS_SLURM_SDM": "none"})

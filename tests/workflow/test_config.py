@@ -129,11 +129,13 @@ def test_wiseft_without_plain_fine_tuning_is_rejected():
     assert_refused(config, "study.ratios", "WiSE-FT")
 
 
-def test_unknown_resource_prefix_is_rejected():
+def test_unknown_resource_section_or_key_is_rejected():
     config = default_config()
     model = config["study"]["models"][0]
-    config["models"][model]["resources"] = {"loar_gpus": 1}
-    assert_refused(config, f"models.{model}.resources.loar_gpus")
+    config["models"][model]["resources"] = {"loar": {"gpus": 1}}
+    assert_refused(config, f"models.{model}.resources.loar")
+    config["models"][model]["resources"] = {"lora": {"gpu": 1}}
+    assert_refused(config, f"models.{model}.resources.lora.gpu")
 
 
 def test_a_primary_claim_outside_the_grid_is_rejected_by_name():

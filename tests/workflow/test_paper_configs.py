@@ -173,8 +173,8 @@ def test_reasoning_setting_follows_the_paper():
     config = effective_config("reasoning")
     model = config["models"][config["study"]["models"][0]]
     assert model["hub_id"] == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
-    gpus = model["resources"]["train_gpus"]  # declared for the Slurm profile
-    assert gpus > 1, f"train_gpus {gpus}: an 8B full fine-tune is sharded over several"
+    gpus = model["resources"]["train"]["gpus"]  # declared for the Slurm profile
+    assert gpus > 1, f"train.gpus {gpus}: an 8B full fine-tune is sharded over several"
     task = config["task"]
     assert task["dataset"] == "UCSC-VLAA/MedReason"
     missing = {"question", "reasoning", "answer"} - set(task["fields"].values())

@@ -33,12 +33,12 @@ def repo(tmp_path_factory):
 
 
 def test_fine_tune_rule_starts_one_process_per_gpu(tmp_path):
-    """A dry run with train_gpus 2 prints a torchrun launch; with no GPUs, plain python."""
+    """A dry run with train.gpus 2 prints a torchrun launch; with no GPUs, plain python."""
     repo = copy_repo(tmp_path / "repo")
     config = tiny_config(tmp_path / "no_model_needed")
     config["study"].update(temperatures=[1.0], ratios=[0])
     config["claims"]["primary"] = None  # plain fine-tuning alone: nothing to compare
-    config["models"]["tiny"]["resources"] = {"train_gpus": 2, "gpus": 1, "mem_mb": 16000}
+    config["models"]["tiny"]["resources"] = {"train": {"gpus": 2}, "gpus": 1, "mem_mb": 16000}
     (repo / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     result = run_snakemake(repo, "-n", "-p", "results/tiny/ratio0/seed0/model")
     assert result.returncode == 0, result.stdout[-3000:]
@@ -68,7 +68,7 @@ def test_resources_per_method_override_the_stage(repo):
     METHOD_KEY wins over STAGE_KEY for that method's fine-tunes only."""
     config = default_config()
     model = config["study"]["models"][0]
-    config["models"][model]["resources"] = {"train_gpus": 4, "lora_gpus": 1}
+    config["models"][model]["resources"] = {"train": {"gpus": 4}, "lora": {"gpus": 1}}
     config["study"]["methods"] = sorted({*config["study"]["methods"], "lora"})
     (repo / "per_method.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     result = run_snakemake(repo, "-n", "--configfile", "per_method.yaml")

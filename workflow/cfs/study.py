@@ -226,8 +226,9 @@ METHODS = {
         ),
     )
 }
-# Cluster resources (workflow/rules/resources.smk): models.<name>.resources keys are KEY,
-# STAGE_KEY or, for a fine-tune, METHOD_KEY (a LoRA fine-tune may fit one GPU).
+# Cluster resources (workflow/rules/resources.smk): models.<name>.resources holds KEYs, and
+# sections of them for a STAGE or, for a fine-tune, a METHOD (a LoRA fine-tune may fit one
+# GPU): {gpus: 1, train: {gpus: 8}, lora: {gpus: 1}}.
 RESOURCE_KEYS = ("gpus", "cpus_per_task", "mem_mb", "runtime")
 STAGES = ("prepare", "merge", "generate", "train", "evaluate")
 # The figures of each model (cfs.report draws them; the Snakemake rule lists them).
@@ -260,27 +261,39 @@ def trainers() -> list[str]:
     return sorted({m.trains for m in METHODS.values() if m.trains})
 
 
-def resource_prefixes() -> set[str]:
-    return set(STAGES) | {name for name, m in METHODS.items() if m.trains}
-
-
-def resource_key(key: str) -> tuple[str | None, str] | None:
-    """'train_gpus' -> ('train', 'gpus'), 'gpus' -> (None, 'gpus'); None if not a resource."""
-    for name in RESOURCE_KEYS:
-        prefix = key.removesuffix(f"_{name}")
-        if key == name:
-            return None, name
-        if prefix != key and prefix in resource_prefixes():
-            return prefix, name
-    return None
+def resource_sections() -> list[str]:
+    """What models.<name>.resources may hold sections for: a stage, or a trained method."""
+    return [*STAGES, *(name for name, m in METHODS.items() if m.trains)]
 
 
 def model_resource(config: dict, model, stage: str, key: str, method=None, default=None):
-    """models.<model>.resources.<key> for a job of `stage` (of `method`, a fine-tune): the
-    first of `<method>_<key>`, `<stage>_<key>` and `<key>` it sets, else `default`."""
+    """models.<model>.resources for a job of `stage` (of `method`, a fine-tune): the first
+    of resources.<method>.<key>, resources.<stage>.<key> and resources.<key> it sets, else
+    `default`."""
     resources = config["models"].get(model, {}).get("resources", {})
-    keys = ([f"{method}_{key}"] if method else []) + [f"{stage}_{key}", key]
-    return next((resources[k] for k in keys if k in resources), default)
+    for section in (method, stage):
+        if key in (resources.get(section) or {}):
+            return resources[section][key]
+    return resources.get(key, default)
+
+
+def check_resources(model: str, resources: dict) -> None:
+    """Each key a resource, or a stage's or trained method's section of resources."""
+    sections = resource_sections()
+    for key, value in resources.items():
+        if key in RESOURCE_KEYS:
+            continue
+        if key not in sections:
+            raise ValueError(
+                f"config key models.{model}.resources.{key}: not a resource "
+                f"({', '.join(RESOURCE_KEYS)}) nor a section of them ({', '.join(sections)})"
+            )
+        for name in value:
+            if name not in RESOURCE_KEYS:
+                raise ValueError(
+                    f"config key models.{model}.resources.{key}.{name}: not a resource "
+                    f"(one of {', '.join(RESOURCE_KEYS)})"
+                )
 
 
 def alternatives(methods, suffixes=("learning_rate", "fraction")) -> str:
@@ -482,15 +495,7 @@ class Study:
                     f"{', '.join(REPLAY_SOURCES)} (set: {', '.join(chosen) or 'none'})"
                 )
         for model, settings in self.config["models"].items():
-            for key in settings.get("resources", {}):
-                if resource_key(key):
-                    continue
-                raise ValueError(
-                    f"config key models.{model}.resources.{key}: not a resource (KEY, "
-                    f"STAGE_KEY or METHOD_KEY; KEY one of {', '.join(RESOURCE_KEYS)}, STAGE "
-                    f"one of {', '.join(STAGES)}, METHOD a trained method: "
-                    f"{', '.join(m for m in METHODS if METHODS[m].trains)})"
-                )
+            check_resources(model, settings.get("resources", {}))
         self.check_primary_claim()
         num_train = self.config["task"].get("num_train", 0)
         for name in self.methods:

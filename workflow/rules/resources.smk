@@ -1,6 +1,6 @@
 # Cluster resources of each stage, sized per model from config (models.<name>.resources).
-# A model stage (prepare, merge, generate, train, evaluate) reads `<method>_<key>` (a
-# fine-tune: e.g. lora_gpus), then `<stage>_<key>`, then `<key>` of models.<name>.resources,
+# A model stage (prepare, merge, generate, train, evaluate) reads `<method>.<key>` (a
+# fine-tune: e.g. lora.gpus), then `<stage>.<key>`, then `<key>` of models.<name>.resources,
 # then `resources.model_stages.<key>` (CPUs: the job's threads, `threads` where the model
 # sets no cpus_per_task; a generate, train or evaluate job's threads are its CPUs); GPUs go
 # to the GPU stages only. The other stages (data, mix, report) never ask for GPUs, take
