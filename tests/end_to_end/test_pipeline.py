@@ -21,9 +21,10 @@ import time
 import pandas as pd
 import pytest
 import yaml
+from cfs.figures import FIGURES
 from cfs.frontier import family_of
 from cfs.report import cell_label
-from cfs.study import FIGURES, METHODS, PROPOSED
+from cfs.study import METHODS, PROPOSED
 from conftest import (
     FORGETTING,
     MODEL,
@@ -167,7 +168,7 @@ def grid_jobs(config, grammar) -> dict[str, set[str]]:
 
 
 def figure_paths(study="default") -> set[str]:
-    """Every figure the report draws (cfs.study.FIGURES) for the tiny model."""
+    """Every figure the report draws (cfs.figures.FIGURES) for the tiny model."""
     return {f"results/studies/{study}/figures/{MODEL}_{name}.png" for name in FIGURES}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from cfs.study import FIGURES
+from cfs.figures import FIGURES
 from conftest import (
     MODEL,
     REPO,

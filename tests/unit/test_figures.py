@@ -1,4 +1,4 @@
-"""cfs.figures: every figure the report draws (cfs.study.FIGURES), from the tables and the
+"""cfs.figures: every figure the report draws (cfs.figures.FIGURES), from the tables and the
 forgetting curves of a made-up study (test_report.py's), through `python -m cfs.report
 figures`; the sweeps' curves start at plain fine-tuning with error bars, and an axis with one
 value draws points, not lines."""
@@ -11,7 +11,7 @@ import matplotlib
 import pandas as pd
 import pytest
 from cfs import figures, report
-from cfs.study import FIGURES
+from cfs.figures import FIGURES
 from test_report import CELLS, CLAIMS, all_paths, write_study
 
 NO_PRIMARY = {**CLAIMS, "primary": None}  # the figures do not read the verdicts

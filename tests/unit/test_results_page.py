@@ -9,7 +9,7 @@ import json
 
 import pandas as pd
 from cfs import report
-from cfs.study import FIGURES
+from cfs.figures import FIGURES
 from test_report import CLAIMS, all_paths, write_study
 
 

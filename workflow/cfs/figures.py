@@ -26,7 +26,26 @@ from scipy import stats
 from cfs.artifacts import atomic_path
 from cfs.errors import DataError
 from cfs.statistics import CONFIDENCE
-from cfs.study import FIGURES, markers, report_order
+from cfs.study import report_order
+
+# The figures of each model (the Snakemake rule lists them; write_figures draws them).
+FIGURES = (
+    "vs_temperature",
+    "vs_ratio",
+    "tradeoff",
+    "methods",
+    "differences",
+    "curves",
+    "target_vs_kl",
+    "frontier",
+)
+# A marker per method, in the report's order (repeating past the last).
+MARKERS = "*sopDv^<>PXhd"
+
+
+def markers() -> dict[str, str]:
+    order = report_order()
+    return {name: MARKERS[index % len(MARKERS)] for index, name in enumerate(order)}
 
 
 def _errorbar(axis, x, rows: pd.DataFrame, column: str, **style) -> None:

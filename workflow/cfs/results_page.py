@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cfs.figures import FIGURES
 from cfs.statistics import CONFIDENCE
-from cfs.study import FIGURES
 
 PERCENT = ("target", "forgetting_avg")
 

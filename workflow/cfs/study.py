@@ -231,30 +231,12 @@ METHODS = {
 # GPU): {gpus: 1, train: {gpus: 8}, lora: {gpus: 1}}.
 RESOURCE_KEYS = ("gpus", "cpus_per_task", "mem_mb", "runtime")
 STAGES = ("prepare", "merge", "generate", "train", "evaluate")
-# The figures of each model (cfs.report draws them; the Snakemake rule lists them).
-FIGURES = (
-    "vs_temperature",
-    "vs_ratio",
-    "tradeoff",
-    "methods",
-    "differences",
-    "curves",
-    "target_vs_kl",
-    "frontier",
-)
 PLAIN_CELL = METHODS["plain"].path
-# A marker per method in the figures, in the order of METHODS (repeating past the last).
-MARKERS = "*sopDv^<>PXhd"
 
 
 def report_order() -> list[str]:
     """The report's rows and legends: the base model, then the methods in table order."""
     return ["base", *METHODS]
-
-
-def markers() -> dict[str, str]:
-    order = report_order()
-    return {name: MARKERS[index % len(MARKERS)] for index, name in enumerate(order)}
 
 
 def trainers() -> list[str]:

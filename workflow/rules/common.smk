@@ -11,8 +11,8 @@ from snakemake.settings.types import DeploymentMethod
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from cfs.fetch import reads_the_hub
 from cfs.stage_settings import StageSettings, digest
+from cfs.figures import FIGURES
 from cfs.study import (
-    FIGURES,
     INTEGER,
     METHODS,
     NONZERO,
