@@ -263,6 +263,15 @@ def test_one_seed_gives_no_seed_interval(tmp_path):
     assert np.isnan(plain["kl_to_base_low"]), f"an interval from one seed: {plain.to_dict()}"
 
 
+def test_one_seed_gives_no_verdict(tmp_path):
+    """One seed's interval is the test items' alone: a seed-to-seed spread as large as the
+    effect would go unseen, so no comparison of one seed is called supported."""
+    cells = report.read_cells(all_paths(write_study(tmp_path, seeds=(0,))))
+    verdicts = report.build_verdicts(cells, CLAIMS)
+    assert set(verdicts["verdict"]) == {report.ONE_SEED}, verdicts[["comparison", "verdict"]]
+    assert set(verdicts["kl_verdict"]) == {report.ONE_SEED}
+
+
 def test_missing_metrics_in_eval_json_is_an_error(tmp_path):
     path = tmp_path / "eval.json"
     path.write_text(json.dumps({"cell": {"model": "m", "method": "base"}}))

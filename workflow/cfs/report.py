@@ -369,6 +369,8 @@ def claim_tests(cell: Cell, other: Cell, kind: str, plain: Cell | None, share: f
 
 
 NOT_REACHED = "target gain not reached"
+# One seed's interval holds the test items' variance only, not the seeds': no verdict.
+ONE_SEED = "untested (one seed)"
 
 
 class Row(NamedTuple):
@@ -526,6 +528,8 @@ def build_verdicts(cells: list[Cell], claims: dict) -> pd.DataFrame:
                     level = interval.at(1 - 2 * alpha)
                 else:
                     answer = verdict(row.kind, *sorted((sign * level.low, sign * level.high)))
+                if row.num_seeds < 2:
+                    answer = ONE_SEED
                 record.update(
                     {
                         column: interval.estimate,
