@@ -295,8 +295,9 @@ def test_verdicts_answer_the_claims_of_every_method_with_one(study):
     assert verdicts.loc[verdicts["primary"], "comparison"].tolist() == [
         f"{proposed} - plain at matched target"
     ]
-    answers = {"supported", "contradicted", "inconclusive", "equivalent", "not equivalent"}
-    answers.add("target gain not reached")  # a tiny random model learns little of the task
+    # one seed: no comparison is tested (its interval holds the items' variance only), and
+    # a path that never reaches the matched gain says so (a tiny model learns little)
+    answers = {"untested (one seed)", "target gain not reached"}
     for column in ("verdict", "kl_verdict"):
         assert set(verdicts[column]) <= answers, f"{column}: {sorted(set(verdicts[column]))}"
     approximates = verdicts[verdicts["claim"].str.contains("approximates")].iloc[0]
