@@ -136,6 +136,8 @@ def test_unknown_resource_section_or_key_is_rejected():
     assert_refused(config, f"models.{model}.resources.loar")
     config["models"][model]["resources"] = {"lora": {"gpu": 1}}
     assert_refused(config, f"models.{model}.resources.lora.gpu")
+    config["models"][model]["resources"] = {"train": 8}  # a section, not a value
+    assert_refused(config, f"models.{model}.resources.train")
 
 
 def test_a_primary_claim_outside_the_grid_is_rejected_by_name():

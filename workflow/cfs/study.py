@@ -265,10 +265,11 @@ def check_resources(model: str, resources: dict) -> None:
     for key, value in resources.items():
         if key in RESOURCE_KEYS:
             continue
-        if key not in sections:
+        if key not in sections or not isinstance(value, dict):
             raise ValueError(
                 f"config key models.{model}.resources.{key}: not a resource "
-                f"({', '.join(RESOURCE_KEYS)}) nor a section of them ({', '.join(sections)})"
+                f"({', '.join(RESOURCE_KEYS)}) nor a section {{KEY: value}} of "
+                f"{', '.join(sections)}"
             )
         for name in value:
             if name not in RESOURCE_KEYS:
