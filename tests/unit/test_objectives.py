@@ -123,6 +123,23 @@ def test_a_negligible_l2_term_is_warned_about_and_flagged(tiny_model_dir, data_f
     assert last["l2_share"] >= 1e-3, entries
 
 
+def test_a_fine_tune_shorter_than_its_logging_interval_still_weighs_its_term(
+    tiny_model_dir, data_files
+):
+    """No step is logged when the run is shorter than train.logging_steps: the term's share
+    is logged against the run's mean loss at the end, so a no-op is still flagged."""
+    settings = {**SETTINGS, "logging_steps": 10_000}
+    tiny = {"name": "l2", "lambda": 1e-3, "reduction": "mean"}
+    folder = data_files["root"] / "l2_unlogged"
+    model, summary = fine_tune_into(
+        folder, tiny_model_dir, data_files["task"], {**settings, "method": tiny}
+    )
+    assert summary["regularizer"]["largest_share_of_loss"] is not None, summary
+    assert summary["regularizer"]["negligible"] is True, summary["regularizer"]
+    final = train_log(model)["log_history"][-1]
+    assert final["l2_share"] == pytest.approx(final["l2_weighted"] / final["train_loss"])
+
+
 def test_l2_with_lambda_zero_equals_plain_fine_tuning(tiny_model_dir, data_files, plain_model):
     method = {"name": "l2", "lambda": 0.0, "reduction": "mean"}
     model, summary = run_fine_tune(tiny_model_dir, data_files, "l2_zero", method)

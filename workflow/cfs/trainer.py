@@ -115,14 +115,17 @@ class RegularizedTrainer(Trainer):
         return self.current_gradient_accumulation_steps if scaled else 1
 
     def log(self, logs, start_time=None):
-        # every process logs at the same steps (the Trainer gathers the loss there)
-        if self._term_sum is not None and "loss" in logs:
+        # every process logs at the same steps (the Trainer gathers the loss there), and
+        # once more at the end with the run's mean loss: steps after the last logged one
+        # (all of them, in a run shorter than train.logging_steps) are logged there
+        loss = logs.get("loss", logs.get("train_loss"))
+        if self._term_sum is not None and loss is not None:
             mean = self._term_sum / self._term_share
             if self.accelerator.num_processes > 1:
                 mean = self.accelerator.reduce(mean, reduction="mean")
             # the logged loss holds the weighted term: its share of it shows a term too
             # small to change the fine-tune (term_record)
-            logs.update(self.regularizer.logged(mean.item(), self.weight, logs["loss"]))
+            logs.update(self.regularizer.logged(mean.item(), self.weight, loss))
             self._term_sum, self._term_share = None, 0.0
         super().log(logs, start_time)
 
