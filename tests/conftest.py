@@ -612,7 +612,7 @@ def expected_jobs(config: dict) -> dict[str, int]:
     )
     jobs = {rule: count * len(study["models"]) for rule, count in per_model.items()}
     jobs.update(check_evaluation_tasks=1, prepare_task_data=1, summary_table=1, all=1)
-    hub_models = [model for model in study["models"] if "hub_id" in config["models"][model]]
+    hub_models = [model for model in study["models"] if config["models"][model].get("hub_id")]
     include = config["evaluation"]["include_path"]
     folders = [include] if isinstance(include, str) else list(include or [])
     evaluation = {**config["evaluation"], "include_path": [str(REPO / f) for f in folders]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from cfs.stage_settings import StageSettings, load_config, merged
-from conftest import default_config, validated_config
+from conftest import REPO, default_config, validated_config
 
 
 def settings_for(**sections) -> StageSettings:
@@ -59,3 +59,15 @@ def test_a_speed_knob_of_generation_resamples_no_held_out_set():
     assert faster.heldout("smollm2") == before
     assert faster.generation("smollm2", 0, 1.0) != settings_for().generation("smollm2", 0, 1.0)
     assert settings_for(evaluation={"kl": {"seed": 1}}).heldout("smollm2") != before
+
+
+def test_a_null_hub_id_swaps_a_configs_hub_model_for_a_local_folder():
+    """An overlay over a config whose model comes from the hub sets hub_id to null and
+    names local_path: the model is prepared from the folder, and nothing is fetched."""
+    config = load_config(
+        REPO / "config" / "olmo.yaml",
+        {"models": {"olmo": {"hub_id": None, "local_path": "my/olmo"}}},
+    )
+    settings = StageSettings(config)
+    assert settings.prepare("olmo") == {"local_path": "my/olmo", "revision": None}
+    assert settings.fetch()["models"] == []

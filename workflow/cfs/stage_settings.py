@@ -73,7 +73,10 @@ class StageSettings:
         """Where the model's weights come from: models.<name> without its cluster sizes
         and the dtype the stages load it in."""
         ignored = ("resources", "dtype")
-        return {k: v for k, v in self.model(model).items() if k not in ignored}
+        entry = self.model(model)
+        if "hub_id" in entry and entry["hub_id"] is None:  # an overlay's swap to local_path
+            ignored += ("hub_id",)
+        return {k: v for k, v in entry.items() if k not in ignored}
 
     def generation(self, model: str, seed, temperature) -> dict:
         return {
@@ -201,7 +204,7 @@ class StageSettings:
         models = [
             {"model": model, "hub_id": settings["hub_id"], "revision": settings["revision"]}
             for model, settings in self.config["models"].items()
-            if model in self.study.study["models"] and "hub_id" in settings
+            if model in self.study.study["models"] and settings.get("hub_id")
         ]
         task = None
         if self.config["task"]["source"] == "hub":
