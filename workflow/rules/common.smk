@@ -1,6 +1,7 @@
 # The grid (config -> targets), input functions, settings and wildcard constraints, all
 # derived from the study's grammar in cfs.study. Every function the rules use lives here.
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -234,6 +235,26 @@ def train_flags(wildcards, input):
 def backend_env(section):
     """The stage's conda env (used with --sdm conda)."""
     return f"../../envs/{SETTINGS.environment(section)}.yaml"
+
+
+def backend_python(section):
+    """The interpreter of the stage's environment. Under --sdm conda, the conda env's
+    own; without conda, a virtual environment named by CFS_ENV_<NAME> (CFS_ENV_VLLM for
+    envs/vllm.yaml) stands in for it where set, and Snakemake's own otherwise."""
+    name = SETTINGS.environment(section)
+    venv = os.environ.get(f"CFS_ENV_{name.upper()}")
+    if (
+        not venv
+        or DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    ):
+        return "python"
+    python = Path(venv) / "bin" / "python"
+    if not python.is_file():
+        raise WorkflowError(
+            f"CFS_ENV_{name.upper()}={venv}: no bin/python there (a virtual environment "
+            f"with what envs/{name}.yaml lists)"
+        )
+    return shlex.quote(str(python))
 
 
 def as_arg(settings):

@@ -26,7 +26,8 @@ rule evaluate_base:
         ),
         cache="results/{model}/base/eval_cache",
     shell:
-        "python -m cfs.evaluate --model {input.model} --settings {params.settings}"
+        backend_python("evaluation")
+        + " -m cfs.evaluate --model {input.model} --settings {params.settings}"
         " --threads {threads} --gpus {resources.gpu} --cache {params.cache}"
         " --scratch {resources.tmpdir} --out {output} > {log} 2>&1"
 
@@ -56,7 +57,8 @@ rule evaluate_finetuned:
         ),
         cache="results/{model}/{cell}/seed{seed}/eval_cache",
     shell:
-        "python -m cfs.evaluate --model {input.model} --base-model {input.base_model}"
+        backend_python("evaluation")
+        + " -m cfs.evaluate --model {input.model} --base-model {input.base_model}"
         " --heldout {input.heldout} --base-eval {input.base_eval}"
         " --settings {params.settings} --threads {threads} --gpus {resources.gpu}"
         " --cache {params.cache} --scratch {resources.tmpdir} --out {output} > {log} 2>&1"

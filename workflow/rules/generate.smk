@@ -22,7 +22,7 @@ rule generate_context_free:
         ),
         prompts="",
     shell:
-        "python -m cfs.generate --model {input.model}"
+        backend_python("generation") + " -m cfs.generate --model {input.model}"
         " {params.prompts} --settings {params.settings}"
         " --threads {threads} --gpus {resources.gpu}"
         " --out {output.samples} > {log} 2>&1"
