@@ -7,6 +7,9 @@ evaluation: tests/unit/test_evaluate.py.)"""
 
 from __future__ import annotations
 
+import sys
+import types
+
 from cfs.answers import CutAnswer, count_cut_answers, cut_answers_marked
 
 
@@ -45,3 +48,16 @@ def test_cut_answers_survive_the_request_cache():
 
     restored = pickle.loads(pickle.dumps(CutAnswer("")))
     assert isinstance(restored, CutAnswer) and restored == ""
+
+
+def test_marking_cut_answers_leaves_lazy_modules_unloaded(monkeypatch):
+    """Finding lm-eval's backends must not touch a lazy module's attributes: transformers'
+    would import submodules whose packages an environment need not have (torchvision)."""
+
+    class LazyModule(types.ModuleType):
+        def __getattr__(self, name):
+            raise ModuleNotFoundError(f"No module named 'torchvision' (asked for {name})")
+
+    monkeypatch.setitem(sys.modules, "lazy_with_missing_dependency", LazyModule("lazy"))
+    with cut_answers_marked("</think>"):
+        pass

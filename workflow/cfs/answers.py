@@ -46,10 +46,12 @@ def cut_answers_marked(think_end_token):
         return original(generation, stop, think_end_token)
 
     # the backends import the function by name: replace it where each of them holds it
+    # (read from each module's own namespace: getattr would make lazy modules, such as
+    # transformers', import their submodules and what those need)
     holders = [
         module
         for module in list(sys.modules.values())
-        if getattr(module, "postprocess_generated_text", None) is original
+        if getattr(module, "__dict__", {}).get("postprocess_generated_text") is original
     ]
     for module in holders:
         module.postprocess_generated_text = postprocess_generated_text
