@@ -6,11 +6,10 @@ reduce-scattered at once (no `no_sync` micro-steps), with the two-process run st
 matching one process. The parts that need no second process: the unit tests of
 cfs.objectives, cfs.saving, cfs.train, cfs.distributed and cfs.checkpoints.
 
-torch runs FSDP2 (`fully_shard`) on CPU with gloo; accelerate 1.15 does not route CPU
-processes to it, so the runs go through fsdp_on_cpu.py (beside this file), which switches
-accelerate's state to FSDP and then runs the real cfs.train (accelerate's sharding, with
-cpu_ram_efficient_loading, the Trainer's FSDP checkpoint and state-dict gathering). Each
-run checks `summary.fsdp` to prove that the model was sharded.
+torch runs FSDP2 (`fully_shard`) on CPU with gloo, and cfs.train switches accelerate to it
+there (cfs.distributed.fsdp_on_cpu); the runs go through fsdp_on_cpu.py (beside this
+file), which runs several of them in one pair of processes. Each run checks
+`summary.fsdp` to prove that the model was sharded.
 
 Tolerance: every logged loss within 1e-4 relative of the one-process run (each
 regulariser's value within 1e-3: KL to base, ~6e-4 here, is a small difference of

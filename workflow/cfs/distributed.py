@@ -55,6 +55,34 @@ def accumulation_steps(batch_size: int, micro_batch: int) -> int:
     return batch_size // per_pass
 
 
+def fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP2 on CPU processes. torch's `fully_shard` runs there with
+    gloo, but accelerate routes several CPU processes to DDP even when the Trainer hands
+    it an FSDP plugin (its FSDP branch covers GPU-like devices only): switch its state to
+    FSDP before the Trainer builds its Accelerator, so that everything after is the GPU
+    run's code path (sharded DTensors, cpu_ram_efficient_loading's broadcast, sharded
+    checkpoints)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "fsdp_on_cpu", False):
+        return
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        fresh = not AcceleratorState._shared_state
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fresh and fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+
+    __init__.fsdp_on_cpu = True
+    AcceleratorState.__init__ = __init__
+
+
 def distributed_arguments(settings: dict) -> dict:
     """Extra TrainingArguments for a multi-process run; nothing extra for one process.
 
@@ -76,11 +104,12 @@ def distributed_arguments(settings: dict) -> dict:
       bf16, the reduce dtype of bf16 mixed precision). The cost is one reduce-scatter per
       micro-batch instead of per optimizer step (a third more collective traffic per
       micro-batch than the two all-gathers alone), overlapped with the backward pass.
-    In one process `fsdp` is ignored, so the same config also runs on one GPU or on CPU.
-    accelerate runs several CPU processes as DDP even with FSDP requested (its FSDP path is
-    for GPU-like devices); the CPU tests switch it to FSDP (tests/end_to_end/fsdp_on_cpu.py)."""
+    In one process `fsdp` is ignored, so the same config also runs on one GPU or on CPU;
+    several CPU processes run FSDP2 over gloo (fsdp_on_cpu)."""
     arguments: dict = {}
     if world_size() > 1:
+        if settings["fsdp"] and not torch.cuda.is_available():
+            fsdp_on_cpu()
         arguments["ddp_backend"] = "nccl" if torch.cuda.is_available() else "gloo"
         # every parameter gets a gradient in a causal LM: skip DDP's unused-parameter search
         arguments["ddp_find_unused_parameters"] = False
