@@ -80,7 +80,7 @@ def lm_eval_model_args(model_dir: Path, settings: dict) -> tuple[str, dict]:
     if backend in HF_BACKENDS and compute_precision(settings["precision"], device) == "bfloat16":
         args["mixed_precision_dtype"] = "bfloat16"  # lm-eval's HFLM: bf16 autocast
     if backend == "vllm":
-        from cfs.vllm_backend import engine_options, vllm_usable
+        from cfs.vllm_backend import engine_options, prepare_cpu_environment, vllm_usable
 
         if not vllm_usable():
             raise SettingsError(
@@ -88,6 +88,7 @@ def lm_eval_model_args(model_dir: Path, settings: dict) -> tuple[str, dict]:
                 "package, envs/vllm.yaml, and a CUDA GPU or vLLM's CPU build); set "
                 "evaluation.backend to 'cfs-hf'"
             )
+        prepare_cpu_environment()
         args.update(engine_options(), seed=require(settings, "seed"))
     return backend, {**args, **extra}
 

@@ -60,6 +60,16 @@ def vllm_usable() -> bool:
     return vllm_importable() and (cuda_available() or vllm_cpu_build())
 
 
+def prepare_cpu_environment() -> None:
+    """Before vLLM starts on a CPU: its engine core in this process (no engine process to
+    spawn and stop, and the same seed gives the same samples), and its OpenMP threads left
+    to the OS (vLLM binds them to the first cores, so that two jobs on one machine would
+    share one core)."""
+    if not cuda_available():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
 def engine_options() -> dict:
     """What vLLM needs beyond the model's settings where it runs on the CPU: no
     compilation (it would compile kernels with a C compiler at every engine start), and
@@ -164,6 +174,7 @@ def engine(model_dir, *, dtype: str, tensor_parallel_size: int, max_model_len: i
         # The engine core in this process: in a process of its own it schedules requests
         # as they reach it, and the same seed then gives other samples from run to run.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        prepare_cpu_environment()
         _ENGINE["llm"] = LLM(
             model=str(model_dir),
             # `auto` means bfloat16 on a GPU and float32 on a CPU, as for HF generate
