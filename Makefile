@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
 
-.PHONY: study test lint report clean-results sandbox-wheels vllm-env
+.PHONY: study test miniatures lint report clean-results sandbox-wheels vllm-env
 
 $(BIN)/.cfs-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +39,16 @@ sandbox-wheels: $(BIN)/.cfs-installed
 	$(BIN)/python tools/sandbox/wheels/build.py
 
 # Two processes, each test module in one of them (its fixtures built once), the longest
-# modules first (tests/conftest.py).
+# modules first (tests/conftest.py). The paper settings in miniature are `make miniatures`.
 test: $(BIN)/.cfs-installed $(VLLM_VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" CFS_ENV_VLLM="$(abspath $(VLLM_VENV))" python -m pytest -v --durations=15 \
-		-n 2 --dist loadfile --no-loadscope-reorder
+		-n 2 --dist loadfile --no-loadscope-reorder -m "not miniature"
+
+# config/olmo.yaml and config/reasoning.yaml end to end in miniature, one after the other
+# (each runs Snakemake on both cores)
+miniatures: $(BIN)/.cfs-installed $(VLLM_VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" CFS_ENV_VLLM="$(abspath $(VLLM_VENV))" python -m pytest -v --durations=5 \
+		-m miniature tests/end_to_end/test_olmo_miniature.py tests/end_to_end/test_reasoning_miniature.py
 
 lint: $(BIN)/.cfs-installed
 	PATH="$(abspath $(BIN)):$$PATH" sh -c 'ruff check . && ruff format --check . && snakefmt --check Snakefile workflow/rules && snakemake --lint'

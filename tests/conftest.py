@@ -63,17 +63,16 @@ class SquaredSyntheticLoss(WeightedSyntheticLoss):
 # The longest modules, first: `make test` runs the suite in two processes, a module to one
 # process (pytest-xdist's --dist loadfile, in collection order), and these keep one process
 # busy while the other works through the rest.
-LONGEST_FIRST = (
-    "end_to_end/test_reasoning_miniature.py",
-    "end_to_end/test_olmo_miniature.py",
-    "end_to_end/test_pipeline.py",
-    "end_to_end/test_slurm.py",
-)
+LONGEST_FIRST = ("end_to_end/test_pipeline.py", "end_to_end/test_slurm.py")
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: end-to-end Snakemake runs (run by default; deselect with -m 'not slow')"
+    )
+    config.addinivalue_line(
+        "markers",
+        "miniature: a paper setting in miniature (`make miniatures`, after `make test` in CI)",
     )
 
 

@@ -14,7 +14,7 @@ from cfs.stage_settings import load_config
 from conftest import OLMO_END_OF_DOC, OLMO_END_OF_DOC_ID, REPO, failure_report, write_jsonl
 from miniatures import MINIATURES, miniature_repo, run_miniature, with_special_ids
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.miniature]
 
 
 def olmo_tokenizer(bpe_tokenizer_object):

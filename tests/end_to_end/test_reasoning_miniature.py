@@ -30,7 +30,7 @@ from conftest import (
 )
 from miniatures import MINIATURES, miniature_repo, run_miniature, with_special_ids
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.miniature]
 
 # DeepSeek-R1-Distill-Llama-8B's special tokens and ids, and its chat template's shape
 R1_TOKENS = {
