@@ -104,3 +104,15 @@ def test_weights_dtype_is_bf16_only_for_lora_on_a_gpu_without_fsdp():
     assert distributed.weights_dtype(lora, args(bf16=False), cuda) == "float32"
     assert distributed.weights_dtype(lora, args(fsdp=True), cuda) == "float32"
     assert distributed.weights_dtype(full, args(), cuda) == "float32"
+
+
+def test_a_fine_tune_leaves_its_process_group_before_it_exits(tmp_path):
+    """cfs.train ends by destroying the process group (after a barrier): one left alive at
+    exit can abort a gloo process while another still writes the model."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    distributed.leave_process_group()
+    assert not dist.is_initialized()
+    distributed.leave_process_group()  # and nothing to leave outside torchrun

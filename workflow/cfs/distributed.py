@@ -55,6 +55,17 @@ def accumulation_steps(batch_size: int, micro_batch: int) -> int:
     return batch_size // per_pass
 
 
+def leave_process_group() -> None:
+    """Every process waits for the others, then the process group is destroyed: a process
+    that exits with it alive can be aborted by gloo's threads ("terminate called without an
+    active exception") while another still writes its part of the model."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def fsdp_on_cpu() -> None:
     """Let accelerate run FSDP2 on CPU processes. torch's `fully_shard` runs there with
     gloo, but accelerate routes several CPU processes to DDP even when the Trainer hands

@@ -31,6 +31,7 @@ from cfs.distributed import (
     distributed_arguments,
     fsdp_load_device,
     is_main_process,
+    leave_process_group,
     process_device,
     process_rank,
     reads_weights,
@@ -298,3 +299,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     run_stage(main)
+    leave_process_group()
