@@ -204,7 +204,7 @@ class StageSettings:
         models = [
             {"model": model, "hub_id": settings["hub_id"], "revision": settings["revision"]}
             for model, settings in self.config["models"].items()
-            if model in self.study.study["models"] and settings.get("hub_id")
+            if model in self.study.study["models"] and "hub_id" in settings and settings["hub_id"]
         ]
         task = None
         if self.config["task"]["source"] == "hub":
