@@ -191,26 +191,30 @@ def tokenizer_no_bos(bpe_tokenizer_object):
 # --------------------------------------------------------------------------- models
 
 
-def build_tiny_model(tokenizer, out_dir: Path, seed: int = 0) -> Path:
-    """A random-weight 2-layer Llama with the tokenizer's special ids, saved with it."""
+def build_tiny_model(tokenizer, out_dir: Path, seed: int = 0, edit=None, **shape) -> Path:
+    """A random-weight 2-layer Llama with the tokenizer's special ids, saved with it;
+    `shape` overrides its sizes, and `edit(model)` changes its weights before the save."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    sizes = {"hidden_size": 32, "intermediate_size": 64, **shape}
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        intermediate_size=64,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **sizes,
     )
     model = LlamaForCausalLM(config)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -17,7 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, generation_settings, read_jsonl, stage_settings, task_records
+from conftest import (
+    REPO,
+    build_tiny_model,
+    generation_settings,
+    read_jsonl,
+    stage_settings,
+    task_records,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,30 +51,14 @@ def build_vllm_model(tokenizer, out_dir: Path, logit_scale: float) -> Path:
     head size 16 of conftest's tiny model; 32 is its smallest). The output layer is scaled
     by `logit_scale` (at 10 the logits' std is ~1.5: the temperature shows in the samples),
     and EOS's row twice that, so that about half the context-free samples end at EOS."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
+    def scale_logits(model):
         model.lm_head.weight.mul_(logit_scale)
         model.lm_head.weight[tokenizer.eos_token_id].mul_(2.0)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+
+    return build_tiny_model(
+        tokenizer, out_dir, edit=scale_logits, hidden_size=64, intermediate_size=128
+    )
 
 
 def generate(python, model_dir: Path, out: Path, settings: dict, prompts: Path | None = None):
