@@ -209,6 +209,16 @@ def test_fsdp_weights_are_read_once(fsdp_runs):
     assert "process 0: the model without its weights" not in output, "rank 0 read no weights"
 
 
+def test_the_training_set_is_tokenized_once_and_shared(fsdp_runs):
+    """Rank 0 tokenizes the training set into Arrow files; rank 1 memory-maps them instead
+    of reading, tokenizing and holding a copy of its own."""
+    output = fsdp_runs["two"]["output"]
+    assert output.count("tokenized the training set:") == len(RUNS)
+    assert output.count("process 1: memory-mapping the tokenized training set") == len(RUNS)
+    leftovers = list(fsdp_runs["root"].glob("two/*/checkpoints.tokenized"))
+    assert leftovers == [], "the tokenized set is removed with the run's other scratch"
+
+
 def test_fsdp_l2_term_is_above_zero_after_a_step(fsdp_runs):
     values = [entry["l2"] for entry in curve(fsdp_runs["two"]["l2"])]
     assert values[0] == 0.0, "the reference is the base model"

@@ -15,10 +15,14 @@ from cfs.distributed import is_main_process
 log = logging.getLogger("cfs.checkpoints")
 
 
-def run_fingerprint(model_dir: Path, data: Path, settings: dict) -> str:
-    """What makes one training run: a checkpoint of another run must not be resumed."""
+def run_fingerprint(model_dir: Path, data: Path, settings: dict, other_inputs=()) -> str:
+    """What makes one training run: a checkpoint of another run must not be resumed.
+    `other_inputs`: the run's other input files (None where it has none)."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(data.read_bytes())
+    for path in other_inputs:
+        if path is not None:
+            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
     add_folder_fingerprint(digest, model_dir)
     return digest.hexdigest()
 

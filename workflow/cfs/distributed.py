@@ -43,6 +43,18 @@ def process_device() -> torch.device:
     return torch.device("cpu")
 
 
+def join_process_group(device: torch.device):
+    """accelerate's state of this process. Under torchrun it joins the process group (gloo
+    on CPU, NCCL on GPUs) as the Trainer's arguments do later, so that the processes can
+    share work before those exist; the arguments then reuse the group."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    # the Trainer's own default (TrainingArguments.ddp_timeout)
+    return PartialState(cpu=device.type == "cpu", timeout=timedelta(seconds=1800))
+
+
 def accumulation_steps(batch_size: int, micro_batch: int) -> int:
     """Gradient-accumulation steps that make `batch_size` the global batch:
     batch_size = micro_batch x processes x accumulation steps."""

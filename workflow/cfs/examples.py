@@ -196,18 +196,17 @@ class CountingCollator:
         return batch
 
 
-def mixing_record(settings, regularizer, method, rows, schedule) -> dict:
+def mixing_record(settings, regularizer, method, facts: dict, schedule) -> dict:
     """How the cell's samples met the task examples: the reading of the ratio it trained
     with and the effective lambda, synthetic loss tokens per task loss token over what it
-    trained on (for a separate synthetic term: its lambda, a weight on per-token means)."""
-    tokens = {True: 0, False: 0}
-    for row in rows:
-        tokens[bool(row["task_example"])] += count_trained_tokens([row])
-    mixed = tokens[False] > 0
+    trained on (`facts["trained_tokens"]`, cfs.training_set; for a separate synthetic
+    term: its lambda, a weight on per-token means)."""
+    tokens = facts["trained_tokens"]
+    mixed = tokens["samples"] > 0
     record = {
         "mixing": (settings["mixing"] if mixed else "none"),
-        "synthetic_tokens_per_task_token": tokens[False] / tokens[True],
-        "effective_lambda": tokens[False] / tokens[True],
+        "synthetic_tokens_per_task_token": tokens["samples"] / tokens["task"],
+        "effective_lambda": tokens["samples"] / tokens["task"],
     }
     if schedule and mixed:
         record["samples_per_step"] = schedule.samples_per_step

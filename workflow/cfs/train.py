@@ -5,7 +5,8 @@ in at its ratio (cfs.examples says what each is trained on). The cell's method
 (cfs.study.METHODS) picks the objective: full fine-tuning, LoRA, L2 toward the original
 weights, a lambda-weighted synthetic loss term, or a KL-to-base regulariser
 (cfs.objectives, cfs.trainer). Checkpoints go to --checkpoints (outside the declared
-output) and a restarted run resumes from the last one.
+output) and a restarted run resumes from the last one. The main process tokenizes the set
+once, beside them, and every process memory-maps it (cfs.training_set).
 
     python -m cfs.train --model results/models/smollm2/base \
         --data results/smollm2/temp0.7/ratio0.5/seed0/train.jsonl \
@@ -15,7 +16,6 @@ output) and a restarted run resumes from the last one.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from cfs.artifacts import read_jsonl
-from cfs.checkpoints import checkpoint_to_resume, run_fingerprint
+from cfs.checkpoints import checkpoint_to_resume
 from cfs.cli import require, require_gpus, run_stage, set_threads, stage_parser
 from cfs.distributed import (
     accumulation_steps,
     distributed_arguments,
     fsdp_load_device,
     is_main_process,
+    join_process_group,
     leave_process_group,
     process_device,
     process_rank,
@@ -39,25 +39,25 @@ from cfs.distributed import (
     training_record,
     weights_dtype,
 )
-from cfs.errors import DataError, SettingsError
-from cfs.examples import (
-    TASK,
-    CountingCollator,
-    build_examples,
-    count_trained_tokens,
-    load_synthetic,
-    mixing_record,
-    step_schedule,
-    training_collator,
-)
+from cfs.errors import SettingsError
+from cfs.examples import CountingCollator, mixing_record, training_collator
 from cfs.hub import go_offline_unless_reachable
 from cfs.modeling import compute_precision, load_model, load_tokenizer
 from cfs.objectives import TrainingInputs, objective_for
 from cfs.saving import save_fine_tuned
 from cfs.snapshots import parse_snapshots
 from cfs.study import METHODS, Method
+from cfs.training_set import prepare_training_set, tokenized_folder
 
 log = logging.getLogger("cfs.train")
+
+# what the summary reports of the training set (cfs.training_set)
+SET_FACTS = (
+    "num_examples",
+    "num_synthetic_in_set",
+    "num_synthetic_term_samples",
+    "num_trained_tokens_per_epoch",
+)
 
 
 def training_arguments(settings: dict, checkpoints: Path, device: torch.device, steps=None):
@@ -141,8 +141,6 @@ def fine_tune(
     the samples of a synthetic loss term; `heldout` and `target_test`: the forgetting
     curves' held-out context-free samples and target problems (train.curve_every);
     `snapshots`: {fraction of the steps: folder} of the models saved along training."""
-    from datasets import Dataset
-
     from cfs.trainer import (
         RegularizedTrainer,
         checkpoint_callbacks,
@@ -154,38 +152,28 @@ def fine_tune(
     spec, method = study_method(settings), settings["method"]
     objective = objective_for(spec.trains)
     tokenizer = load_tokenizer(model_dir)
-    max_length = require(settings, "max_length")
-    records = read_jsonl(data)
-    if not records:
-        raise DataError(f"{data}: the training set is empty")
-    examples = build_examples(records, tokenizer, max_length, str(data))
-    synthetic_examples = None
-    if spec.synthetic_term:
-        if synthetic is None:
-            raise SettingsError(f"train method {spec.name} needs --synthetic samples")
-        synthetic_examples = load_synthetic(
-            synthetic, spec.samples, method["ratio"], len(examples), tokenizer, max_length
-        )
+    if spec.synthetic_term and synthetic is None:
+        raise SettingsError(f"train method {spec.name} needs --synthetic samples")
+    training_set = prepare_training_set(
+        join_process_group(device),
+        spec,
+        settings,
+        model_dir,
+        tokenizer,
+        data,
+        tokenized_folder(checkpoints),
+        synthetic=synthetic if spec.synthetic_term else None,
+        other_inputs=(heldout, target_test),
+    )
+    schedule = training_set.schedule
     curve_inputs = None
     if settings["curve_every"]:
         from cfs.curves import curve_data
 
         curve_inputs = curve_data(heldout, target_test, tokenizer, settings)
-    kinds = [record["kind"] for record in records]
-    schedule = None  # augmenting the set: the Trainer draws random batches of all of it
-    if settings["mixing"] == "equal_steps" or set(kinds) == {TASK}:
-        schedule = step_schedule(
-            records, settings["batch_size"], settings["epochs"], settings["seed"]
-        )
-    rows = [
-        {**example, "task_example": int(kind == TASK)}
-        for example, kind in zip(examples, kinds, strict=True)
-    ]
-    if schedule:
-        rows = [rows[index] for index in schedule.order]
     if "tensorboard" in settings["report_to"]:  # beside the model, not in the working folder
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out.parent / "tensorboard"))
-    # The arguments first: they join the process group, which loading under FSDP needs.
+    # The arguments before the model: under FSDP they say which process reads the weights.
     args = training_arguments(settings, checkpoints, device, schedule)
     # Under FSDP the weights are read once (by rank 0; the others build the model on the
     # meta device) and kept on the CPU until accelerate shards them onto the GPUs.
@@ -202,12 +190,12 @@ def fine_tune(
     model.config.use_cache = False
     model = objective.prepare_model(model, method, require(settings, "seed"))
     regularizer = objective.build(
-        TrainingInputs(method, settings, model_dir, synthetic_examples, tokenizer, args, device)
+        TrainingInputs(method, settings, model_dir, training_set.synthetic, tokenizer, args, device)
     )
     trainer = RegularizedTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=training_set.rows,
         data_collator=CountingCollator(training_collator(tokenizer, settings["packing"])),
         regularizer=regularizer,
         weight=method["lambda"] if regularizer else 0.0,
@@ -225,12 +213,8 @@ def fine_tune(
 
         saved_along = Snapshots(trainer, tokenizer, settings, data, snapshots, checkpoints)
         trainer.add_callback(saved_along)
-    fingerprint = run_fingerprint(model_dir, data, settings)
-    for extra in (synthetic, heldout, target_test):
-        if extra is not None:
-            fingerprint += hashlib.sha256(extra.read_bytes()).hexdigest()
     resume_from = checkpoint_to_resume(
-        checkpoints, fingerprint, barrier=trainer.accelerator.wait_for_everyone
+        checkpoints, training_set.fingerprint, barrier=trainer.accelerator.wait_for_everyone
     )
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -240,11 +224,8 @@ def fine_tune(
         "objective": spec.trains,
         "train_loss": result.training_loss,
         "global_steps": result.global_step,
-        "num_examples": len(examples),
-        "num_synthetic_in_set": sum(record["kind"] != "task" for record in records),
-        "num_synthetic_term_samples": len(synthetic_examples or []),
-        "num_trained_tokens_per_epoch": count_trained_tokens(examples),
-        **mixing_record(settings, regularizer, method, rows, schedule),
+        **{key: training_set.facts[key] for key in SET_FACTS},
+        **mixing_record(settings, regularizer, method, training_set.facts, schedule),
         "examples_per_step": examples_per_step(trainer),
         "resumed_from": resume_from,
         "fsdp": trainer.is_fsdp_enabled,
@@ -257,8 +238,10 @@ def fine_tune(
     save_fine_tuned(trainer, tokenizer, settings, data, summary, out)
     if saved_along and is_main_process():
         saved_along.finish()
-    if is_main_process() and not settings["keep_checkpoints"]:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    if is_main_process():
+        shutil.rmtree(tokenized_folder(checkpoints), ignore_errors=True)
+        if not settings["keep_checkpoints"]:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     return summary
 
 
