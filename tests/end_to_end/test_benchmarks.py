@@ -23,6 +23,7 @@ EXPECTED = {
     "finetune": ("results", "overhead_vs_raw", "tokens_per_s_vs_padded"),
     "eval_speed": ("backends", "equivalence", "startup_seconds", "speedup"),
     "precision": ("limit", "auto", "runs", "ratios", "scores"),
+    "training_set_memory": ("build", "memory_mapped", "bytes_per_token"),
 }
 TIMEOUT = 300
 
