@@ -1,6 +1,7 @@
 """A stand-in for Hugging Face `datasets` where it cannot be installed (it needs pyarrow, a
-49-55 MB binary wheel): the two calls the stages make, `Dataset.from_list` (cfs.train) and
-`load_dataset("json", data_files=...)` (lm-eval's local tasks), on plain lists of dicts.
+49-55 MB binary wheel): the calls the stages make, `Dataset.from_list`, `save_to_disk` and
+`load_from_disk` (cfs.training_set) and `load_dataset("json", data_files=...)` (lm-eval's
+local tasks), on plain lists of dicts (saved as JSON lines, not memory-mapped).
 benchmarks/gpu_check.sh puts it on the path only where `import datasets` fails."""
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ class Dataset:
 
     def filter(self, function, **_ignored) -> Dataset:
         return Dataset([row for row in self._rows if function(row)])
+
+    def save_to_disk(self, folder) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(row) + "\n" for row in self._rows]
+        (Path(folder) / "rows.jsonl").write_text("".join(lines), encoding="utf-8")
+
+
+def load_from_disk(folder) -> Dataset:
+    return Dataset(_read(Path(folder) / "rows.jsonl"))
 
 
 class DatasetDict(dict):
