@@ -212,7 +212,7 @@ def reasoning(bpe_tokenizer_object, tmp_path_factory):
     folder = repo / "miniature" / "reasoning"
     build_r1(r1_tokenizer(bpe_tokenizer_object), folder / "model")
     reasoning_data(folder, repo / "miniature" / "tasks")
-    env = {"CFS_ENV_VLLM": str(venv), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {"CFS_ENV_VLLM": str(venv)}
     result = run_miniature(repo, "reasoning", env, timeout=2400)
     config = load_config(REPO / "config" / "reasoning.yaml", MINIATURES / "reasoning.yaml")
     return {"repo": repo, "result": result, "config": config}

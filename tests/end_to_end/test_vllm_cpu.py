@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cfs import vllm_backend
 from conftest import (
     REPO,
     build_tiny_model,
@@ -67,7 +69,7 @@ def generate(python, model_dir: Path, out: Path, settings: dict, prompts: Path |
     argv += ["--settings", json.dumps(settings)]
     if prompts is not None:
         argv += ["--prompts", str(prompts)]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "workflow"), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
     result = subprocess.run(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
     )
@@ -272,3 +274,12 @@ def test_contextual_prompts_are_token_ids_in_prompt_order_and_the_job_resumes(
         "the last chunk must hold the longest prompt, so that an engine sized per chunk shows"
     )
     assert [sample["token_ids"] for sample in samples[4:]] == expected
+
+
+def test_the_engine_keeps_a_small_kv_cache_not_most_of_the_memory(resumed_contextual):
+    """vLLM on a CPU would reserve gpu_memory_utilization of the machine's memory for its
+    KV cache and zero it at every start; cfs gives it CPU_KV_CACHE_GIB."""
+    log = resumed_contextual[3]
+    found = re.search(r"(Explicitly|Auto) set \(([\d.]+)/[\d.]+\) GiB for KV cache", log)
+    assert found, "vLLM logged no KV cache size"
+    assert (found[1], float(found[2])) == ("Explicitly", vllm_backend.CPU_KV_CACHE_GIB)
