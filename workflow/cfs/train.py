@@ -51,14 +51,6 @@ from cfs.training_set import prepare_training_set, tokenized_folder
 
 log = logging.getLogger("cfs.train")
 
-# what the summary reports of the training set (cfs.training_set)
-SET_FACTS = (
-    "num_examples",
-    "num_synthetic_in_set",
-    "num_synthetic_term_samples",
-    "num_trained_tokens_per_epoch",
-)
-
 
 def training_arguments(settings: dict, checkpoints: Path, device: torch.device, steps=None):
     """The Trainer's arguments; `steps` (a StepSchedule) fixes the examples and the number
@@ -224,7 +216,7 @@ def fine_tune(
         "objective": spec.trains,
         "train_loss": result.training_loss,
         "global_steps": result.global_step,
-        **{key: training_set.facts[key] for key in SET_FACTS},
+        **training_set.summary,
         **mixing_record(settings, regularizer, method, training_set.facts, schedule),
         "examples_per_step": examples_per_step(trainer),
         "resumed_from": resume_from,

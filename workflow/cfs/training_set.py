@@ -33,19 +33,34 @@ from cfs.study import Method
 log = logging.getLogger("cfs.training_set")
 
 FACTS = "training_set.json"
+# what the fine-tune's summary reports of the set, of its facts
+SUMMARY_FACTS = (
+    "num_examples",
+    "num_synthetic_in_set",
+    "num_synthetic_term_samples",
+    "num_trained_tokens_per_epoch",
+)
 
 
 @dataclass(frozen=True)
 class TrainingSet:
     """`rows`: the examples in training order (input_ids, labels, task_example);
     `synthetic`: the synthetic term's samples; `schedule`: the step schedule the rows
-    follow, if any; `facts`: what the summary reports of the set; `fingerprint`: the run's."""
+    follow, if any; `facts`: the counts of the set and the run's fingerprint
+    (training_set.json)."""
 
     rows: object  # datasets.Dataset
     synthetic: object | None
     schedule: StepSchedule | None
     facts: dict
-    fingerprint: str
+
+    @property
+    def fingerprint(self) -> str:
+        return self.facts["fingerprint"]
+
+    @property
+    def summary(self) -> dict:
+        return {key: self.facts[key] for key in SUMMARY_FACTS}
 
 
 def tokenized_folder(checkpoints: Path) -> Path:
@@ -152,5 +167,4 @@ def load(folder: Path) -> TrainingSet:
         synthetic=load_from_disk(str(synthetic)) if synthetic.is_dir() else None,
         schedule=StepSchedule(**schedule) if schedule else None,
         facts=facts,
-        fingerprint=facts["fingerprint"],
     )
