@@ -1,10 +1,10 @@
 """End to end through Snakemake itself: a tiny study with every method (and a toy method
 with a loss term of its own, added to cfs.study and cfs.objectives by the test as a user
 would add one) runs to completion on a tiny random model; then one value is added to
-each sweep in turn and Snakemake runs again, executing exactly the jobs that value
-needs; a second study shares the results/ folder without touching the first's jobs, and
-one with other evaluation settings evaluates the first's fine-tunes beside its
-evaluations; an added forgetting task computes only its own requests. Bad input stops
+each sweep in turn and Snakemake plans exactly the jobs that value needs (an added
+seed runs them); a second study shares the results/ folder without touching the first's
+jobs, and one with other evaluation settings evaluates the first's fine-tunes beside
+its evaluations; an added forgetting task computes only its own requests. Bad input stops
 the study: a misspelt evaluation task before any model job, an uncached hub model
 offline at once, with the message in the job's log."""
 
@@ -449,14 +449,16 @@ ADDITIONS = {
 
 
 @pytest.mark.parametrize("value", list(ADDITIONS))
-def test_one_added_value_executes_only_its_jobs(study, value):
-    """Each run adds one value to the study (the values of earlier runs are not in it):
-    exactly that value's generations, mixes, fine-tunes and evaluations execute, with the
-    table and figures; no job of an existing cell runs again."""
+def test_one_added_value_plans_only_its_jobs(study, value):
+    """Each plan adds one value to the study: exactly that value's generations, mixes,
+    fine-tunes and evaluations would execute, with the table and figures; no job of an
+    existing cell runs again. Snakemake's dry run is its plan (the workflow has no
+    checkpoints); the rules themselves run in the study, and an added seed and an added
+    task below run for real."""
     assert study["result"].returncode == 0, "the study's first run failed"
     config = copy.deepcopy(study["config"])
     ADDITIONS[value](config)
-    result = run(study["repo"], config, f"plus_{value}.yaml")
+    result = run(study["repo"], config, f"plus_{value}.yaml", "--dry-run")
     assert result.returncode == 0, failure_report(study["repo"], result)
     assert_executed(result, new_jobs(study["config"], config, study["grammar"]))
 
