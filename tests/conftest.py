@@ -60,10 +60,20 @@ class SquaredSyntheticLoss(WeightedSyntheticLoss):
 """
 
 
-# The longest modules, first: `make test` runs the suite in two processes, a module to one
-# process (pytest-xdist's --dist loadfile, in collection order), and these keep one process
-# busy while the other works through the rest.
-LONGEST_FIRST = ("end_to_end/test_pipeline.py", "end_to_end/test_slurm.py")
+# The longest modules, longest first: `make test` runs the suite in two processes, a module
+# to one process (pytest-xdist's --dist loadfile, in collection order), and a process that
+# finishes a module takes the next; short modules last keep the two finishing together.
+LONGEST_FIRST = (
+    "end_to_end/test_pipeline.py",
+    "end_to_end/test_slurm.py",
+    "end_to_end/test_gpu_check.py",
+    "end_to_end/test_fsdp.py",
+    "end_to_end/test_vllm_cpu.py",
+    "end_to_end/test_resume.py",
+    "end_to_end/test_ddp.py",
+    "workflow/test_dag.py",
+    "end_to_end/test_benchmarks.py",
+)
 
 
 def pytest_configure(config):
