@@ -83,10 +83,10 @@ def build_r1(tokenizer, out_dir):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=128256,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=32,  # one head of vLLM's smallest CPU head size
+        intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=1,
         num_key_value_heads=1,
         max_position_embeddings=131072,
         bos_token_id=LLAMA_BOS_ID,
@@ -150,7 +150,7 @@ def reasoning_data(folder: Path, tasks: Path) -> None:
                 "answer": f"A. {r['answer']}",
                 "dataset_name": "miniature",
             }
-            for i, r in enumerate(arithmetic_problems(24, seed=21))
+            for i, r in enumerate(arithmetic_problems(12, seed=21))
         ],
     )
     problems = arithmetic_problems(4, seed=22)
