@@ -50,6 +50,35 @@ def test_a_misspelt_forgetting_task_names_the_key_and_the_nearest_task(index):
         assert needle in message, f"{needle!r} not in: {message}"
 
 
+def test_tasks_in_the_task_folders_are_checked_against_those_folders_alone(index, monkeypatch):
+    """Scanning lm-eval's thousands of built-in task files takes seconds at the start of
+    every study: where the folders hold every task, only they are indexed, as the
+    evaluations index them; a task they lack is looked up among all tasks."""
+    import types
+
+    import lm_eval.tasks
+
+    built = []
+    folders_alone = lm_eval.tasks.TaskManager
+
+    def task_manager(*args, include_defaults=True, **kwargs):
+        built.append("folders" if not include_defaults else "all")
+        if not include_defaults:
+            return folders_alone(*args, include_defaults=False, **kwargs)
+        return types.SimpleNamespace(task_index=index, all_tasks=sorted(index))
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", task_manager)
+    target = {"task": "cfs_add_sub", "metric": "exact_match,strict-match"}
+    capitals = {"task": "cfs_capitals", "metric": "acc,none"}
+    record = task_check.check_tasks(settings(target, capitals))
+    assert [task["task"] for task in record["tasks"]] == ["cfs_add_sub", "cfs_capitals"]
+    assert built == ["folders"]
+    built.clear()
+    with pytest.raises(SettingsError, match="nearest known task: 'hellaswag'"):
+        task_check.check_tasks(settings(target, {"task": "hellaswagg", "metric": "acc,none"}))
+    assert built == ["folders", "all"]
+
+
 def test_a_wrong_filter_or_metric_names_the_key(index):
     config = settings(
         {"task": "gsm8k", "metric": "exact_match,flexible_extract"},
@@ -69,7 +98,7 @@ def test_a_wrong_filter_or_metric_names_the_key(index):
 
 
 def test_command_line_writes_the_record(tmp_path, index, monkeypatch, caplog):
-    monkeypatch.setattr(task_check, "task_index", lambda include_path: index)
+    monkeypatch.setattr(task_check, "task_index", lambda include_path, tasks=None: index)
     out = tmp_path / "evaluation_tasks.json"
     evaluation = settings(
         {"task": "cfs_arith", "metric": "exact_match,flexible-extract"},

@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="JSON record of the fetch")
     args = parser.parse_args(argv)
-    index = task_index(args.settings["include_path"])
-    fetched = fetch_everything(args.fetch, entries_with_keys(args.settings), index)
+    entries = entries_with_keys(args.settings)
+    index = task_index(args.settings["include_path"], [entry["task"] for _, entry in entries])
+    fetched = fetch_everything(args.fetch, entries, index)
     write_json(args.out, {**fetched, "provenance": provenance("fetch", args.fetch)})
 
 

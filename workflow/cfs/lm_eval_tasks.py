@@ -6,8 +6,6 @@ eval seed (`build_tasks`)."""
 
 from __future__ import annotations
 
-import torch
-
 from cfs.errors import SettingsError
 
 
@@ -108,6 +106,7 @@ def seed_everything(seed: int) -> None:
     import random
 
     import numpy
+    import torch
 
     random.seed(seed)
     numpy.random.seed(seed)

@@ -108,10 +108,14 @@ def check_entry(key: str, entry: dict, index: dict) -> dict:
     return record
 
 
-def task_index(include_path: str | list[str] | None) -> dict:
+def task_index(include_path: str | list[str] | None, tasks: list[str] | None = None) -> dict:
     """lm-eval's index of task names: built-in tasks and those under `include_path` (a
-    folder or a list of folders; a later folder's task of the same name wins)."""
+    folder or a list of folders; a later folder's task of the same name wins). Where the
+    folders hold every one of `tasks`, theirs alone, as the evaluations index them
+    (cfs.lm_eval_tasks.local_task_manager)."""
     from lm_eval.tasks import TaskManager
+
+    from cfs.lm_eval_tasks import local_task_manager
 
     listed = not isinstance(include_path, str)
     folders = list(include_path or []) if listed else [include_path]
@@ -119,14 +123,18 @@ def task_index(include_path: str | list[str] | None) -> dict:
         if not Path(folder).is_dir():
             key = f"evaluation.include_path[{index}]" if listed else "evaluation.include_path"
             raise SettingsError(f"{key}: '{folder}' is not a folder")
+    if folders and tasks:
+        return local_task_manager(folders, tasks).task_index
     return TaskManager(include_path=folders or None).task_index
 
 
 def check_tasks(settings: dict, index: dict | None = None) -> dict:
     """Check every evaluation task; raise SettingsError listing every problem, or return
     the record of what was checked."""
-    index = task_index(settings["include_path"]) if index is None else index
-    records = [check_entry(key, entry, index) for key, entry in entries_with_keys(settings)]
+    entries = entries_with_keys(settings)
+    if index is None:
+        index = task_index(settings["include_path"], [entry["task"] for _, entry in entries])
+    records = [check_entry(key, entry, index) for key, entry in entries]
     problems = [problem for record in records for problem in record["problems"]]
     if problems:
         raise SettingsError("; ".join(problems))
