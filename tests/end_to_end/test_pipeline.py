@@ -3,8 +3,9 @@ with a loss term of its own, added to cfs.study and cfs.objectives by the test a
 would add one) runs to completion on a tiny random model; then one value is added to
 each sweep in turn and Snakemake plans exactly the jobs that value needs (an added
 seed runs them); a second study shares the results/ folder without touching the first's
-jobs, and one with other evaluation settings evaluates the first's fine-tunes beside
-its evaluations; an added forgetting task computes only its own requests. Bad input stops
+jobs (test_evaluation_settings.py: one with other evaluation settings evaluates the first's
+fine-tunes beside its evaluations); an added forgetting task computes only its own
+requests. Bad input stops
 the study: a misspelt evaluation task before any model job, an uncached hub model
 offline at once, with the message in the job's log."""
 
@@ -14,7 +15,6 @@ import copy
 import importlib.util
 import json
 import math
-import re
 import sys
 import time
 
@@ -28,7 +28,6 @@ from cfs.study import METHODS, PROPOSED
 from conftest import (
     FORGETTING,
     MODEL,
-    MODEL_STAGE_RULES,
     SAMPLE_RULES,
     TOY_METHOD,
     TOY_OBJECTIVE,
@@ -41,12 +40,12 @@ from conftest import (
     snakemake_env,
     tiny_config,
 )
+from studies import executed, outputs, run
 
 pytestmark = pytest.mark.slow
 
 CONFIGURABLE = [name for name in METHODS if name != "plain"]  # plain runs at ratio 0
 ADDED_TASK = "cfs_animals"
-JOB = r"^(?:local)?rule (\w+):\n((?:    .*\n)+)"
 
 
 def every_method_config(model_dir):
@@ -80,15 +79,6 @@ def add_toy_method(repo):
         module.write_text(module.read_text() + "\n" + text + "\n")
 
 
-def run(repo, config, name="config/config.yaml", *args, timeout=900):
-    (repo / name).write_text(yaml.safe_dump(config, sort_keys=False))
-    threads = [f"{rule}=1" for rule in MODEL_STAGE_RULES]
-    extra = [] if name == "config/config.yaml" else ["--configfile", name]
-    return run_snakemake(
-        repo, "--cores", "2", "--set-threads", *threads, *extra, *args, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
 def study(tiny_model_dir, tokenizer, tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
@@ -103,26 +93,6 @@ def study(tiny_model_dir, tokenizer, tmp_path_factory):
         "bos": tokenizer.bos_token_id,
         "grammar": study_module(repo),
     }
-
-
-def executed(output: str) -> dict[str, set[str]]:
-    """{rule: first output of each job} of the jobs a Snakemake run executed."""
-    jobs: dict[str, set[str]] = {}
-    for rule, body in re.findall(JOB, output, re.M):
-        found = re.search(r"^    output: ([^,\n]+)", body, re.M)
-        jobs.setdefault(rule, set()).add(found.group(1) if found else "")
-    jobs.pop("all", None)
-    return jobs
-
-
-def outputs(output: str, rule: str) -> set[str]:
-    """Every output of the jobs of `rule` that a Snakemake run executed."""
-    found = set()
-    for name, body in re.findall(JOB, output, re.M):
-        line = re.search(r"^    output: (.+)$", body, re.M)
-        if name == rule and line:
-            found |= {path.strip() for path in line.group(1).split(",")}
-    return found
 
 
 def study_module(repo):
@@ -484,58 +454,6 @@ def test_a_second_study_in_the_same_results_leaves_the_first_as_it_is(study, tin
     assert again.returncode == 0, again.stdout[-3000:]
     assert "Nothing to be done" in again.stdout, again.stdout[-3000:]
     assert {path.name: path.read_bytes() for path in tables.glob("*.csv")} == before
-
-
-UPSTREAM_OF_EVALUATION = {
-    "prepare_model",
-    "prepare_task_data",
-    "generate_context_free",
-    "generate_heldout",
-    "mix_at_ratio",
-    "fine_tune",
-}
-
-
-def test_two_studies_with_other_evaluation_settings_share_the_fine_tunes(
-    tiny_model_dir, tmp_path_factory
-):
-    """A second study of the same model key with another batch size and fewer forgetting
-    tasks evaluates the first's fine-tunes (nothing upstream of the evaluations runs
-    again) beside the first's evaluations; then neither study has anything to do, and the
-    eval.json a user types is the evaluation of the study asked."""
-    repo = copy_repo(tmp_path_factory.mktemp("evaluations") / "repo")
-    first = tiny_config(tiny_model_dir)
-    first["study"]["temperatures"] = [1.0]
-    first["train"]["curve_every"] = 0
-    second = copy.deepcopy(first)
-    second["study"]["name"] = "other"
-    second["evaluation"].update(batch_size=4, forgetting=first["evaluation"]["forgetting"][:2])
-    result = run(repo, first, "first.yaml")
-    assert result.returncode == 0, failure_report(repo, result)
-    fine_tunes = executed(result.stdout)["fine_tune"]
-    assert len(fine_tunes) == 2, fine_tunes  # plain fine-tuning and context-free data
-    result = run(repo, second, "second.yaml")
-    assert result.returncode == 0, failure_report(repo, result)
-    ran = set(executed(result.stdout))
-    assert ran & UPSTREAM_OF_EVALUATION == set(), result.stdout[-5000:]
-    assert {"evaluate_base", "evaluate_finetuned"} <= ran, result.stdout[-5000:]
-    for config, name in ((first, "first.yaml"), (second, "second.yaml")):
-        again = run(repo, config, name)
-        assert again.returncode == 0, again.stdout[-3000:]
-        assert "Nothing to be done" in again.stdout, again.stdout[-3000:]
-    for config in (first, second):
-        tasks = {"cfs_add_sub", *(entry["task"] for entry in config["evaluation"]["forgetting"])}
-        for evaluated in ("base", "ratio0/seed0", "temp1/ratio0.5/seed0"):
-            record = json.loads((repo / evaluation_path(config, MODEL, evaluated)).read_text())
-            settings = record["provenance"]["settings"]
-            assert set(record["requests"]["per_task"]) == tasks, evaluated
-            assert settings["batch_size"] == config["evaluation"]["batch_size"], evaluated
-    typed = f"results/{MODEL}/temp1/ratio0.5/eval.json"
-    for name, config in (("second.yaml", second), ("first.yaml", first)):
-        result = run_snakemake(repo, typed, "--cores", "1", "--configfile", name)
-        assert result.returncode == 0, failure_report(repo, result)
-        card = evaluation_path(config, MODEL, "temp1/ratio0.5")
-        assert (repo / typed).read_bytes() == (repo / card).read_bytes()
 
 
 def small_study(study) -> dict:
