@@ -38,13 +38,11 @@ report: $(BIN)/.cfs-installed
 sandbox-wheels: $(BIN)/.cfs-installed
 	$(BIN)/python tools/sandbox/wheels/build.py
 
-# Three processes on two cores (the end-to-end runs wait on Slurm's status checks and on
-# start-up as well as compute), each test module in one of them (its fixtures built once),
-# the longest modules first (tests/conftest.py). The paper settings in miniature are
-# `make miniatures`.
+# Two processes, each test module in one of them (its fixtures built once), the longest
+# modules first (tests/conftest.py). The paper settings in miniature are `make miniatures`.
 test: $(BIN)/.cfs-installed $(VLLM_VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" CFS_ENV_VLLM="$(abspath $(VLLM_VENV))" python -m pytest -v --durations=15 \
-		-n 3 --dist loadfile --no-loadscope-reorder -m "not miniature"
+		-n 2 --dist loadfile --no-loadscope-reorder -m "not miniature"
 
 # config/olmo.yaml and config/reasoning.yaml end to end in miniature, one after the other
 # (each runs Snakemake on both cores)

@@ -60,10 +60,9 @@ class SquaredSyntheticLoss(WeightedSyntheticLoss):
 """
 
 
-# The longest modules, longest first: `make test` runs the suite in three processes, a
-# module to one process (pytest-xdist's --dist loadfile, in collection order), and a
-# process that finishes a module takes the next; short modules last keep them finishing
-# together.
+# The longest modules, longest first: `make test` runs the suite in two processes, a module
+# to one process (pytest-xdist's --dist loadfile, in collection order), and a process that
+# finishes a module takes the next; short modules last keep the two finishing together.
 LONGEST_FIRST = (
     "end_to_end/test_pipeline.py",
     "end_to_end/test_slurm.py",
