@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 
 import pytest
 from cfs.cli import parse_settings
@@ -150,3 +151,47 @@ def test_a_gpu_stage_without_cuda_exits_with_the_message():
     assert result.returncode == 1, result.stderr[-2000:]
     assert "sees no CUDA device" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+STAGE_PROCESS = """
+import atexit, ctypes, gc, logging, multiprocessing, sys, time
+from pathlib import Path
+from cfs.cli import run_as_process
+
+def main(argv):
+    atexit.register(lambda: Path("teardown").write_text("ran"))
+    logging.getLogger("cfs.test").info("frozen objects: %d", gc.get_freeze_count())
+    print("written by Python", end="")
+    ctypes.CDLL(None).printf(b" and by C")  # buffered: stdout is a pipe
+    if sys.argv[1:] == ["child"]:
+        multiprocessing.Process(target=time.sleep, args=(0.2,)).start()
+
+if __name__ == "__main__":
+    run_as_process(main, then=lambda: Path("then").write_text("ran"))
+"""
+
+
+@pytest.mark.parametrize("child", [False, True])
+def test_a_stage_process_ends_without_teardown_unless_children_run(tmp_path, child):
+    """A finished stage's process flushes what it wrote and exits 0 without the
+    interpreter's teardown (seconds of a short job); with a child process still running
+    it ends normally, which stops the child. Its modules were out of the collector's
+    view from the start."""
+    import subprocess
+    import sys
+
+    (tmp_path / "stage.py").write_text(STAGE_PROCESS)
+    result = subprocess.run(
+        [sys.executable, "stage.py", *(["child"] if child else [])],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_DIR)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "written by Python and by C"
+    frozen = re.search(r"cfs.test: frozen objects: (\d+)", result.stderr)
+    assert frozen and int(frozen.group(1)) > 10_000, result.stderr[-2000:]
+    assert (tmp_path / "then").read_text() == "ran"
+    assert (tmp_path / "teardown").exists() == child

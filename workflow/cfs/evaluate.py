@@ -38,7 +38,7 @@ from cfs.cli import (
     process_seconds,
     require,
     require_gpus,
-    run_stage,
+    run_as_process,
     set_threads,
     stage_parser,
 )
@@ -434,4 +434,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_as_process(main)

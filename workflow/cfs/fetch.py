@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from cfs.artifacts import provenance, write_json
-from cfs.cli import run_stage, stage_parser
+from cfs.cli import run_as_process, stage_parser
 from cfs.errors import SettingsError
 
 log = logging.getLogger("cfs.fetch")
@@ -214,4 +214,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_as_process(main)

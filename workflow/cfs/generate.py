@@ -30,7 +30,7 @@ from cfs.artifacts import (
     write_json,
     write_jsonl,
 )
-from cfs.cli import require, require_gpus, run_stage, set_threads, stage_parser
+from cfs.cli import require, require_gpus, run_as_process, set_threads, stage_parser
 from cfs.errors import SettingsError
 from cfs.hub import go_offline_unless_reachable
 from cfs.modeling import load_model, load_tokenizer
@@ -371,4 +371,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_as_process(main)

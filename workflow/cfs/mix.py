@@ -31,7 +31,7 @@ from cfs.artifacts import (
     require_record_fields,
     write_json,
 )
-from cfs.cli import require, run_stage, stage_parser
+from cfs.cli import require, run_as_process, stage_parser
 from cfs.errors import DataError, SettingsError
 from cfs.examples import TASK
 from cfs.study import SAMPLE_KINDS
@@ -171,4 +171,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_as_process(main)

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from cfs.artifacts import atomic_path, provenance, write_json
-from cfs.cli import run_stage, stage_parser
+from cfs.cli import run_as_process, stage_parser
 
 log = logging.getLogger("cfs.prepare_model")
 PROVENANCE_FILE = "cfs_provenance.json"
@@ -145,4 +145,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_as_process(main)

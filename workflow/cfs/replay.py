@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cfs.artifacts import provenance, require_fields, write_json, write_jsonl
-from cfs.cli import require, run_stage, stage_parser
+from cfs.cli import require, run_as_process, stage_parser
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_tokenizer
 from cfs.study import REPLAY_SOURCES, SAMPLE_KINDS
@@ -171,4 +171,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_as_process(main)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from cfs.artifacts import atomic_path, read_json, write_json
-from cfs.cli import parse_settings, run_stage
+from cfs.cli import parse_settings, run_as_process
 from cfs.errors import DataError
 from cfs.figures import read_curves, write_figures
 from cfs.frontier import family_of, frontier_table, matched_comparisons
@@ -687,4 +687,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_as_process(main)

@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 
 from cfs.artifacts import provenance, write_json
-from cfs.cli import require, run_stage, stage_parser
+from cfs.cli import require, run_as_process, stage_parser
 from cfs.errors import SettingsError
 
 log = logging.getLogger("cfs.task_check")
@@ -153,4 +153,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_as_process(main)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cfs.checkpoints import checkpoint_to_resume
-from cfs.cli import require, require_gpus, run_stage, set_threads, stage_parser
+from cfs.cli import require, require_gpus, run_as_process, set_threads, stage_parser
 from cfs.distributed import (
     accumulation_steps,
     distributed_arguments,
@@ -273,5 +273,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
-    leave_process_group()
+    run_as_process(main, then=leave_process_group)

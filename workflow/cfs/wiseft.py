@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cfs.artifacts import atomic_path, provenance, write_json
-from cfs.cli import require, run_stage, set_threads, stage_parser
+from cfs.cli import require, run_as_process, set_threads, stage_parser
 from cfs.errors import DataError, SettingsError
 from cfs.modeling import load_model, load_tokenizer
 
@@ -73,4 +73,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_as_process(main)
