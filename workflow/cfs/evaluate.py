@@ -51,6 +51,7 @@ from cfs.lm_eval_tasks import build_tasks, local_task_manager
 from cfs.modeling import autocast, compute_precision, dtype_name, load_model, pick_device
 from cfs.request_cache import cached_requests, resumable_generation, working_cache
 from cfs.task_check import metric_parts
+from cfs.vllm_backend import freeze_heap
 
 log = logging.getLogger("cfs.evaluate")
 
@@ -192,7 +193,10 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
         import cfs.lm_eval_model  # noqa: F401 - registers the backend with lm-eval
     log.info("lm-eval backend %s, model_args %s", backend, scrub_secrets(model_args))
     started = time.perf_counter()
-    lm = get_model(backend).create_from_arg_obj(model_args, extra)
+    model_class = get_model(backend)
+    if backend == "vllm":
+        freeze_heap()  # the KL models are freed (evaluate), vLLM's modules imported
+    lm = model_class.create_from_arg_obj(model_args, extra)
     if seconds is not None:
         seconds["model_load"] = time.perf_counter() - started
     counter = PositionCounter(lm.model) if backend in HF_BACKENDS else None
