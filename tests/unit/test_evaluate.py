@@ -661,3 +661,30 @@ def test_vllm_evals_of_other_seeds_share_the_base_evals_harness(tiny_model_dir, 
     base = harness(0)
     for seed in (1, 2):
         evaluate.check_same_harness({"lm_eval_settings": base}, harness(seed), Path("base.json"))
+
+
+def test_lm_eval_runs_no_other_process(tiny_model_dir, tmp_path, monkeypatch):
+    """lm-eval's report of the environment (pip list, lscpu and git, in subprocesses: a
+    second per call) is left out of an evaluation; cfs records its own provenance."""
+    import subprocess
+
+    started = []
+    popen_init = subprocess.Popen.__init__
+
+    def recording_init(self, args, *rest, **options):
+        started.append(args)
+        popen_init(self, args, *rest, **options)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
+    name = write_generative_task(tmp_path / "tasks" / "gen")
+    settings = evaluation_settings(
+        include_path=str(tmp_path / "tasks"),
+        target={"task": name, "metric": "exact_match,digit"},
+        forgetting=[{"task": name, "metric": "exact_match,digit"}],
+        batch_size=4,
+        limit=2,
+        dtype="float32",
+    )
+    scores, *_ = evaluate.run_lm_eval(tiny_model_dir, settings)
+    assert "exact_match,digit" in scores[name]
+    assert started == []

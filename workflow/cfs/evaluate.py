@@ -216,7 +216,11 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
                 continue
             chunk_size = require(settings, "generation_chunk_size")
             chunked = resumable_generation(chunk_size, seed, copy_back)
-            with cut_answers_marked(model_args.get("think_end_token")), chunked:
+            with (
+                cut_answers_marked(model_args.get("think_end_token")),
+                chunked,
+                without_environment_report(),
+            ):
                 output = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=build_tasks(task_manager, group, seed),
@@ -254,6 +258,22 @@ def run_lm_eval(model_dir: Path, settings: dict, cache_folder=None, seconds=None
     if computed is not None:
         requests["computed"] = computed
     return scores, item_scores(samples, entries), harness, requests
+
+
+@contextlib.contextmanager
+def without_environment_report():
+    """lm-eval's simple_evaluate without the report of the environment it adds to its
+    results (pip list, lscpu and git in subprocesses: about a second per call, two calls
+    where tasks differ in chat template). cfs keeps lm-eval's results and samples only,
+    and records its own provenance."""
+    from unittest import mock
+
+    with mock.patch.multiple(
+        "lm_eval.evaluator",
+        add_env_info=lambda results: None,
+        get_git_commit_hash=lambda: None,
+    ):
+        yield
 
 
 def count_requests(samples: dict[str, list[dict]]) -> dict[str, int]:
