@@ -164,25 +164,31 @@ def main(argv):
     print("written by Python", end="")
     ctypes.CDLL(None).printf(b" and by C")  # buffered: stdout is a pipe
     if sys.argv[1:] == ["child"]:
-        multiprocessing.Process(target=time.sleep, args=(0.2,)).start()
+        # alive until the teardown stops it
+        multiprocessing.Process(target=time.sleep, args=(600,), daemon=True).start()
 
 if __name__ == "__main__":
     run_as_process(main, then=lambda: Path("then").write_text("ran"))
 """
 
 
-@pytest.mark.parametrize("child", [False, True])
-def test_a_stage_process_ends_without_teardown_unless_children_run(tmp_path, child):
+@pytest.mark.parametrize("case", ["finished", "with a child process", "under a profiler"])
+def test_a_stage_process_ends_without_teardown_unless_something_needs_it(tmp_path, case):
     """A finished stage's process flushes what it wrote and exits 0 without the
-    interpreter's teardown (seconds of a short job); with a child process still running
-    it ends normally, which stops the child. Its modules were out of the collector's
-    view from the start."""
+    interpreter's teardown (seconds of a short job). It ends normally with a child
+    process still running, which the teardown stops, and under a profiler, which writes
+    its data then. Its modules were out of the collector's view from the start."""
     import subprocess
     import sys
 
     (tmp_path / "stage.py").write_text(STAGE_PROCESS)
+    command = {
+        "finished": ["stage.py"],
+        "with a child process": ["stage.py", "child"],
+        "under a profiler": ["-m", "cProfile", "-o", "profile.out", "stage.py"],
+    }[case]
     result = subprocess.run(
-        [sys.executable, "stage.py", *(["child"] if child else [])],
+        [sys.executable, *command],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -194,4 +200,5 @@ def test_a_stage_process_ends_without_teardown_unless_children_run(tmp_path, chi
     frozen = re.search(r"cfs.test: frozen objects: (\d+)", result.stderr)
     assert frozen and int(frozen.group(1)) > 10_000, result.stderr[-2000:]
     assert (tmp_path / "then").read_text() == "ran"
-    assert (tmp_path / "teardown").exists() == child
+    assert (tmp_path / "teardown").exists() == (case != "finished")
+    assert (tmp_path / "profile.out").exists() == (case == "under a profiler")

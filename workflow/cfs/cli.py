@@ -127,9 +127,10 @@ def end_process() -> None:
     output streams flushed, exit status 0, without the interpreter's teardown. That
     teardown is seconds of a short job (vLLM's engine shutdown runs three full garbage
     collections over millions of objects, then every module is torn down) and changes
-    nothing on disk. A process with child processes still running (a vLLM engine in a
-    process of its own, data loader workers) ends normally, so that they are stopped."""
-    if multiprocessing.active_children():
+    nothing on disk. A process ends normally where child processes still run (a vLLM
+    engine in a process of its own, data loader workers), so that they are stopped, and
+    under a profiler, coverage or a debugger, so that they write what they gathered."""
+    if multiprocessing.active_children() or sys.getprofile() or sys.gettrace():
         return
     logging.shutdown()
     sys.stdout.flush()
