@@ -9,6 +9,7 @@ Everything is offline and built in seconds; nothing is downloaded.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import re
@@ -96,6 +97,14 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: every other module keeps its place
+
+
+def pytest_collection_finish(session):
+    """The collected modules' objects (torch's, transformers', lm-eval's, ...) out of the
+    garbage collector's full collections, which would each walk all of them again: 14 s
+    of the unit tests' 72 s in one process, 4 s with them frozen. They live as long as
+    the process anyway."""
+    gc.freeze()
 
 
 # --------------------------------------------------------------------------- corpus
