@@ -6,7 +6,9 @@ config with the overlay merged over it, its GPU jobs on the CPU."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 from conftest import REPO, copy_repo, run_snakemake, snakemake_env
 
@@ -22,11 +24,22 @@ def miniature_repo(tmp_path_factory, name: str):
     return repo
 
 
-def run_miniature(repo, name: str, env: dict | None = None, timeout: int = 1800):
+def vllm_environment() -> Path:
+    """The virtual environment with vLLM's CPU build that stands in for envs/vllm.yaml
+    (`make vllm-env`, which `make test` runs first; CFS_ENV_VLLM names another)."""
+    venv = Path(os.environ.get("CFS_ENV_VLLM", REPO / ".venv-vllm"))
+    assert (venv / "bin" / "python").is_file(), (
+        f"no vLLM environment at {venv}: `make vllm-env` builds it (scripts/vllm_cpu_env.sh)"
+    )
+    return venv
+
+
+def run_miniature(repo, name: str, timeout: int = 1800):
     """`snakemake all` on config/<name>.yaml with miniature/<name>.yaml merged over it. The
-    paper's GPU jobs run on the CPU: the rules still hand each its GPUs."""
+    paper's GPU jobs run on the CPU: the rules still hand each its GPUs. vLLM's stages run
+    in vLLM's environment (vllm_environment), as envs/vllm.yaml on a cluster."""
     configs = [f"config/{name}.yaml", f"miniature/{name}.yaml"]
-    env = snakemake_env({"CFS_GPUS_ON_CPU": "1", **(env or {})})
+    env = snakemake_env({"CFS_GPUS_ON_CPU": "1", "CFS_ENV_VLLM": str(vllm_environment())})
     return run_snakemake(
         repo, "all", "--cores", "2", "--configfile", *configs, timeout=timeout, env=env
     )

@@ -35,7 +35,8 @@ def olmo_tokenizer(bpe_tokenizer_object):
 
 
 def build_olmo(tokenizer, out_dir):
-    """A random 2-layer OlmoForCausalLM with OLMo-1B's vocabulary size and special ids."""
+    """A random 2-layer OlmoForCausalLM with OLMo-1B's vocabulary size and special ids, one
+    head of 32."""
     import torch
     from transformers import OlmoConfig, OlmoForCausalLM
 
@@ -45,7 +46,7 @@ def build_olmo(tokenizer, out_dir):
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=1,  # head size 32, the least vLLM's CPU attention runs
         max_position_embeddings=2048,
         bos_token_id=None,
         eos_token_id=OLMO_END_OF_DOC_ID,
@@ -117,3 +118,14 @@ def test_olmo_miniature_samples_after_end_of_document(olmo):
     samples = olmo["repo"] / "results" / "olmo" / "temp1" / "seed0" / "context_free.jsonl"
     first = json.loads(samples.read_text().splitlines()[0])
     assert first["prompt_token_id"] == OLMO_END_OF_DOC_ID
+
+
+def test_olmo_miniature_generates_through_vllm(olmo):
+    """`generation.backend: auto` in vLLM's environment picks vLLM, its CPU build here."""
+    generations = sorted((olmo["repo"] / "results" / "olmo").glob("**/*.provenance.json"))
+    backends = {
+        str(path.relative_to(olmo["repo"])): json.loads(path.read_text())["backend"]
+        for path in generations
+        if json.loads(path.read_text())["stage"].startswith("generate_")
+    }
+    assert backends and set(backends.values()) == {"vllm"}, backends

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -195,25 +194,13 @@ def reasoning_data(folder: Path, tasks: Path) -> None:
     )
 
 
-def vllm_environment() -> Path:
-    """The virtual environment with vLLM's CPU build that stands in for envs/vllm.yaml
-    (`make vllm-env`, which `make test` runs first; CFS_ENV_VLLM names another)."""
-    venv = Path(os.environ.get("CFS_ENV_VLLM", REPO / ".venv-vllm"))
-    assert (venv / "bin" / "python").is_file(), (
-        f"no vLLM environment at {venv}: `make vllm-env` builds it (scripts/vllm_cpu_env.sh)"
-    )
-    return venv
-
-
 @pytest.fixture(scope="module")
 def reasoning(bpe_tokenizer_object, tmp_path_factory):
-    venv = vllm_environment()
     repo = miniature_repo(tmp_path_factory, "reasoning")
     folder = repo / "miniature" / "reasoning"
     build_r1(r1_tokenizer(bpe_tokenizer_object), folder / "model")
     reasoning_data(folder, repo / "miniature" / "tasks")
-    env = {"CFS_ENV_VLLM": str(venv)}
-    result = run_miniature(repo, "reasoning", env, timeout=2400)
+    result = run_miniature(repo, "reasoning", timeout=2400)
     config = load_config(REPO / "config" / "reasoning.yaml", MINIATURES / "reasoning.yaml")
     return {"repo": repo, "result": result, "config": config}
 

@@ -102,11 +102,12 @@ def peaked_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm_runs(vllm_python, model_dir, tmp_path_factory) -> list[list[dict]]:
-    """The same context-free job run twice by vLLM, each a job of its own."""
+    """The same context-free job run twice by vLLM, each a job of its own: asked for by
+    name, then through `auto`, which picks vLLM's CPU build where it is installed."""
     runs = []
-    for name in ("first", "again"):
+    for name, backend in (("first", "vllm"), ("again", "auto")):
         out = tmp_path_factory.mktemp(name) / "context_free.jsonl"
-        generate(vllm_python, model_dir, out, context_free_settings("vllm"))
+        generate(vllm_python, model_dir, out, context_free_settings(backend))
         assert json.loads(out.with_suffix(".provenance.json").read_text())["backend"] == "vllm"
         runs.append(read_jsonl(out))
     return runs

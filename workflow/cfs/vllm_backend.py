@@ -1,7 +1,8 @@
 """vLLM as the generation backend: the same samples file as HF `generate`, much faster on GPUs.
 
-`generation.backend` in config picks the backend: `auto` (vLLM when it is importable and a GPU
-is present, HF `generate` otherwise), `vllm` or `hf`. vLLM lives in its own environment
+`generation.backend` in config picks the backend: `auto` (vLLM where it can run: a GPU, or
+vLLM's CPU build, about twice as fast as HF `generate` on a CPU too (BENCHMARKS.md); HF
+`generate` otherwise), `vllm` or `hf`. vLLM lives in its own environment
 (envs/vllm.yaml: it pins its own torch), so it is imported only here and only when used.
 
 Sampling settings map onto vLLM's `SamplingParams` one to one: temperature, top_p, top_k
@@ -104,10 +105,12 @@ def select_backend(requested: str) -> str:
     if requested == "hf":
         return "hf"
     if requested == "auto":
-        # on a CPU, HF generate unless vLLM is asked for by name
-        if vllm_importable() and cuda_available():
+        if vllm_usable():
             return "vllm"
-        log.info("generation.backend auto: no vLLM with a GPU here, using HF generate")
+        log.info(
+            "generation.backend auto: no vLLM that runs here (a GPU, or vLLM's CPU build), "
+            "using HF generate"
+        )
         return "hf"
     if vllm_usable():
         return "vllm"
