@@ -1,8 +1,8 @@
-"""What a study cost: the wall seconds of each of its jobs, from the timing file Snakemake
-writes for every job (`benchmark:`, results/benchmarks/), summed per rule.
+"""What a study cost: the wall seconds of each of its jobs, from the timing file every job
+writes (its `timing` log, results/benchmarks/: cfs.timing), summed per rule.
 
-The jobs are the study's own (`snakemake all -n -F` with the config, its `benchmark:`
-paths); one that has not run yet is counted as missing. Run with one job per core (the
+The jobs are the study's own (`snakemake all -n -F` with the config, the timing files among
+their logs); one that has not run yet is counted as missing. Run with one job per core (the
 default config's `threads: 1`), a job's wall seconds are its core-seconds. --quick: the same
 on config/quick.yaml (the smallest study).
 """
@@ -17,16 +17,19 @@ from collections import defaultdict
 
 from _common import REPO, arguments, report, table
 
+TIMING_DIR = "results/benchmarks/"
 
-def study_benchmarks(config: str | None) -> dict[str, list[str]]:
+
+def study_timing_files(config: str | None) -> dict[str, list[str]]:
     """{rule: timing files of the study's jobs}, from a forced dry run."""
     command = [sys.executable, "-m", "snakemake", "all", "-n", "-F"]
     command += ["--configfile", config] if config else []
     output = subprocess.run(command, cwd=REPO, capture_output=True, text=True).stdout
     jobs = defaultdict(list)
     for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", output, re.M):
-        if found := re.search(r"^    benchmark: (\S+)", body, re.M):
-            jobs[rule].append(found[1])
+        if found := re.search(r"^    log: (.+)$", body, re.M):
+            timing = [path for path in found[1].split(", ") if path.startswith(TIMING_DIR)]
+            jobs[rule].extend(timing)
     if not jobs:
         sys.exit("the dry run listed no jobs:\n" + output[-2000:])
     return jobs
@@ -37,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     config = args.config or ("config/quick.yaml" if args.quick else None)
     rows, figures, missing = [], {}, []
-    for rule, paths in sorted(study_benchmarks(config).items()):
+    for rule, paths in sorted(study_timing_files(config).items()):
         seconds = []
         for path in paths:
             if (REPO / path).is_file():

@@ -201,6 +201,30 @@ def test_every_method_runs_to_completion(study):
     assert methods == sorted(["base", *study["grammar"].METHODS]), methods
 
 
+def test_every_stage_job_wrote_its_timing_row(study):
+    """Each job of a stage (not the checks or the tables) wrote results/benchmarks/<rule>/...
+    beside its log, through cfs.timing: the kernel's count of its processes' CPU time and
+    memory, and its exit status."""
+    results = study["results"]
+    timings = {path.relative_to(results / "benchmarks") for path in results.rglob("*.tsv")}
+    stage_rules = {path.parts[0] for path in timings}
+    assert {"prepare_model", "generate_context_free", "fine_tune", "evaluate_finetuned"} <= (
+        stage_rules
+    )
+    logs = {
+        path.relative_to(results / "logs").with_suffix(".tsv")
+        for rule in stage_rules
+        for path in (results / "logs" / rule).rglob("*.log")
+    }
+    assert logs == timings, "a stage job without a timing row, or a row without a job"
+    for timing in timings:
+        row = pd.read_csv(results / "benchmarks" / timing, sep="\t").iloc[0]
+        assert row["exit_code"] == 0 and row["cpu_time"] > 0, (timing, dict(row))
+        if timing.parts[0] in ("generate_context_free", "fine_tune", "evaluate_finetuned"):
+            # these load the model with torch: over 100 MB
+            assert row["max_rss"] > 100, (timing, dict(row))
+
+
 def test_a_finished_study_ends_by_printing_its_verdicts_and_results_page(study):
     output = study["result"].stdout
     verdicts = pd.read_csv(study["results"] / "studies" / "default" / "verdicts.csv")

@@ -246,10 +246,10 @@ def test_grid_with_every_method_schedules_each_job_once(repo):
 
 def stage_commands(output: str) -> list[tuple[str, dict[str, str], dict]]:
     """(module, flags, settings) of each `python -m cfs.<module>` command a dry run -p
-    printed."""
+    printed (the stage's, after `python -m cfs.timing FILE --`)."""
     commands = []
     for line in output.splitlines():
-        match = re.search(r"-m cfs\.(\w+) ", line)
+        match = re.search(r"-m cfs\.(?!timing )(\w+) ", line)
         if not match or "--settings" not in line:
             continue
         words = shlex.split(line[match.start() :])

@@ -156,10 +156,11 @@ def test_a_virtual_environment_named_by_cfs_env_vllm_runs_the_vllm_stages(tmp_pa
         repo, "-n", "-p", "all", "--configfile", "config/reasoning.yaml", env=env, timeout=300
     )
     assert result.returncode == 0, result.stdout[-3000:]
+    stage = re.compile(r"(\S*python) -m cfs\.(?!timing )(\w+)")  # the stage, not its timing
     stages = {
-        (rule, re.search(r"(\S*python) -m cfs\.(\w+)", block).groups())
+        (rule, found.groups())
         for rule, block in jobs(result.stdout)
-        if re.search(r"python -m cfs\.", block)
+        if (found := stage.search(block))
     }
     interpreters = {rule: python for rule, (python, _) in stages}
     vllm_python = str(venv / "bin" / "python")

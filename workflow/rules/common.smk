@@ -36,6 +36,14 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     _prefix += f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
 shell.prefix(_prefix)
 
+
+def timed(command):
+    """A job's command through cfs.timing, which writes the rule's `timing` log
+    (results/benchmarks/...) from the kernel's accounting of the job's processes.
+    Snakemake's `benchmark:` would poll them through /proc twice a second instead."""
+    return f"python -m cfs.timing {{log.timing}} -- {command}"
+
+
 STUDY = Study(config)
 try:
     STUDY.check()

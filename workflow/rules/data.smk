@@ -7,8 +7,7 @@ rule prepare_task_data:
         provenance="results/data/{task}/train.provenance.json",
     log:
         "results/logs/prepare_task_data/{task}.log",
-    benchmark:
-        "results/benchmarks/prepare_task_data/{task}.tsv"
+        timing="results/benchmarks/prepare_task_data/{task}.tsv",
     conda:
         "../../envs/cfs.yaml"
     resources:
@@ -16,8 +15,10 @@ rule prepare_task_data:
     params:
         settings=lambda wildcards: as_arg(config["task"]),
     shell:
-        "python -m cfs.data --settings {params.settings}"
-        " --train {output.train} --test {output.test} > {log} 2>&1"
+        timed(
+            "python -m cfs.data --settings {params.settings}"
+            " --train {output.train} --test {output.test} > {log[0]} 2>&1"
+        )
 
 
 # A hub corpus is streamed, so it needs the network: on the submitting host.
@@ -36,8 +37,7 @@ rule replay_chunks:
         provenance=samples_file("replay", ".provenance.json"),
     log:
         "results/logs/replay_chunks/{model}_seed{seed}.log",
-    benchmark:
-        "results/benchmarks/replay_chunks/{model}_seed{seed}.tsv"
+        timing="results/benchmarks/replay_chunks/{model}_seed{seed}.tsv",
     conda:
         "../../envs/cfs.yaml"
     resources:
@@ -45,5 +45,7 @@ rule replay_chunks:
     params:
         settings=lambda wildcards: as_arg(SETTINGS.replay(wildcards.seed)),
     shell:
-        "python -m cfs.replay --model {input.model} --settings {params.settings}"
-        " --out {output.chunks} > {log} 2>&1"
+        timed(
+            "python -m cfs.replay --model {input.model} --settings {params.settings}"
+            " --out {output.chunks} > {log[0]} 2>&1"
+        )

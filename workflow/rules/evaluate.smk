@@ -12,8 +12,7 @@ rule evaluate_base:
         evaluation_path("{model}", "base"),
     log:
         f"results/logs/evaluate_base/{{model}}/{EVAL_KEY}.log",
-    benchmark:
-        f"results/benchmarks/evaluate_base/{{model}}/{EVAL_KEY}.tsv"
+        timing=f"results/benchmarks/evaluate_base/{{model}}/{EVAL_KEY}.tsv",
     conda:
         backend_env("evaluation")
     threads: stage_threads("evaluate")
@@ -26,10 +25,12 @@ rule evaluate_base:
         ),
         cache="results/{model}/base/eval_cache",
     shell:
-        backend_python("evaluation")
-        + " -m cfs.evaluate --model {input.model} --settings {params.settings}"
-        " --threads {threads} --gpus {resources.gpu} --cache {params.cache}"
-        " --scratch {resources.tmpdir} --out {output} > {log} 2>&1"
+        timed(
+            backend_python("evaluation")
+            + " -m cfs.evaluate --model {input.model} --settings {params.settings}"
+            " --threads {threads} --gpus {resources.gpu} --cache {params.cache}"
+            " --scratch {resources.tmpdir} --out {output} > {log[0]} 2>&1"
+        )
 
 
 rule evaluate_finetuned:
@@ -44,8 +45,7 @@ rule evaluate_finetuned:
         evaluation_path("{model}", "{cell}/seed{seed}"),
     log:
         f"results/logs/evaluate_finetuned/{{model}}/{EVAL_KEY}/{{cell}}/seed{{seed}}.log",
-    benchmark:
-        f"results/benchmarks/evaluate_finetuned/{{model}}/{EVAL_KEY}/{{cell}}/seed{{seed}}.tsv"
+        timing=f"results/benchmarks/evaluate_finetuned/{{model}}/{EVAL_KEY}/{{cell}}/seed{{seed}}.tsv",
     conda:
         backend_env("evaluation")
     threads: stage_threads("evaluate")
@@ -57,8 +57,10 @@ rule evaluate_finetuned:
         ),
         cache="results/{model}/{cell}/seed{seed}/eval_cache",
     shell:
-        backend_python("evaluation")
-        + " -m cfs.evaluate --model {input.model} --base-model {input.base_model}"
-        " --heldout {input.heldout} --base-eval {input.base_eval}"
-        " --settings {params.settings} --threads {threads} --gpus {resources.gpu}"
-        " --cache {params.cache} --scratch {resources.tmpdir} --out {output} > {log} 2>&1"
+        timed(
+            backend_python("evaluation")
+            + " -m cfs.evaluate --model {input.model} --base-model {input.base_model}"
+            " --heldout {input.heldout} --base-eval {input.base_eval}"
+            " --settings {params.settings} --threads {threads} --gpus {resources.gpu}"
+            " --cache {params.cache} --scratch {resources.tmpdir} --out {output} > {log[0]} 2>&1"
+        )

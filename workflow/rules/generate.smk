@@ -9,8 +9,7 @@ rule generate_context_free:
         provenance=samples_file("context_free", ".provenance.json"),
     log:
         "results/logs/generate_context_free/{model}_temp{temperature}_seed{seed}.log",
-    benchmark:
-        "results/benchmarks/generate_context_free/{model}_temp{temperature}_seed{seed}.tsv"
+        timing="results/benchmarks/generate_context_free/{model}_temp{temperature}_seed{seed}.tsv",
     conda:
         backend_env("generation")
     threads: stage_threads("generate")
@@ -22,10 +21,12 @@ rule generate_context_free:
         ),
         prompts="",
     shell:
-        backend_python("generation") + " -m cfs.generate --model {input.model}"
-        " {params.prompts} --settings {params.settings}"
-        " --threads {threads} --gpus {resources.gpu}"
-        " --out {output.samples} > {log} 2>&1"
+        timed(
+            backend_python("generation") + " -m cfs.generate --model {input.model}"
+            " {params.prompts} --settings {params.settings}"
+            " --threads {threads} --gpus {resources.gpu}"
+            " --out {output.samples} > {log[0]} 2>&1"
+        )
 
 
 # Held-out context-free samples of the base model, for the KL-to-base metric only:
@@ -36,8 +37,7 @@ use rule generate_context_free as generate_heldout with:
         provenance="results/{model}/heldout/context_free.provenance.json",
     log:
         "results/logs/generate_heldout/{model}.log",
-    benchmark:
-        "results/benchmarks/generate_heldout/{model}.tsv"
+        timing="results/benchmarks/generate_heldout/{model}.tsv",
     params:
         settings=lambda wildcards: as_arg(SETTINGS.heldout(wildcards.model)),
         prompts="",
@@ -55,8 +55,7 @@ use rule generate_context_free as generate_contextual with:
         provenance=samples_file("contextual", ".provenance.json"),
     log:
         "results/logs/generate_contextual/{model}_temp{temperature}_seed{seed}.log",
-    benchmark:
-        "results/benchmarks/generate_contextual/{model}_temp{temperature}_seed{seed}.tsv"
+        timing="results/benchmarks/generate_contextual/{model}_temp{temperature}_seed{seed}.tsv",
     params:
         settings=lambda wildcards: as_arg(
             SETTINGS.contextual(wildcards.model, wildcards.seed, wildcards.temperature)

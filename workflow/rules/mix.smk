@@ -9,8 +9,7 @@ rule mix_at_ratio:
         provenance="results/{model}/{cell}/seed{seed}/train.provenance.json",
     log:
         "results/logs/mix_at_ratio/{model}/{cell}/seed{seed}.log",
-    benchmark:
-        "results/benchmarks/mix_at_ratio/{model}/{cell}/seed{seed}.tsv"
+        timing="results/benchmarks/mix_at_ratio/{model}/{cell}/seed{seed}.tsv",
     wildcard_constraints:
         cell=MIXED_CELL,
     conda:
@@ -21,5 +20,7 @@ rule mix_at_ratio:
         settings=lambda wildcards: as_arg(SETTINGS.mix(wildcards.cell, wildcards.seed)),
         flags=mix_params,
     shell:
-        "python -m cfs.mix --task {input.task} {params.flags} --settings {params.settings}"
-        " --out {output.mixed} > {log} 2>&1"
+        timed(
+            "python -m cfs.mix --task {input.task} {params.flags} --settings {params.settings}"
+            " --out {output.mixed} > {log[0]} 2>&1"
+        )

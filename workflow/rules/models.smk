@@ -10,8 +10,7 @@ rule prepare_model:
         directory("results/models/{model}/base"),
     log:
         "results/logs/prepare_model/{model}.log",
-    benchmark:
-        "results/benchmarks/prepare_model/{model}.tsv"
+        timing="results/benchmarks/prepare_model/{model}.tsv",
     conda:
         "../../envs/cfs.yaml"
     resources:
@@ -19,5 +18,7 @@ rule prepare_model:
     params:
         settings=lambda wildcards: as_arg(SETTINGS.prepare(wildcards.model)),
     shell:
-        "python -m cfs.prepare_model --model {wildcards.model} --settings {params.settings}"
-        " --out {output} > {log} 2>&1"
+        timed(
+            "python -m cfs.prepare_model --model {wildcards.model} --settings {params.settings}"
+            " --out {output} > {log[0]} 2>&1"
+        )

@@ -7,8 +7,7 @@ rule fine_tune:
         snapshots=snapshot_models(),
     log:
         "results/logs/fine_tune/{model}/{cell}/seed{seed}.log",
-    benchmark:
-        "results/benchmarks/fine_tune/{model}/{cell}/seed{seed}.tsv"
+        timing="results/benchmarks/fine_tune/{model}/{cell}/seed{seed}.tsv",
     wildcard_constraints:
         cell=TRAINED_CELL,
     conda:
@@ -25,12 +24,14 @@ rule fine_tune:
     shell:
         # several GPUs: one process per GPU (cfs.distributed); one or none: one process
         "if [ {resources.gpu} -gt 1 ]; then"
-        " launch='torchrun --standalone --nproc-per-node {resources.gpu}'; else launch=python; fi;"
-        " $launch -m cfs.train --model {input.model} --data {input.data}"
-        " {params.flags} --settings {params.settings}"
-        " --threads {threads} --gpus {resources.gpu}"
-        " --checkpoints {params.checkpoints} --snapshots {output.snapshots}"
-        " --out {output.model} > {log} 2>&1"
+        " launch='torchrun --standalone --nproc-per-node {resources.gpu}'; else launch=python; fi; "
+        + timed(
+            "$launch -m cfs.train --model {input.model} --data {input.data}"
+            " {params.flags} --settings {params.settings}"
+            " --threads {threads} --gpus {resources.gpu}"
+            " --checkpoints {params.checkpoints} --snapshots {output.snapshots}"
+            " --out {output.model} > {log[0]} 2>&1"
+        )
 
 
 # WiSE-FT (a baseline): no training, the plain fine-tune's weights interpolated with the
@@ -43,8 +44,7 @@ rule interpolate_wiseft:
         model=directory(method_model("wiseft")),
     log:
         "results/logs/interpolate_wiseft/{model}_alpha{alpha}_seed{seed}.log",
-    benchmark:
-        "results/benchmarks/interpolate_wiseft/{model}_alpha{alpha}_seed{seed}.tsv"
+        timing="results/benchmarks/interpolate_wiseft/{model}_alpha{alpha}_seed{seed}.tsv",
     conda:
         "../../envs/cfs.yaml"
     resources:
@@ -52,5 +52,7 @@ rule interpolate_wiseft:
     params:
         settings=lambda wildcards: as_arg(SETTINGS.wiseft(wildcards.alpha)),
     shell:
-        "python -m cfs.wiseft --base {input.base} --finetuned {input.finetuned}"
-        " --settings {params.settings} --out {output.model} > {log} 2>&1"
+        timed(
+            "python -m cfs.wiseft --base {input.base} --finetuned {input.finetuned}"
+            " --settings {params.settings} --out {output.model} > {log[0]} 2>&1"
+        )
