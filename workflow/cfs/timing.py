@@ -13,8 +13,8 @@ Columns (Snakemake's `benchmark:` names, where they mean the same):
 Snakemake's `benchmark:` samples the job's process tree instead, twice a second for the
 first 15 s of each job, reading every process's /proc/<pid>/smaps_rollup (psutil's
 memory_full_info, 5-17 ms each for a process that has imported torch or vLLM). On the
-paper's settings in miniature, whose jobs last seconds, that sampling took more than a tenth
-of the run's CPU time (BENCHMARKS.md, "A job's timing file").
+OLMo setting in miniature, 102 jobs of seconds each, that sampling cost Snakemake's process
+about 30 CPU seconds of a 5-minute run on 2 cores (BENCHMARKS.md, "A job's timing file").
 
 Only the standard library is imported: this runs in every job, in every environment.
 """
