@@ -122,10 +122,13 @@ def test_olmo_miniature_samples_after_end_of_document(olmo):
 
 def test_olmo_miniature_generates_through_vllm(olmo):
     """`generation.backend: auto` in vLLM's environment picks vLLM, its CPU build here."""
-    generations = sorted((olmo["repo"] / "results" / "olmo").glob("**/*.provenance.json"))
+    provenances = {
+        str(path.relative_to(olmo["repo"])): json.loads(path.read_text())
+        for path in (olmo["repo"] / "results" / "olmo").glob("**/*.provenance.json")
+    }
     backends = {
-        str(path.relative_to(olmo["repo"])): json.loads(path.read_text())["backend"]
-        for path in generations
-        if json.loads(path.read_text())["stage"].startswith("generate_")
+        path: provenance["backend"]
+        for path, provenance in provenances.items()
+        if provenance["stage"].startswith("generate_")
     }
     assert backends and set(backends.values()) == {"vllm"}, backends

@@ -12,7 +12,7 @@ import time
 
 from conftest import REPO
 
-# A grandchild that holds 200 MB and spins for 0.4 s of CPU, then ends with `code`.
+# A grandchild that holds 200 MB and spins for 0.4 s of CPU.
 GRANDCHILD = (
     "import time; held = bytearray(200 * 2**20); start = time.process_time()\n"
     "while time.process_time() - start < 0.4: pass\n"

@@ -16,7 +16,8 @@ memory_full_info, 5-17 ms each for a process that has imported torch or vLLM). O
 OLMo setting in miniature, 102 jobs of seconds each, that sampling cost Snakemake's process
 about 30 CPU seconds of a 5-minute run on 2 cores (BENCHMARKS.md, "A job's timing file").
 
-Only the standard library is imported: this runs in every job, in every environment.
+It imports only the standard library and cfs.artifacts: it runs in every job, in every
+environment.
 """
 
 from __future__ import annotations
@@ -28,17 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+from cfs.artifacts import atomic_path
+
 COLUMNS = ("s", "h:m:s", "max_rss", "io_in", "io_out", "cpu_time", "exit_code")
 # the signals a scheduler ends a job with, passed on to COMMAND (Ctrl-C reaches it as a
 # member of the terminal's process group; this process waits for it to end)
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 BLOCK_BYTES = 512  # getrusage counts block I/O in 512-byte units on Linux
-
-
-def exit_code(status: int) -> int:
-    """A wait status as the shell reports it: the exit code, or 128 + the signal."""
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
 
 
 def row(wall: float, usage, code: int) -> dict[str, str]:
@@ -56,10 +53,9 @@ def row(wall: float, usage, code: int) -> dict[str, str]:
 
 def write_row(path: Path, values: dict[str, str]) -> None:
     """The timing file, whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("\t".join(COLUMNS) + "\n" + "\t".join(values[c] for c in COLUMNS) + "\n")
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        lines = ["\t".join(COLUMNS), "\t".join(values[c] for c in COLUMNS)]
+        partial.write_text("\n".join(lines) + "\n")
 
 
 def run_timed(path: Path, command: list[str]) -> int:
@@ -71,7 +67,8 @@ def run_timed(path: Path, command: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _, status, usage = os.wait4(child.pid, 0)  # retried after a forwarded signal (PEP 475)
     child.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait
-    code = exit_code(status)
+    # as the shell reports it: the exit code, or 128 + the signal
+    code = 128 - child.returncode if child.returncode < 0 else child.returncode
     write_row(path, row(time.monotonic() - start, usage, code))
     return code
 
