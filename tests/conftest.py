@@ -38,6 +38,7 @@ if str(PACKAGE_DIR) not in sys.path:
     sys.path.insert(0, str(PACKAGE_DIR))
 
 from cfs.artifacts import read_jsonl, write_jsonl  # noqa: E402, F401 - for the tests too
+from olmo_files import OLMO_END_OF_DOC, OLMO_END_OF_DOC_ID  # noqa: E402 - gpu_check.py's too
 
 BOS, EOS, END_OF_DOC = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_DOC, BOS, EOS]  # ids 0, 1, 2 (as in SmolLM2)
@@ -711,7 +712,6 @@ def tiny_config(model_dir) -> dict:
 
 # --------------------------------------------------------------------------- real-model ids
 
-OLMO_END_OF_DOC, OLMO_END_OF_DOC_ID = "<|endoftext|>", 50279
 LLAMA_BOS, LLAMA_BOS_ID = "<｜begin▁of▁sentence｜>", 128000
 LLAMA_EOS, LLAMA_EOS_ID = "<｜end▁of▁sentence｜>", 128001
 

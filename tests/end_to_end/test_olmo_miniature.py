@@ -11,8 +11,9 @@ import math
 import pandas as pd
 import pytest
 from cfs.stage_settings import load_config
-from conftest import OLMO_END_OF_DOC, OLMO_END_OF_DOC_ID, REPO, failure_report, write_jsonl
+from conftest import REPO, failure_report, forgetting_task_texts
 from miniatures import MINIATURES, miniature_repo, run_miniature, with_special_ids
+from olmo_files import OLMO_END_OF_DOC, OLMO_END_OF_DOC_ID, olmo_data, olmo_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.miniature]
 
@@ -34,64 +35,12 @@ def olmo_tokenizer(bpe_tokenizer_object):
     return tokenizer
 
 
-def build_olmo(tokenizer, out_dir):
-    """A random 2-layer OlmoForCausalLM with OLMo-1B's vocabulary size and special ids, one
-    head of 32."""
-    import torch
-    from transformers import OlmoConfig, OlmoForCausalLM
-
-    torch.manual_seed(0)
-    config = OlmoConfig(
-        vocab_size=50304,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=1,  # head size 32, the least vLLM's CPU attention runs
-        max_position_embeddings=2048,
-        bos_token_id=None,
-        eos_token_id=OLMO_END_OF_DOC_ID,
-        pad_token_id=OLMO_END_OF_DOC_ID,
-        tie_word_embeddings=True,
-    )
-    model = OlmoForCausalLM(config)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
-def olmo_data(folder):
-    """MetaMathQA rows (query, response ending "The answer is: N"), GSM8K problems
-    (question, answer ending "#### N") and a Dolma sample (parquet: id, text, source)."""
-    from cfs.arithmetic import arithmetic_problems
-    from conftest import forgetting_task_texts
-
-    rows = arithmetic_problems(48, seed=11)
-    write_jsonl(
-        folder / "metamathqa.jsonl",
-        [
-            {"query": r["query"], "response": r["response"], "type": "GSM_AnsAug",
-             "original_question": r["query"]}
-            for r in rows
-        ],
-    )  # fmt: skip
-    gsm8k = [
-        {"question": r["query"], "answer": r["response"].replace("The answer is: ", "#### ")}
-        for r in arithmetic_problems(12, seed=12)
-    ]
-    write_jsonl(folder / "gsm8k_train.jsonl", gsm8k[:4])
-    write_jsonl(folder / "gsm8k_test.jsonl", gsm8k[4:])
-    texts = forgetting_task_texts()[:64]
-    (folder / "dolma").mkdir()
-    pd.DataFrame(
-        {"id": [str(i) for i in range(len(texts))], "text": texts, "source": "miniature"}
-    ).to_parquet(folder / "dolma" / "train.parquet")
-
-
 @pytest.fixture(scope="module")
 def olmo(bpe_tokenizer_object, tmp_path_factory):
     repo = miniature_repo(tmp_path_factory, "olmo")
     folder = repo / "miniature" / "olmo"
-    build_olmo(olmo_tokenizer(bpe_tokenizer_object), folder / "model")
-    olmo_data(folder)
+    olmo_model(olmo_tokenizer(bpe_tokenizer_object), folder / "model")
+    olmo_data(folder, dolma_texts=forgetting_task_texts()[:64])
     result = run_miniature(repo, "olmo")
     config = load_config(REPO / "config" / "olmo.yaml", MINIATURES / "olmo.yaml")
     return {"repo": repo, "result": result, "config": config}

@@ -1,10 +1,12 @@
-"""cfs.modeling: the dtype and the precision `auto` stand for on each device."""
+"""cfs.modeling: the dtype and the precision `auto` stand for on each device, and a model
+built without its weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cfs.modeling import autocast, compute_precision, dtype_name, pick_dtype
+from cfs.modeling import autocast, compute_precision, dtype_name, load_model, pick_dtype
+from olmo_files import olmo_model
 
 
 def test_dtype_auto_is_bfloat16_on_gpu_float32_on_cpu():
@@ -37,3 +39,17 @@ def test_autocast_computes_matrix_products_in_bf16_only_for_bfloat16():
         assert (a @ b).dtype == torch.bfloat16
     with autocast("float32", "cpu"):
         assert (a @ b).dtype == torch.float32
+
+
+def test_a_model_built_without_its_weights_keeps_its_tied_embeddings(tokenizer, tmp_path):
+    """An FSDP run's processes other than rank 0 build the model without reading its
+    weights. OLMo's (and SmolLM2's) lm_head is the input embedding: it must stay one
+    parameter there as in rank 0's model, or accelerate's FSDP2 cannot match them."""
+    olmo_model(tokenizer, tmp_path)
+    cpu = torch.device("cpu")
+    built = load_model(tmp_path, "float32", cpu, weights=False)
+    assert built.lm_head.weight is built.model.embed_tokens.weight
+    read = load_model(tmp_path, "float32", cpu)
+    assert [name for name, _ in built.named_parameters()] == [
+        name for name, _ in read.named_parameters()
+    ]

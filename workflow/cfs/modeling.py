@@ -89,6 +89,9 @@ def load_model(
         for name, buffer in buffers.items():
             owner, _, attribute = name.rpartition(".")
             getattr(model.get_submodule(owner), attribute).copy_(buffer)
+        # to_empty gives each module a tensor of its own: tied embeddings come apart, and
+        # accelerate's FSDP2 then finds lm_head.weight here that rank 0's model lacks
+        model.tie_weights()
         return model
     model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
     return model.to(device)
