@@ -1,6 +1,7 @@
-"""A production check on one GPU: the stage commands the rules emit for a miniature study,
-run one after another as Snakemake would run them, and a 2-process `torchrun` FSDP
-fine-tune, reporting each stage's time, peak memory, and a fine-tune's tokens/s and MFU.
+"""A production check on one GPU: the stage commands the rules emit for the OLMo setting in
+miniature, run one after another as Snakemake would run them, and a 2-process `torchrun`
+FSDP fine-tune, reporting each stage's time, peak memory, and a fine-tune's tokens/s and
+MFU.
 
     python benchmarks/gpu_check.py --quick                # tiny, on CPU (the test suite)
     python benchmarks/gpu_check.py --plan plan.json       # where Snakemake is: the commands
@@ -8,12 +9,18 @@ fine-tune, reporting each stage's time, peak memory, and a fine-tune's tokens/s 
     python benchmarks/gpu_check.py                        # both, where both are at hand
     bash benchmarks/gpu_check.sh plan.json                # --jobs on a bare GPU machine
 
-The commands come from `snakemake -n -p` on the miniature config below (the `all` target
-and a plain fine-tune of `mini_fsdp`, whose 2 GPUs make the rule start `torchrun`), in a
-copy of the repository, with the environment of a production run (no CFS_* variable
-set); nothing in cfs is patched. The model is random-weight (nothing is downloaded): a
-Llama shape, about 0.6 B parameters on the GPU (a few layers of width 64 with --quick),
-with a byte-level tokenizer. The GPU has no vLLM here, so generation is HF's.
+The commands come from `snakemake -n -p all` on config/olmo.yaml with
+tests/miniatures/olmo.yaml and `overlay()` below merged over it, in a copy of the
+repository, with the environment of a production run (no CFS_* variable set); nothing in
+cfs is patched. The overlay keeps one seed and one value of each method's knob, adds a
+model whose fine-tune runs on 2 GPUs (so the rule starts `torchrun`), and on the GPU sets
+sizes for a few dozen steps. Every job that makes data runs, and every fine-tune but those
+that run plain fine-tuning's code on other data (contextual, replay); of the evaluations,
+the base model's and those of plain fine-tuning and context-free data (EVALUATED). The
+model is a random OLMo (tests/miniatures/olmo_files.py; nothing is downloaded): OLMo-1B's
+width and vocabulary with 8 of its 16 layers on the GPU, the miniature's 2 layers of
+width 32 with --quick, and a byte-level tokenizer with OLMo's <|endoftext|> at 50279.
+The GPU machine has no vLLM, so `generation.backend: auto` generates with HF there.
 
 Figures: each stage's wall time; its peak GPU memory (nvidia-smi, sampled every 0.2 s, the
 whole card) or, on CPU, the largest resident set of the processes started so far; for a
@@ -21,10 +28,9 @@ fine-tune, tokens/s = tokens of its training set (prompt + response, as tokenize
 at train.max_length) x epochs / the Trainer's train_runtime, and MFU = 6 x parameters x
 tokens/s / (GPUs x the card's dense bf16 peak), attention not counted.
 
-On CPU (--quick) the jobs run with CFS_GPUS_ON_CPU=1 (the GPUs of `mini_fsdp` are not
-real) and accelerate runs the 2 gloo processes as DDP, not FSDP: the fine-tune's `fsdp`
-figure says which ran. NCCL does not run two ranks on one GPU, so on a machine with one
-GPU the torchrun fine-tune is recorded as skipped.
+On CPU (--quick) the jobs run with CFS_GPUS_ON_CPU=1 (the GPUs are not real) and the
+2-process fine-tune runs FSDP2 over gloo. NCCL does not run two ranks on one GPU, so on a
+machine with one GPU the torchrun fine-tune is recorded as skipped.
 """
 
 from __future__ import annotations
@@ -44,61 +50,74 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "workflow"), str(REPO / "tests" / "miniatures")]
+from olmo_files import OLMO_END_OF_DOC, OLMO_END_OF_DOC_ID, TINY, olmo_data, olmo_model  # noqa: E402
+
 COPIED = ["Snakefile", "workflow", "config", "tasks", "envs"]  # what the stages read
+CONFIGS = ["config/olmo.yaml", "miniature/olmo.yaml", "gpu_check.yaml"]
+MODEL = "miniature/olmo/model"
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-FSDP_TARGET = "results/mini_fsdp/ratio0/seed0/model"
-# Llama shapes: (hidden, layers, heads, intermediate)
-SHAPES = {"quick": (64, 2, 4, 128), "gpu": (2048, 12, 16, 5632)}
+FSDP_TARGET = "results/olmo_fsdp/ratio0/seed0/model"
+# OLMo shapes (hidden, layers, heads, intermediate): 0.6 B parameters on the GPU
+SHAPES = {"quick": TINY, "gpu": (2048, 8, 16, 8192)}
+# the evaluations that run: plain fine-tuning's and context-free data's (and the base's)
+EVALUATED = re.compile(r"/evals/\w+/(temp1/ratio1|ratio0)/seed0/eval\.json$")
+SKIPPED_RULES = {"summarise_seeds", "summary_table", "figures"}  # over every evaluation
+# the mixes and fine-tunes that are plain fine-tuning's code on other data (the jobs that
+# make the data run)
+PLAIN_ON_OTHER_DATA = re.compile(r"^results/olmo/(contextual|replay)/")
 
 
-def miniature(quick: bool) -> dict:
-    """The miniature study: the default's task, context-free data at T 1 and ratio 1."""
-    gpus = 0 if quick else 1
-    model = {"local_path": "mini_model", "resources": {"gpus": gpus}}
-    num_train, length = (32, 32) if quick else (512, 128)
-    return {
-        "study": {"name": "gpu_check", "models": ["mini"], "temperatures": [1.0]}
-        | {"ratios": [0.0, 1.0], "methods": ["context_free"], "seeds": [0]},
-        # none of the default's frontier: one learning rate, no points along training
-        "claims": {"primary": None, "matched_target_gain": None},
-        "methods": {"plain": {"learning_rates": []}},
-        "models": {
-            "mini": model,
-            "mini_fsdp": model | {"resources": {"gpus": gpus, "train": {"gpus": 2}}},
-        },
-        "task": {"num_train": num_train, "num_test": 16 if quick else 64},
-        "generation": {"num_samples": num_train, "max_new_tokens": length}
-        | {"batch_size": num_train if quick else 128},
-        "train": {
-            "epochs": 1,
-            "batch_size": 16 if quick else 32,
-            "micro_batch_size": 8 if quick else 16,
-        }
-        | {"max_length": 256, "fsdp": True, "save_steps": None, "evaluate_at": []},
-        "evaluation": {"limit": 4 if quick else 50, "batch_size": 32}
-        | {"kl": {"num_samples": 8 if quick else 32, "max_new_tokens": length}},
+def overlay(quick: bool) -> dict:
+    """What the check merges over config/olmo.yaml and miniature/olmo.yaml."""
+    methods = {"l2": {"lambdas": [1.0e-2]}, "wiseft": {"alphas": [0.5]}}
+    methods |= {key: {"lambdas": [1.0]} for key in ("weighted_synthetic", "kl_to_base")}
+    resources = {"gpus": 1, "cpus_per_task": 1 if quick else 8}
+    fsdp_model = {"local_path": MODEL, "dtype": "auto"}
+    fsdp_model["resources"] = resources | {"train": {"gpus": 2}}
+    config = {
+        "study": {"name": "gpu_check", "seeds": [0]},
+        "methods": methods,
+        "models": {"olmo": {"resources": resources}, "olmo_fsdp": fsdp_model},
+        # fsdp: the 2-process fine-tune's (one process ignores it); max_length: room for
+        # an Alpaca-format example in bytes
+        "train": {"fsdp": True, "max_length": 512},
     }
+    if not quick:  # a few dozen steps a fine-tune
+        config["task"] = {"num_train": 128, "num_test": 16}
+        config["generation"] = {"num_samples": 128, "max_new_tokens": 128, "batch_size": 128}
+        config["train"] |= {"batch_size": 32, "micro_batch_size": 16}
+    return config
 
 
 def work_copy(folder: Path, config: dict) -> None:
+    """The repository's stage files, tests/miniatures as miniature/ with OLMo's data, and
+    the overlay; the model is make_model's."""
     for name in COPIED:
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, folder / name)
+    shutil.copytree(
+        REPO / "tests" / "miniatures", folder / "miniature",
+        ignore=shutil.ignore_patterns("__pycache__", "*.py"),
+    )  # fmt: skip
+    (folder / MODEL).mkdir(parents=True)
+    rows = config.get("task", {}).get("num_train", 32) + 16
+    texts = [line for path in sorted((REPO / "tasks").rglob("*.jsonl")) for line in
+             path.read_text(encoding="utf-8").splitlines()][:64]  # fmt: skip
+    olmo_data(folder / "miniature" / "olmo", dolma_texts=texts, num_rows=rows)
     (folder / "gpu_check.yaml").write_text(json.dumps(config))  # JSON is YAML
-    (folder / "mini_model").mkdir(exist_ok=True)
 
 
 def plan(config: dict) -> list[dict]:
     """The jobs of `snakemake -n -p`, in its order: rule, shell command, outputs, log."""
     with tempfile.TemporaryDirectory() as tmp:
         work_copy(Path(tmp), config)
-        targets = ["all", FSDP_TARGET]
-        command = ["snakemake", "-n", "-p", "--cores", "1", *targets, "--configfile"]
+        command = ["snakemake", "-n", "-p", "--cores", "1", "all", FSDP_TARGET, "--configfile"]
         result = subprocess.run(
-            [*command, "gpu_check.yaml"], cwd=tmp, env=production_env(), text=True,
+            [*command, *CONFIGS], cwd=tmp, env=production_env(), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
     if result.returncode != 0:
@@ -107,12 +126,19 @@ def plan(config: dict) -> list[dict]:
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", result.stdout):
         rule = re.match(r"(?:local)?rule (\w+):", block)
         shell = re.search(r"^Shell command: (.*)$", block, re.M)
-        if rule and shell and shell.group(1) != "None":
-            paths = []
-            for key in ("output", "log"):
-                found = re.search(rf"^\s+{key}: (.*)$", block, re.M)
-                paths += found.group(1).split(", ") if found else []
-            jobs.append({"rule": rule.group(1), "command": shell.group(1), "paths": paths})
+        if not (rule and shell and shell.group(1) != "None") or rule.group(1) in SKIPPED_RULES:
+            continue
+        paths = []
+        for key in ("output", "log"):
+            found = re.search(rf"^\s+{key}: (.*)$", block, re.M)
+            paths += found.group(1).split(", ") if found else []
+        if rule.group(1) == "evaluate_finetuned" and not any(map(EVALUATED.search, paths)):
+            continue
+        if rule.group(1) in ("mix_at_ratio", "fine_tune") and any(
+            map(PLAIN_ON_OTHER_DATA.search, paths)
+        ):
+            continue
+        jobs.append({"rule": rule.group(1), "command": shell.group(1), "paths": paths})
     return jobs
 
 
@@ -124,33 +150,23 @@ def production_env(quick: bool = False) -> dict:
 
 
 def make_model(folder: Path, quick: bool) -> int:
-    """A random-weight Llama and a byte-level tokenizer in `folder`; its parameter count."""
-    import torch
+    """The random OLMo and a byte-level tokenizer with OLMo's <|endoftext|>, in `folder`;
+    its parameter count."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    specials = ["<s>", "</s>", "<pad>"]
     vocab = {char: i for i, char in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab |= {token: len(vocab) + i for i, token in enumerate(specials)}
+    vocab[OLMO_END_OF_DOC] = OLMO_END_OF_DOC_ID
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(specials)
+    tokenizer.add_special_tokens([OLMO_END_OF_DOC])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    hidden, layers, heads, intermediate = SHAPES["quick" if quick else "gpu"]
-    shape = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=intermediate,
-        max_position_embeddings=4096, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"], tie_word_embeddings=False,
+        tokenizer_object=tokenizer, eos_token=OLMO_END_OF_DOC, pad_token=OLMO_END_OF_DOC,
+        model_max_length=2048,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(shape).to(torch.float32 if quick else torch.bfloat16)
-    model.save_pretrained(str(folder))
-    fast.save_pretrained(str(folder))
-    return sum(parameter.numel() for parameter in model.parameters())
+    shape, dtype = (TINY, "float32") if quick else (SHAPES["gpu"], "bfloat16")
+    return olmo_model(fast, folder, shape=shape, dtype=dtype)
 
 
 class PeakMemory:
@@ -189,7 +205,7 @@ def fine_tune_figures(work: Path, command: str, parameters: int, gpus: int, peak
     settings = json.loads(words[words.index("--settings") + 1])
     log = json.loads((work / out / "train_log.json").read_text())
     runtime = next(e["train_runtime"] for e in log["log_history"] if "train_runtime" in e)
-    tokenizer = AutoTokenizer.from_pretrained(str(work / "mini_model"))
+    tokenizer = AutoTokenizer.from_pretrained(str(work / MODEL))
     records = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     tokens = 0
     for record in records:  # as cfs.examples tokenizes them: a sample's prompt is one token
@@ -224,7 +240,7 @@ def run(jobs: list[dict], config: dict, quick: bool, folder: Path) -> dict:
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     env["PYTHONPATH"] = os.pathsep.join([str(folder / "workflow"), env.get("PYTHONPATH", "")])
     started = time.time()
-    parameters = make_model(folder / "mini_model", quick)
+    parameters = make_model(folder / MODEL, quick)
     print(
         f"device: {name}; model: {parameters / 1e6:.1f} M parameters, {time.time() - started:.0f} s"
     )
@@ -273,7 +289,7 @@ def main() -> None:
     if args.jobs:
         planned = json.loads(args.jobs.read_text())
     else:
-        config = miniature(args.quick)
+        config = overlay(args.quick)
         planned = {"config": config, "quick": args.quick, "jobs": plan(config)}
     if args.plan:
         args.plan.write_text(json.dumps(planned, indent=1))

@@ -6,9 +6,9 @@
 #   bash benchmarks/gpu_check.sh plan.json             # there: $OUT/gpu_check.{json,log}
 #
 # The wheels tools/sandbox/wheels/build.py downloads (git-ignored; carry the folder) are
-# unpacked into a temporary folder first on PYTHONPATH; where `datasets` or `lxml` cannot
-# be imported, tools/sandbox/shim stands in for them (last on PYTHONPATH). $PYTHON
-# (default python3) runs it.
+# unpacked into a temporary folder first on PYTHONPATH, and the stages' packages imported
+# once before any stage runs. $PYTHON (default python3) runs it;
+# tools/sandbox/rehearse.sh runs it on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -21,8 +21,7 @@ if ls tools/sandbox/wheels/*.whl >/dev/null 2>&1; then
         "$SITE" tools/sandbox/wheels/*.whl
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-for package in datasets lxml; do
-    "$PYTHON" -c "import $package" 2>/dev/null || PYTHONPATH="$PYTHONPATH:$PWD/tools/sandbox/shim"
-done
+"$PYTHON" -c 'import accelerate, datasets, lm_eval, pandas, peft, torch, transformers' \
+    || { echo "gpu_check.sh: a stage's package does not import (make sandbox-wheels?)" >&2; exit 1; }
 timeout -k 10 "${CFS_GPU_CHECK_TIMEOUT:-290}" "$PYTHON" benchmarks/gpu_check.py \
     --jobs "$1" --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"

@@ -1,12 +1,13 @@
 """Build the wheels benchmarks/gpu_check.sh carries to a GPU machine that has torch,
-transformers, accelerate, peft, numpy, pandas, scipy, matplotlib and tqdm but no network.
+transformers, accelerate, peft, numpy, pandas, pyarrow, scipy, matplotlib and tqdm but no
+network.
 
     python tools/sandbox/wheels/build.py     # rewrites tools/sandbox/wheels/*.whl
 
 The wheels are git-ignored (`make sandbox-wheels` builds them); a GPU call carries them as
 an ignored path (tools/sandbox/wheels).
 
-Every wheel is pure Python (py3-none-any), so the same files install on any CPython 3.
+Every wheel is pure Python, for CPython 3.12 (the GPU machine's).
 - The versions cfs pins (pyproject.toml) of transformers, accelerate and peft, because cfs
   needs transformers 5.25's API (`cache=` in a model's forward, the Trainer's
   `loss_is_scaled_for_ga`), with huggingface_hub 2.x and the HTTP client it imports (and
@@ -14,8 +15,8 @@ Every wheel is pure Python (py3-none-any), so the same files install on any CPyt
 - lm-eval 0.4.13 without its built-in task folders (15,000 YAML files; cfs evaluates the
   local tasks/ folder only), renamed 0.4.13+notasks, and what its import path needs
   (sacrebleu, dill, sqlitedict, requests and their pure-Python dependencies).
-- Not `datasets`: it needs pyarrow, a 49-55 MB binary wheel. tools/sandbox/shim/datasets
-  stands in for the two calls the stages make (Dataset.from_list, load_dataset("json")).
+- datasets, which the stages read local files and parquet folders with (replay's corpus),
+  with multiprocess and the fsspec it allows; its binary dependency, pyarrow, is there.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ PURE = [
     "requests==2.34.2",
     "urllib3==2.8.0",
     "charset_normalizer==3.5.3",
+    "datasets==5.2.0",
+    "multiprocess==0.70.19",
+    "fsspec==2026.9.0",
 ]
 FROM_SOURCE = ["sqlitedict==2.1.0"]  # published as a source archive only
 LM_EVAL = "lm_eval-0.4.13-py3-none-any.whl"
