@@ -45,10 +45,11 @@ test: $(BIN)/.cfs-installed $(VLLM_VENV)/.installed
 		-n 2 --dist loadfile --no-loadscope-reorder -m "not miniature"
 
 # config/olmo.yaml and config/reasoning.yaml end to end in miniature, one after the other
-# (each runs Snakemake on both cores)
+# (each runs Snakemake on both cores), and the GPU check's stages (the OLMo miniature's) on CPU
 miniatures: $(BIN)/.cfs-installed $(VLLM_VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" CFS_ENV_VLLM="$(abspath $(VLLM_VENV))" python -m pytest -v --durations=5 \
-		-m miniature tests/end_to_end/test_olmo_miniature.py tests/end_to_end/test_reasoning_miniature.py
+		-m miniature tests/end_to_end/test_olmo_miniature.py tests/end_to_end/test_reasoning_miniature.py \
+		tests/end_to_end/test_gpu_check.py
 
 lint: $(BIN)/.cfs-installed
 	PATH="$(abspath $(BIN)):$$PATH" sh -c 'ruff check . && ruff format --check . && snakefmt --check Snakefile workflow/rules && snakemake --lint'

@@ -68,7 +68,6 @@ class SquaredSyntheticLoss(WeightedSyntheticLoss):
 LONGEST_FIRST = (
     "end_to_end/test_pipeline.py",
     "end_to_end/test_slurm.py",
-    "end_to_end/test_gpu_check.py",
     "end_to_end/test_evaluation_settings.py",
     "end_to_end/test_fsdp.py",
     "end_to_end/test_vllm_cpu.py",

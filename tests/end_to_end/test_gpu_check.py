@@ -11,6 +11,9 @@ import sys
 import pytest
 from conftest import REPO
 
+# the OLMo miniature's stages again, on one core: with the paper settings in miniature
+pytestmark = [pytest.mark.slow, pytest.mark.miniature]
+
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 
