@@ -49,6 +49,8 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "workflow"), str(REPO / "tests" / "miniatures")]
 from olmo_files import OLMO_END_OF_DOC, OLMO_END_OF_DOC_ID, TINY, olmo_data, olmo_model  # noqa: E402
@@ -104,7 +106,8 @@ def work_copy(folder: Path, config: dict) -> None:
         ignore=shutil.ignore_patterns("__pycache__", "*.py"),
     )  # fmt: skip
     (folder / MODEL).mkdir(parents=True)
-    rows = config.get("task", {}).get("num_train", 32) + 16
+    task = yaml.safe_load((folder / "miniature" / "olmo.yaml").read_text())["task"]
+    rows = (task | config.get("task", {}))["num_train"] + 16  # the test split's and spares
     texts = [line for path in sorted((REPO / "tasks").rglob("*.jsonl")) for line in
              path.read_text(encoding="utf-8").splitlines()][:64]  # fmt: skip
     olmo_data(folder / "miniature" / "olmo", dolma_texts=texts, num_rows=rows)
@@ -165,8 +168,8 @@ def make_model(folder: Path, quick: bool) -> int:
         tokenizer_object=tokenizer, eos_token=OLMO_END_OF_DOC, pad_token=OLMO_END_OF_DOC,
         model_max_length=2048,
     )  # fmt: skip
-    shape, dtype = (TINY, "float32") if quick else (SHAPES["gpu"], "bfloat16")
-    return olmo_model(fast, folder, shape=shape, dtype=dtype)
+    dtype = "float32" if quick else "bfloat16"
+    return olmo_model(fast, folder, shape=SHAPES["quick" if quick else "gpu"], dtype=dtype)
 
 
 class PeakMemory:
